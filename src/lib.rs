@@ -1,0 +1,6 @@
+//! hookyard: a hybrid sync/async webhook dispatcher.
+//!
+//! Data flows one way: [`ingress`] -> [`routing`] -> [`sync`] | [`queue`] -> [`delivery`].
+
+pub mod queue;
+pub mod signing;

@@ -1,0 +1,364 @@
+//! Durable event storage behind one [`Store`] trait.
+//!
+//! The async half of hookyard never keeps its backlog in memory: an event lives in the store
+//! from the moment it is accepted until it is delivered or dead-lettered. Every backend
+//! (`sqlite.rs`, the embedded default; `redis.rs`, for several instances) keeps the same
+//! promises, checked by one behavioural suite (`tests/store_suite.rs`):
+//!
+//! - `enqueue` returns only after the event (and its idempotency key and fallback record, in the
+//!   same transaction) is durable;
+//! - a claimed event is leased; a lease that is not completed before it expires makes the event
+//!   claimable again, so a crashed worker loses nothing;
+//! - an event is never claimable before its `due_at_ms`, and becomes claimable at it, to the
+//!   millisecond;
+//! - times are passed in by the caller (`now_ms`), so tests drive the clock.
+
+pub mod sqlite;
+
+use std::future::Future;
+use std::pin::Pin;
+
+use bytes::Bytes;
+use serde::Serialize;
+
+pub use crate::signing::SignatureScheme;
+
+/// A boxed future, so that `Store` can be used as `Arc<dyn Store>`.
+pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
+
+/// Milliseconds since the Unix epoch: the one time unit the store speaks.
+pub type UnixMillis = i64;
+
+/// Why the store could not do what was asked.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The backend failed (disk full, I/O error, connection lost). Ingress answers 503.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    /// Stored data could not be decoded; indicates corruption or a version mismatch.
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
+    /// The store has been closed by shutdown.
+    #[error("store is closed")]
+    Closed,
+}
+
+/// Why a sync delivery fell back to the async path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FallbackReason {
+    Timeout,
+    Upstream5xx,
+    CircuitOpen,
+    Shed,
+    Connect,
+}
+
+impl FallbackReason {
+    /// All reasons, for metrics pre-registration and parsing.
+    pub const ALL: [FallbackReason; 5] = [
+        Self::Timeout,
+        Self::Upstream5xx,
+        Self::CircuitOpen,
+        Self::Shed,
+        Self::Connect,
+    ];
+
+    /// The wire name (`"timeout"`, `"upstream_5xx"`, ...), as in the 202 body and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Timeout => "timeout",
+            Self::Upstream5xx => "upstream_5xx",
+            Self::CircuitOpen => "circuit_open",
+            Self::Shed => "shed",
+            Self::Connect => "connect",
+        }
+    }
+
+    /// Inverse of [`FallbackReason::as_str`].
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|r| r.as_str() == s)
+    }
+}
+
+/// Everything needed to deliver an event later, captured when it is accepted.
+///
+/// The target, signing scheme and retry schedule are stored with the event rather than looked
+/// up at delivery time, so a queued event keeps the contract it was accepted under even if the
+/// rules are reloaded meanwhile.
+#[derive(Debug, Clone)]
+pub struct NewEvent {
+    /// `evt_<ulid>`; stable across retries, fallback and replay (receivers dedupe on it).
+    pub id: String,
+    pub event_type: String,
+    pub queue: String,
+    /// Absolute http(s) URL.
+    pub target: String,
+    pub body: Bytes,
+    pub content_type: Option<String>,
+    pub trace_id: String,
+    /// The caller's key, if it sent one; deliveries send the event id otherwise.
+    pub idempotency_key: Option<String>,
+    pub signature: SignatureScheme,
+    /// Per-attempt deadline.
+    pub timeout_ms: u64,
+    /// Delays before each retry; attempts = 1 + len.
+    pub retry_delays_ms: Vec<u64>,
+    /// Jitter fraction applied to each retry delay (0.2 = +/-20%).
+    pub jitter: f64,
+    pub received_at_ms: UnixMillis,
+    /// When the first attempt is due (normally `received_at_ms`).
+    pub due_at_ms: UnixMillis,
+    /// Set when this event is a sync_to_async fallback: recorded in the same transaction.
+    pub fallback: Option<FallbackReason>,
+}
+
+/// An idempotency claim stored atomically with the event.
+#[derive(Debug, Clone)]
+pub struct IdempotencyClaim {
+    /// Scope: the same key under another event type is a different event.
+    pub event_type: String,
+    pub key: String,
+    /// The claim expires at this time (received + dedup window).
+    pub expires_at_ms: UnixMillis,
+}
+
+/// What `enqueue` did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EnqueueOutcome {
+    /// Durable; the 202 may go out.
+    Accepted,
+    /// The idempotency key was already claimed by this event id; nothing was stored.
+    Duplicate { event_id: String },
+    /// The queue is at `max_depth` (ready + delayed + leased); nothing was stored.
+    QueueFull,
+}
+
+/// An event handed to a worker under a lease.
+#[derive(Debug, Clone)]
+pub struct ClaimedEvent {
+    pub id: String,
+    pub event_type: String,
+    pub queue: String,
+    pub target: String,
+    pub body: Bytes,
+    pub content_type: Option<String>,
+    pub trace_id: String,
+    pub idempotency_key: Option<String>,
+    pub signature: SignatureScheme,
+    pub timeout_ms: u64,
+    pub retry_delays_ms: Vec<u64>,
+    pub jitter: f64,
+    /// 1-based number of the attempt about to be made (counts from 1 again after a replay).
+    pub attempt: u32,
+    /// Opaque token that proves this worker still holds the lease.
+    pub lease_token: String,
+    pub lease_until_ms: UnixMillis,
+}
+
+/// How one delivery attempt ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AttemptRecord {
+    pub attempt: u32,
+    pub started_at_ms: UnixMillis,
+    pub latency_ms: u64,
+    /// HTTP status when the target answered.
+    pub status: Option<u16>,
+    /// Error class when it did not (`timeout`, `connect`, `reset`, `circuit_open`, ...).
+    pub error: Option<String>,
+}
+
+/// What happens to an event after an attempt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Disposition {
+    Delivered,
+    /// Try again at this time.
+    Retry { due_at_ms: UnixMillis },
+    /// Give up: move to the dead-letter queue with this reason (`exhausted`, `permanent_4xx`, `gone`).
+    DeadLetter { reason: String },
+    /// Not attempted (breaker open, host shed): back to the queue at this time, attempt count
+    /// unchanged, nothing recorded as an attempt.
+    Defer { due_at_ms: UnixMillis },
+}
+
+/// Lifecycle state of a stored event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EventState {
+    /// Waiting for its due time or a worker.
+    Pending,
+    /// Leased by a worker right now.
+    InFlight,
+    Delivered,
+    DeadLettered,
+}
+
+/// One event and its history, for `GET /v1/events/{id}`.
+#[derive(Debug, Clone, Serialize)]
+pub struct EventRecord {
+    pub id: String,
+    pub event_type: String,
+    pub queue: String,
+    pub target: String,
+    pub trace_id: String,
+    pub state: EventState,
+    pub received_at_ms: UnixMillis,
+    /// Next attempt time while pending.
+    pub due_at_ms: Option<UnixMillis>,
+    pub delivered_at_ms: Option<UnixMillis>,
+    pub dead_lettered_at_ms: Option<UnixMillis>,
+    pub dead_letter_reason: Option<String>,
+    pub fallback: Option<FallbackReason>,
+    pub attempts: Vec<AttemptRecord>,
+}
+
+/// Which dead letters to list or replay.
+#[derive(Debug, Clone, Default)]
+pub struct DlqFilter {
+    pub event_type: Option<String>,
+    pub queue: Option<String>,
+    /// Dead-lettered at or after.
+    pub since_ms: Option<UnixMillis>,
+    /// Dead-lettered before.
+    pub until_ms: Option<UnixMillis>,
+}
+
+/// A page of results: items plus the cursor for the next page, if any.
+#[derive(Debug, Clone, Serialize)]
+pub struct Page<T> {
+    pub items: Vec<T>,
+    pub next_cursor: Option<String>,
+}
+
+/// One dead-lettered event (without its body).
+#[derive(Debug, Clone, Serialize)]
+pub struct DeadLetter {
+    pub id: String,
+    pub event_type: String,
+    pub queue: String,
+    pub target: String,
+    pub trace_id: String,
+    pub reason: String,
+    pub attempts: u32,
+    pub last_status: Option<u16>,
+    pub last_error: Option<String>,
+    pub received_at_ms: UnixMillis,
+    pub dead_lettered_at_ms: UnixMillis,
+}
+
+/// Reconciliation state of a sync_to_async fallback.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Reconciliation {
+    Pending,
+    Delivered,
+    DeadLettered,
+}
+
+/// One recorded sync_to_async transition, joined with what became of the event.
+#[derive(Debug, Clone, Serialize)]
+pub struct FallbackRecord {
+    pub event_id: String,
+    pub trace_id: String,
+    pub event_type: String,
+    pub reason: FallbackReason,
+    pub target: String,
+    pub at_ms: UnixMillis,
+    pub state: Reconciliation,
+    pub delivered_at_ms: Option<UnixMillis>,
+}
+
+/// Queue gauges for metrics and readiness.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct QueueStats {
+    /// Due now and not leased.
+    pub ready: u64,
+    /// Waiting for a future due time.
+    pub delayed: u64,
+    /// Leased by a worker.
+    pub in_flight: u64,
+    pub dead_lettered: u64,
+    /// Age of the oldest ready event (consumer lag), 0 when none is ready.
+    pub oldest_ready_age_ms: u64,
+}
+
+/// Durable storage for the async path. See the module docs for the promises.
+pub trait Store: Send + Sync + 'static {
+    /// Stores the event durably (and its idempotency claim, if any, in the same transaction).
+    /// `max_depth` bounds the queue: a full queue yields `QueueFull` and stores nothing.
+    fn enqueue(
+        &self,
+        event: NewEvent,
+        idempotency: Option<IdempotencyClaim>,
+        max_depth: u64,
+    ) -> StoreFuture<'_, EnqueueOutcome>;
+
+    /// The event id that holds an unexpired idempotency key, if any.
+    fn find_idempotent(
+        &self,
+        event_type: &str,
+        key: &str,
+        now_ms: UnixMillis,
+    ) -> StoreFuture<'_, Option<String>>;
+
+    /// Leases up to `limit` events of `queue` due at or before `now_ms`, oldest due first.
+    fn claim_due(
+        &self,
+        queue: &str,
+        now_ms: UnixMillis,
+        limit: usize,
+        lease_ms: u64,
+    ) -> StoreFuture<'_, Vec<ClaimedEvent>>;
+
+    /// The earliest due time in `queue` (including expired leases), so a worker can sleep
+    /// exactly until then.
+    fn next_due_at(&self, queue: &str) -> StoreFuture<'_, Option<UnixMillis>>;
+
+    /// Records an attempt (unless the disposition is `Defer`) and moves the event on. Ignored
+    /// (returns false) when `lease_token` no longer holds the lease.
+    fn complete(
+        &self,
+        event_id: &str,
+        lease_token: &str,
+        attempt: Option<AttemptRecord>,
+        disposition: Disposition,
+        now_ms: UnixMillis,
+    ) -> StoreFuture<'_, bool>;
+
+    /// Returns leased events to the queue, due at `now_ms` (graceful shutdown).
+    fn release(&self, leases: Vec<(String, String)>, now_ms: UnixMillis) -> StoreFuture<'_, ()>;
+
+    /// One event and every attempt made.
+    fn event(&self, event_id: &str) -> StoreFuture<'_, Option<EventRecord>>;
+
+    /// Dead letters matching `filter`, newest first, `limit` per page.
+    fn list_dead_letters(
+        &self,
+        filter: DlqFilter,
+        cursor: Option<String>,
+        limit: usize,
+    ) -> StoreFuture<'_, Page<DeadLetter>>;
+
+    /// Moves the named dead letters back to their queue, due now, with a fresh attempt count.
+    /// Returns the ids actually replayed (unknown or not-dead-lettered ids are skipped).
+    fn replay(&self, event_ids: Vec<String>, now_ms: UnixMillis) -> StoreFuture<'_, Vec<String>>;
+
+    /// Replays every dead letter matching `filter`; returns how many.
+    fn replay_matching(&self, filter: DlqFilter, now_ms: UnixMillis) -> StoreFuture<'_, u64>;
+
+    /// Recorded sync_to_async transitions at or after `since_ms`, oldest first.
+    fn fallbacks(&self, since_ms: UnixMillis, limit: usize) -> StoreFuture<'_, Vec<FallbackRecord>>;
+
+    /// Deletes dead letters older than `before_ms`, expired idempotency keys, and delivered
+    /// events older than `before_ms`; returns how many events were removed.
+    fn purge(&self, before_ms: UnixMillis, now_ms: UnixMillis) -> StoreFuture<'_, u64>;
+
+    /// Gauges for one queue.
+    fn stats(&self, queue: &str, now_ms: UnixMillis) -> StoreFuture<'_, QueueStats>;
+
+    /// Cheap liveness probe of the backend for `/readyz`.
+    fn ping(&self) -> StoreFuture<'_, ()>;
+
+    /// Flushes and closes; later calls fail with `StoreError::Closed`.
+    fn close(&self) -> StoreFuture<'_, ()>;
+}
