@@ -1,6 +1,19 @@
 //! hookyard: a hybrid sync/async webhook dispatcher.
 //!
 //! Data flows one way: [`ingress`] -> [`routing`] -> [`sync`] | [`queue`] -> [`delivery`].
+//! [`Dispatcher`] is the library's front door: build it from a config with
+//! [`Dispatcher::from_config`] and hand it events with [`Dispatcher::dispatch`].
 
+pub mod clock;
+pub mod config;
+pub mod delivery;
+pub mod dispatcher;
+pub mod httpserver;
+pub mod ingress;
+pub mod metrics;
 pub mod queue;
+pub mod routing;
 pub mod signing;
+pub mod sync;
+
+pub use dispatcher::{Dispatcher, Event, Outcome};

@@ -32,3 +32,35 @@ impl SignatureScheme {
     }
 }
 
+
+// TEMPORARY (replaced by the signing branch): minimal Secret/Signer so config compiles.
+/// A signing key.
+pub struct Secret(Vec<u8>);
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(..)")
+    }
+}
+/// Bad secret.
+#[derive(Debug, thiserror::Error)]
+#[error("secret must be whsec_<base64>")]
+pub struct SigningError;
+impl Secret {
+    /// Parses whsec_.
+    pub fn parse(s: &str) -> Result<Secret, SigningError> {
+        use base64::Engine;
+        let b = s.strip_prefix("whsec_").ok_or(SigningError)?;
+        base64::engine::general_purpose::STANDARD.decode(b).map(Secret).map_err(|_| SigningError)
+    }
+}
+/// Signs.
+#[derive(Debug)]
+pub struct Signer { secrets: Vec<Secret> }
+impl Signer {
+    /// New.
+    pub fn new(secrets: Vec<Secret>) -> Self { Self { secrets } }
+}
+impl Signer {
+    /// Headers.
+    pub fn headers(&self, _scheme: SignatureScheme, _id: &str, _ts: i64, _body: &[u8]) -> Vec<(http::HeaderName, http::HeaderValue)> { let _ = &self.secrets; Vec::new() }
+}

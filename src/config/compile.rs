@@ -1,0 +1,469 @@
+//! Validation and compilation of a parsed file into [`Settings`].
+//!
+//! Validation collects every problem rather than stopping at the first, so one `check` run
+//! shows the user everything to fix.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+
+use super::schema::{
+    BreakerSection, ConfigFile, DurationValue, Fallback, HostSection, Mode, Pos, QueueSection,
+    RuleSection, SignatureChoice, StoreKind,
+};
+use super::{
+    env, ConfigError, HostPolicies, HostPolicy, Problem, QueuePolicies, QueuePolicy, Settings,
+    StoreSettings, DEVELOPMENT_SECRET,
+};
+use crate::routing::{parse_pattern, DeliveryMode, Rule, RuleTable, Target};
+use crate::signing::{Secret, SignatureScheme, Signer};
+
+/// Default deadline of an async attempt when the rule sets none.
+const DEFAULT_ASYNC_TIMEOUT_MS: u64 = 10_000;
+/// Longest accepted per-attempt timeout: a deadline beyond this is a typo, not a policy.
+const MAX_TIMEOUT_MS: i64 = 300_000;
+
+struct Compiler<'a> {
+    problems: Vec<Problem>,
+    lookup_env: &'a dyn Fn(&str) -> Option<String>,
+}
+
+pub(super) fn compile(
+    path: &Path,
+    text: &str,
+    bytes: &[u8],
+    file: ConfigFile,
+) -> Result<Settings, ConfigError> {
+    let lookup = |name: &str| std::env::var(name).ok();
+    let mut c = Compiler {
+        problems: Vec::new(),
+        lookup_env: &lookup,
+    };
+    let settings = c.settings(path, bytes, file);
+    if c.problems.is_empty() {
+        if let Some(settings) = settings {
+            return Ok(settings);
+        }
+    }
+    c.problems.sort_by_key(|p| (p.line, p.column));
+    Err(ConfigError::new(path, text, c.problems))
+}
+
+impl Compiler<'_> {
+    fn problem(&mut self, p: Problem) {
+        self.problems.push(p);
+    }
+
+    fn expand(&mut self, value: &Pos<String>) -> Option<String> {
+        match env::expand(&value.value, self.lookup_env) {
+            Ok(s) => Some(s),
+            Err(msg) => {
+                self.problem(Problem::spanned(value, msg));
+                None
+            }
+        }
+    }
+
+    fn addr(&mut self, value: &Option<Pos<String>>, default: &str, what: &str) -> SocketAddr {
+        let fallback: SocketAddr = default.parse().unwrap_or(SocketAddr::from(([127, 0, 0, 1], 0)));
+        let Some(v) = value else { return fallback };
+        let Some(text) = self.expand(v) else {
+            return fallback;
+        };
+        match text.parse() {
+            Ok(a) => a,
+            Err(_) => {
+                self.problem(Problem::spanned(
+                    v,
+                    format!("{what} must be an IP:port address such as {default}, not {text:?}"),
+                ));
+                fallback
+            }
+        }
+    }
+
+    fn positive(&mut self, v: &Option<Pos<i64>>, default: u64, what: &str, max: i64) -> u64 {
+        match v {
+            None => default,
+            Some(p) if p.value <= 0 => {
+                self.problem(Problem::spanned(p, format!("{what} must be greater than 0, got {}", p.value)));
+                default
+            }
+            Some(p) if p.value > max => {
+                self.problem(Problem::spanned(p, format!("{what} must be at most {max}, got {}", p.value)));
+                default
+            }
+            Some(p) => p.value as u64,
+        }
+    }
+
+    fn duration_ms(&mut self, v: &Pos<DurationValue>, what: &str) -> Option<u64> {
+        match v.value {
+            DurationValue::Millis(ms) if ms < 0 => {
+                self.problem(Problem::spanned(v, format!("{what} must not be negative, got {ms}")));
+                None
+            }
+            DurationValue::Millis(ms) => Some(ms as u64),
+            DurationValue::Text(d) => Some(d.as_millis() as u64),
+        }
+    }
+
+    fn retry_matrix(&mut self, v: &Pos<Vec<Pos<DurationValue>>>) -> Option<Arc<[u64]>> {
+        if v.value.is_empty() {
+            self.problem(Problem::spanned(
+                v,
+                "retry_matrix must list at least one delay (attempts = 1 + its length); omit it to use the queue's schedule",
+            ));
+            return None;
+        }
+        let delays: Vec<u64> = v
+            .value
+            .iter()
+            .filter_map(|d| self.duration_ms(d, "a retry delay"))
+            .collect();
+        (delays.len() == v.value.len()).then(|| Arc::from(delays))
+    }
+
+    fn jitter(&mut self, v: &Option<Pos<f64>>, default: f64) -> f64 {
+        match v {
+            None => default,
+            Some(p) if !(0.0..1.0).contains(&p.value) => {
+                self.problem(Problem::spanned(p, format!("jitter must be in [0, 1), got {}", p.value)));
+                default
+            }
+            Some(p) => p.value,
+        }
+    }
+
+    fn settings(&mut self, path: &Path, bytes: &[u8], file: ConfigFile) -> Option<Settings> {
+        let listen = self.addr(&file.listen, "127.0.0.1:8080", "listen");
+        let admin_listen = self.addr(&file.admin_listen, "127.0.0.1:9090", "admin_listen");
+        let admin_token = file.admin.token.as_ref().and_then(|t| self.expand(t)).filter(|t| !t.is_empty());
+        let max_body_bytes = match &file.ingress.max_body_bytes {
+            Some(p) if p.value == 0 => {
+                self.problem(Problem::spanned(p, "max_body_bytes must be greater than 0"));
+                0
+            }
+            Some(p) => p.value as usize,
+            None => 2 * 1024 * 1024,
+        };
+        let idempotency_window = file
+            .ingress
+            .idempotency_window
+            .as_ref()
+            .and_then(|w| self.duration_ms(w, "idempotency_window"))
+            .map(Duration::from_millis)
+            .unwrap_or(Duration::from_secs(24 * 3600));
+        let store = self.store(path, &file.store);
+        let (signer, uses_development_secret) = self.signing(&file.signing.secrets);
+        let hosts = self.hosts(&file.hosts);
+        let queues = self.queues(&file.queues);
+        let rules = self.rules(&file.routing_rules, &queues);
+        let content_hash = hex::encode(Sha256::digest(bytes));
+        Some(Settings {
+            path: path.to_path_buf(),
+            content_hash,
+            listen,
+            admin_listen,
+            admin_token,
+            max_body_bytes,
+            idempotency_window,
+            store: store?,
+            signer: Arc::new(signer?),
+            uses_development_secret,
+            hosts,
+            queues,
+            rules,
+        })
+    }
+
+    fn store(&mut self, config_path: &Path, s: &super::schema::StoreSection) -> Option<StoreSettings> {
+        let kind = s.kind.as_ref().map(|k| k.value).unwrap_or(StoreKind::Sqlite);
+        match kind {
+            StoreKind::Sqlite => {
+                if let Some(url) = &s.url {
+                    self.problem(Problem::spanned(url, "url is for kind: redis; SQLite takes path"));
+                }
+                let raw = match &s.path {
+                    Some(p) => self.expand(p)?,
+                    None => "./data/hookyard.db".to_string(),
+                };
+                let mut path = PathBuf::from(raw);
+                // A relative path is relative to the config file, so `serve --config x/y.yaml`
+                // from any directory opens the same database.
+                if path.is_relative() {
+                    if let Some(dir) = config_path.parent() {
+                        path = dir.join(path);
+                    }
+                }
+                Some(StoreSettings::Sqlite {
+                    path,
+                    fsync: s.fsync.unwrap_or(true),
+                })
+            }
+            StoreKind::Redis => {
+                let Some(url) = &s.url else {
+                    let at = s.kind.as_ref()?;
+                    self.problem(Problem::spanned(at, "kind: redis needs url: redis://host:port"));
+                    return None;
+                };
+                let text = self.expand(url)?;
+                if !(text.starts_with("redis://") || text.starts_with("rediss://") || text.starts_with("redis+unix://")) {
+                    self.problem(Problem::spanned(url, format!("url must start with redis:// or rediss://, got {text:?}")));
+                    return None;
+                }
+                Some(StoreSettings::Redis {
+                    url: text,
+                    key_prefix: s.key_prefix.clone().unwrap_or_else(|| "hookyard".into()),
+                })
+            }
+        }
+    }
+
+    fn signing(&mut self, secrets: &Pos<Vec<Pos<String>>>) -> (Option<Signer>, bool) {
+        if secrets.value.is_empty() {
+            self.problem(Problem::spanned(secrets, "signing.secrets must list at least one whsec_ secret"));
+            return (None, false);
+        }
+        let mut parsed = Vec::new();
+        let mut dev = false;
+        for s in &secrets.value {
+            let Some(text) = self.expand(s) else { continue };
+            dev |= text == DEVELOPMENT_SECRET;
+            match Secret::parse(&text) {
+                Ok(secret) => parsed.push(secret),
+                // The error names the format, never the secret's value.
+                Err(e) => self.problem(Problem::spanned(s, format!("invalid signing secret: {e}"))),
+            }
+        }
+        if parsed.len() != secrets.value.len() {
+            return (None, dev);
+        }
+        (Some(Signer::new(parsed)), dev)
+    }
+
+    fn host_policy(&mut self, s: &HostSection, base: &HostPolicy) -> HostPolicy {
+        let max_connections = self.positive(&s.max_connections, base.max_connections.into(), "max_connections", 1_000_000) as u32;
+        let shed_at = match &s.shed_at {
+            None => base.shed_at,
+            Some(p) if !(p.value > 0.0 && p.value <= 1.0) => {
+                self.problem(Problem::spanned(p, format!("shed_at must be in (0, 1], got {}", p.value)));
+                base.shed_at
+            }
+            Some(p) => p.value,
+        };
+        let connect_timeout = Duration::from_millis(self.positive(
+            &s.connect_timeout_ms,
+            base.connect_timeout.as_millis() as u64,
+            "connect_timeout_ms",
+            MAX_TIMEOUT_MS,
+        ));
+        let default_breaker = BreakerSection::default();
+        let b = s.circuit_breaker.as_ref().unwrap_or(&default_breaker);
+        let breaker_failures = self.positive(&b.consecutive_failures, base.breaker_failures.into(), "consecutive_failures", 1_000_000) as u32;
+        let breaker_recovery = Duration::from_millis(self.positive(
+            &b.recovery_ms,
+            base.breaker_recovery.as_millis() as u64,
+            "recovery_ms",
+            i64::MAX,
+        ));
+        HostPolicy {
+            max_connections,
+            shed_at,
+            connect_timeout,
+            breaker_failures,
+            breaker_recovery,
+        }
+    }
+
+    fn hosts(&mut self, hosts: &std::collections::BTreeMap<String, HostSection>) -> HostPolicies {
+        let default = hosts
+            .get("default")
+            .map(|d| self.host_policy(d, &HostPolicy::default()))
+            .unwrap_or_default();
+        let mut overrides = HashMap::new();
+        for (name, section) in hosts.iter().filter(|(n, _)| n.as_str() != "default") {
+            let policy = self.host_policy(section, &default);
+            overrides.insert(normalize_host_key(name), policy);
+        }
+        HostPolicies { default, overrides }
+    }
+
+    fn queue_policy(&mut self, s: &QueueSection, base: &QueuePolicy) -> QueuePolicy {
+        QueuePolicy {
+            concurrency: self.positive(&s.concurrency, base.concurrency.into(), "concurrency", 10_000) as u32,
+            max_depth: self.positive(&s.max_depth, base.max_depth, "max_depth", i64::MAX),
+            dlq_retention: Duration::from_secs(
+                3600 * self.positive(&s.dlq_retention_hours, base.dlq_retention.as_secs() / 3600, "dlq_retention_hours", 24 * 365 * 10),
+            ),
+            retry_delays_ms: s
+                .retry_matrix
+                .as_ref()
+                .and_then(|m| self.retry_matrix(m))
+                .unwrap_or_else(|| base.retry_delays_ms.clone()),
+            jitter: self.jitter(&s.jitter, base.jitter),
+        }
+    }
+
+    fn queues(&mut self, queues: &std::collections::BTreeMap<String, QueueSection>) -> QueuePolicies {
+        let default = queues
+            .get("default")
+            .map(|d| self.queue_policy(d, &QueuePolicy::default()))
+            .unwrap_or_default();
+        let mut named = HashMap::new();
+        for (name, section) in queues.iter().filter(|(n, _)| n.as_str() != "default") {
+            let policy = self.queue_policy(section, &default);
+            named.insert(name.clone(), policy);
+        }
+        QueuePolicies { default, named }
+    }
+
+    fn rules(&mut self, rules: &Pos<Vec<RuleSection>>, queues: &QueuePolicies) -> RuleTable {
+        if rules.value.is_empty() {
+            self.problem(Problem::spanned(rules, "routing_rules is empty: no event could be delivered"));
+        }
+        let mut table = RuleTable::default();
+        let mut seen: HashMap<&str, u64> = HashMap::new();
+        for r in &rules.value {
+            let pattern = r.event_type.value.as_str();
+            // A duplicate is still compiled so that its other mistakes are reported too.
+            let rule = self.rule(r, queues);
+            if let Some(first_line) = seen.insert(pattern, r.event_type.referenced.line()) {
+                self.problem(Problem::spanned(
+                    &r.event_type,
+                    format!("duplicate event_type {pattern:?} (first defined on line {first_line})"),
+                ));
+                continue;
+            }
+            if let Some(rule) = rule {
+                if let Err(e) = table.insert(rule) {
+                    self.problem(Problem::spanned(&r.event_type, e.to_string()));
+                }
+            }
+        }
+        table
+    }
+
+    fn rule(&mut self, r: &RuleSection, queues: &QueuePolicies) -> Option<Rule> {
+        let pattern_ok = match parse_pattern(&r.event_type.value) {
+            Ok(_) => true,
+            Err(e) => {
+                self.problem(Problem::spanned(&r.event_type, format!("invalid event_type {:?}: {e}", r.event_type.value)));
+                false
+            }
+        };
+        let target = self.target(&r.target);
+        let mode = match r.mode.value {
+            Mode::Sync => DeliveryMode::Sync,
+            Mode::Async => DeliveryMode::Async,
+        };
+        let timeout_ms = match (&r.timeout_ms, mode) {
+            (None, DeliveryMode::Sync) => {
+                self.problem(Problem::spanned(
+                    &r.mode,
+                    "a sync rule needs timeout_ms: the caller waits, so the wait must be bounded",
+                ));
+                None
+            }
+            (None, DeliveryMode::Async) => Some(DEFAULT_ASYNC_TIMEOUT_MS),
+            (Some(_), _) => {
+                let before = self.problems.len();
+                let v = self.positive(&r.timeout_ms, 0, "timeout_ms", MAX_TIMEOUT_MS);
+                (self.problems.len() == before).then_some(v)
+            }
+        };
+        let fallback_to_async = match (&r.fallback, mode) {
+            (Some(f), DeliveryMode::Async) if f.value == Fallback::AsyncDlq => {
+                self.problem(Problem::spanned(f, "fallback applies to sync rules only; an async rule is already queued"));
+                false
+            }
+            (Some(f), _) => f.value == Fallback::AsyncDlq,
+            (None, _) => false,
+        };
+        let queue: Arc<str> = match &r.queue {
+            Some(q) if q.value.trim().is_empty() => {
+                self.problem(Problem::spanned(q, "queue name must not be empty"));
+                "default".into()
+            }
+            Some(q) => q.value.as_str().into(),
+            None => "default".into(),
+        };
+        let policy = queues.for_queue(&queue);
+        let retry_delays_ms = match &r.retry_matrix {
+            Some(m) => self.retry_matrix(m)?,
+            None => policy.retry_delays_ms.clone(),
+        };
+        let signature = match r.signature {
+            Some(SignatureChoice::LegacyHmacSha256) => SignatureScheme::LegacyHmacSha256,
+            _ => SignatureScheme::StandardWebhooks,
+        };
+        if !pattern_ok {
+            return None;
+        }
+        Some(Rule {
+            pattern: r.event_type.value.as_str().into(),
+            mode,
+            target: target?,
+            timeout: Duration::from_millis(timeout_ms?),
+            fallback_to_async,
+            queue,
+            retry_delays_ms,
+            jitter: policy.jitter,
+            signature,
+        })
+    }
+
+    fn target(&mut self, v: &Pos<String>) -> Option<Target> {
+        let url = self.expand(v)?;
+        let bad = |why: &str| format!("target must be an absolute http:// or https:// URL ({why}), got {url:?}");
+        let uri: http::Uri = match url.parse() {
+            Ok(u) => u,
+            Err(e) => {
+                self.problem(Problem::spanned(v, bad(&e.to_string())));
+                return None;
+            }
+        };
+        let default_port = match uri.scheme_str() {
+            Some("http") => 80,
+            Some("https") => 443,
+            _ => {
+                self.problem(Problem::spanned(v, bad("scheme must be http or https")));
+                return None;
+            }
+        };
+        let Some(authority) = uri.authority() else {
+            self.problem(Problem::spanned(v, bad("no host")));
+            return None;
+        };
+        if authority.host().is_empty() || authority.as_str().contains('@') {
+            self.problem(Problem::spanned(v, bad("host missing, or credentials in the URL")));
+            return None;
+        }
+        if uri.scheme_str() == Some("https") {
+            self.problem(Problem::spanned(
+                v,
+                "https targets are not supported by this build (no TLS client compiled in); use http:// behind a local TLS proxy",
+            ));
+            return None;
+        }
+        let host = format!("{}:{}", authority.host(), authority.port_u16().unwrap_or(default_port));
+        Some(Target {
+            url,
+            uri,
+            host: host.into(),
+        })
+    }
+}
+
+/// `host` or `host:port` as written under `hosts:` -> the `host:port` key targets use.
+fn normalize_host_key(name: &str) -> String {
+    if name.rsplit_once(':').is_some_and(|(_, p)| p.parse::<u16>().is_ok()) {
+        name.to_string()
+    } else {
+        format!("{name}:80")
+    }
+}

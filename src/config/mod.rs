@@ -1,0 +1,192 @@
+//! Configuration: load -> expand `${VAR}` -> parse -> validate -> compile.
+//!
+//! One code path, [`load`], serves `hookyard check`, `serve` and every hot reload, so what
+//! `check` accepts is exactly what the sidecar runs. Its result, [`Settings`], is immutable and
+//! typed; nothing re-reads YAML on the request path.
+
+mod compile;
+mod env;
+mod error;
+pub mod schema;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::routing::RuleTable;
+use crate::signing::Signer;
+
+pub use error::{ConfigError, Problem};
+
+/// The Standard Webhooks example schedule: retries after 5s, 5m, 30m, 2h, 5h, 10h, 14h, 20h
+/// and 24h (ten attempts over about three days). Used when neither rule nor queue sets one.
+pub const STANDARD_RETRY_SCHEDULE_MS: [u64; 9] = [
+    5_000,
+    300_000,
+    1_800_000,
+    7_200_000,
+    18_000_000,
+    36_000_000,
+    50_400_000,
+    72_000_000,
+    86_400_000,
+];
+
+/// The development secret shipped in the default config; `serve` warns while it is in use.
+pub const DEVELOPMENT_SECRET: &str = "whsec_ZGV2ZWxvcG1lbnQtb25seS1ub3QtYS1zZWNyZXQ=";
+
+/// Everything the sidecar runs on, compiled from one file.
+#[derive(Debug)]
+pub struct Settings {
+    /// The file this came from.
+    pub path: PathBuf,
+    /// SHA-256 of the file's bytes, hex; shown on `GET /v1/config`.
+    pub content_hash: String,
+    pub listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+    /// Bearer token for the admin API; `None` means open (it binds to loopback by default).
+    pub admin_token: Option<String>,
+    pub max_body_bytes: usize,
+    pub idempotency_window: Duration,
+    pub store: StoreSettings,
+    pub signer: Arc<Signer>,
+    /// True while the shipped development secret is among the signing secrets.
+    pub uses_development_secret: bool,
+    pub hosts: HostPolicies,
+    pub queues: QueuePolicies,
+    pub rules: RuleTable,
+}
+
+/// Where the async queue lives.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum StoreSettings {
+    Sqlite { path: PathBuf, fsync: bool },
+    Redis { url: String, key_prefix: String },
+}
+
+/// Connection and breaker policy of one host.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct HostPolicy {
+    pub max_connections: u32,
+    pub shed_at: f64,
+    #[serde(serialize_with = "as_ms")]
+    pub connect_timeout: Duration,
+    pub breaker_failures: u32,
+    #[serde(serialize_with = "as_ms")]
+    pub breaker_recovery: Duration,
+}
+
+impl HostPolicy {
+    /// In-flight count at which sync requests are shed: `ceil(shed_at * max_connections)`,
+    /// at least 1 so that a host always takes some traffic.
+    pub fn shed_threshold(&self) -> u32 {
+        ((self.shed_at * f64::from(self.max_connections)).ceil() as u32).max(1)
+    }
+}
+
+impl Default for HostPolicy {
+    fn default() -> Self {
+        Self {
+            max_connections: 128,
+            shed_at: 0.8,
+            connect_timeout: Duration::from_millis(500),
+            breaker_failures: 5,
+            breaker_recovery: Duration::from_secs(30),
+        }
+    }
+}
+
+/// The default host policy plus per-host overrides keyed `host:port`.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct HostPolicies {
+    pub default: HostPolicy,
+    pub overrides: HashMap<String, HostPolicy>,
+}
+
+impl HostPolicies {
+    /// The policy for `host` (`host:port`).
+    pub fn for_host(&self, host: &str) -> &HostPolicy {
+        self.overrides.get(host).unwrap_or(&self.default)
+    }
+}
+
+/// Settings of one async queue.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct QueuePolicy {
+    pub concurrency: u32,
+    pub max_depth: u64,
+    #[serde(serialize_with = "as_ms")]
+    pub dlq_retention: Duration,
+    pub retry_delays_ms: Arc<[u64]>,
+    pub jitter: f64,
+}
+
+impl Default for QueuePolicy {
+    fn default() -> Self {
+        Self {
+            concurrency: 64,
+            max_depth: 1_000_000,
+            dlq_retention: Duration::from_secs(720 * 3600),
+            retry_delays_ms: Arc::from(STANDARD_RETRY_SCHEDULE_MS.as_slice()),
+            jitter: 0.2,
+        }
+    }
+}
+
+/// The default queue policy plus named queues.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct QueuePolicies {
+    pub default: QueuePolicy,
+    pub named: HashMap<String, QueuePolicy>,
+}
+
+impl QueuePolicies {
+    /// The policy of `queue` (a name no rule section defines inherits `default`).
+    pub fn for_queue(&self, queue: &str) -> &QueuePolicy {
+        self.named.get(queue).unwrap_or(&self.default)
+    }
+}
+
+fn as_ms<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_u64(d.as_millis() as u64)
+}
+
+/// Reads, expands, parses, validates and compiles the config file at `path`.
+///
+/// Every problem found is reported, each with its line, column and a snippet; a file that
+/// does not parse at all reports the first syntax error.
+pub fn load(path: &Path) -> Result<Settings, ConfigError> {
+    let bytes = std::fs::read(path).map_err(|e| ConfigError::io(path, e))?;
+    load_from_bytes(path, &bytes)
+}
+
+/// Like [`load`], for a file already read (used by tests and reload).
+pub fn load_from_bytes(path: &Path, bytes: &[u8]) -> Result<Settings, ConfigError> {
+    let text = std::str::from_utf8(bytes).map_err(|e| ConfigError::not_utf8(path, e))?;
+    let file: schema::ConfigFile = parse(path, text)?;
+    compile::compile(path, text, bytes, file)
+}
+
+fn parse(path: &Path, text: &str) -> Result<schema::ConfigFile, ConfigError> {
+    if text.trim().is_empty() {
+        return Err(ConfigError::single(
+            path,
+            text,
+            Problem::at(1, 1, "the file is empty; a config needs at least signing and routing_rules"),
+        ));
+    }
+    let options = serde_saphyr::options! { with_snippet: false };
+    serde_saphyr::from_str_with_options(text, options)
+        .map_err(|e| ConfigError::single(path, text, error::problem_from_yaml(&e)))
+}
+
+/// The JSON Schema of the config file, for editors.
+pub fn json_schema() -> serde_json::Value {
+    let schema = schemars::schema_for!(schema::ConfigFile);
+    serde_json::to_value(schema).unwrap_or(serde_json::Value::Null)
+}

@@ -1,0 +1,286 @@
+//! Async delivery workers: claim due events, send them signed, classify, reschedule.
+//!
+//! One claimer per queue leases up to `concurrency` events at a time and runs each delivery as
+//! its own task. It sleeps exactly until the next due time (or until an enqueue wakes it), so
+//! retry delays are honoured to the millisecond without a polling loop. Async deliveries pass
+//! through the same per-host gate and breaker as sync calls: an open breaker or a full gate
+//! *defers* the event (no attempt is counted); it never drops it.
+
+mod classify;
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{watch, Semaphore};
+use tokio::task::JoinSet;
+
+pub use classify::{classify, retry_delay, Verdict};
+
+use crate::clock::now_ms;
+use crate::dispatcher::{lease_for, Dispatcher};
+use crate::queue::{AttemptRecord, ClaimedEvent, Disposition};
+use crate::routing::DeliveryMode;
+use crate::sync::{call, request, CallError, Envelope};
+
+/// Longest a worker sleeps without looking at the store, so events enqueued by another
+/// instance sharing the store (or leases expiring) are noticed.
+const MAX_IDLE: Duration = Duration::from_millis(500);
+/// How long an event waits before retrying when its host's gate is full.
+const GATE_FULL_DEFER: Duration = Duration::from_millis(25);
+/// Backoff after a store error, so a broken disk or lost Redis is not hammered.
+const STORE_ERROR_BACKOFF: Duration = Duration::from_millis(250);
+
+/// Runs the workers of every queue until `shutdown` turns true; then lets deliveries in flight
+/// finish (they are bounded by their own deadline) and returns.
+pub async fn run(dispatcher: Arc<Dispatcher>, shutdown: watch::Receiver<bool>) {
+    let mut queues: HashSet<Arc<str>> = HashSet::new();
+    let mut set = JoinSet::new();
+    let mut shutdown_rx = shutdown.clone();
+    loop {
+        // Queues can appear with a reload: start a claimer for each new one.
+        let settings = dispatcher.snapshot().settings.clone();
+        let wanted = settings
+            .rules
+            .rules()
+            .iter()
+            .filter(|r| r.mode == DeliveryMode::Async || r.fallback_to_async)
+            .map(|r| r.queue.clone())
+            .chain(std::iter::once(Arc::<str>::from("default")));
+        for queue in wanted {
+            if queues.insert(queue.clone()) {
+                set.spawn(run_queue(dispatcher.clone(), queue, shutdown.clone()));
+            }
+        }
+        tokio::select! {
+            _ = shutdown_rx.changed() => break,
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
+    while set.join_next().await.is_some() {}
+}
+
+async fn run_queue(dispatcher: Arc<Dispatcher>, queue: Arc<str>, mut shutdown: watch::Receiver<bool>) {
+    let concurrency = dispatcher
+        .snapshot()
+        .settings
+        .queues
+        .for_queue(&queue)
+        .concurrency as usize;
+    let slots = Arc::new(Semaphore::new(concurrency));
+    let mut deliveries = JoinSet::new();
+    tracing::debug!(%queue, concurrency, "delivery workers started");
+    while !*shutdown.borrow() {
+        while deliveries.try_join_next().is_some() {}
+        let free = slots.available_permits();
+        if free == 0 {
+            tokio::select! {
+                _ = deliveries.join_next() => {}
+                _ = shutdown.changed() => {}
+            }
+            continue;
+        }
+        let settings = dispatcher.snapshot().settings.clone();
+        let lease = lease_for(max_timeout(&settings));
+        let now = now_ms();
+        let claimed = match dispatcher
+            .store()
+            .claim_due(&queue, now, free, lease.as_millis() as u64)
+            .await
+        {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(%queue, error = %e, "claiming events failed; backing off");
+                tokio::time::sleep(STORE_ERROR_BACKOFF).await;
+                continue;
+            }
+        };
+        if claimed.is_empty() {
+            let wait = match dispatcher.store().next_due_at(&queue).await {
+                Ok(Some(due)) => Duration::from_millis((due - now_ms()).max(0) as u64).min(MAX_IDLE),
+                Ok(None) => MAX_IDLE,
+                Err(_) => STORE_ERROR_BACKOFF,
+            };
+            if wait.is_zero() {
+                tokio::task::yield_now().await;
+                continue;
+            }
+            tokio::select! {
+                _ = dispatcher.enqueued.notified() => {}
+                _ = tokio::time::sleep(wait) => {}
+                _ = shutdown.changed() => {}
+            }
+            continue;
+        }
+        for event in claimed {
+            // The semaphore is never closed, so acquire cannot fail.
+            let Ok(permit) = slots.clone().acquire_owned().await else { break };
+            let dispatcher = dispatcher.clone();
+            let queue = queue.clone();
+            deliveries.spawn(async move {
+                deliver(&dispatcher, &queue, event).await;
+                drop(permit);
+            });
+        }
+    }
+    // Deliveries in flight finish under their own deadline; their results are recorded.
+    while deliveries.join_next().await.is_some() {}
+    tracing::debug!(%queue, "delivery workers stopped");
+}
+
+fn max_timeout(settings: &crate::config::Settings) -> Duration {
+    settings
+        .rules
+        .rules()
+        .iter()
+        .map(|r| r.timeout)
+        .max()
+        .unwrap_or(Duration::from_secs(10))
+}
+
+/// Makes one attempt at `event` and records what happened.
+pub async fn deliver(dispatcher: &Dispatcher, queue: &Arc<str>, event: ClaimedEvent) {
+    let (attempt, disposition) = attempt(dispatcher, &event).await;
+    match &disposition {
+        Disposition::Delivered => crate::metrics::delivery_final(queue, "delivered"),
+        Disposition::DeadLetter { .. } => crate::metrics::delivery_final(queue, "dead_lettered"),
+        _ => {}
+    }
+    let store = dispatcher.store();
+    // A failed write here is not a lost event: the lease expires and the event is claimed again.
+    if let Err(e) = store
+        .complete(&event.id, &event.lease_token, attempt, disposition, now_ms())
+        .await
+    {
+        tracing::error!(event_id = %event.id, error = %e, "could not record delivery result; the lease will expire and the event will be retried");
+    }
+}
+
+async fn attempt(dispatcher: &Dispatcher, event: &ClaimedEvent) -> (Option<AttemptRecord>, Disposition) {
+    let defer = |d: Duration| {
+        (
+            None,
+            Disposition::Defer {
+                due_at_ms: now_ms() + d.as_millis() as i64,
+            },
+        )
+    };
+    if dispatcher.is_disabled(&event.target) {
+        return (
+            None,
+            Disposition::DeadLetter {
+                reason: "target_disabled".into(),
+            },
+        );
+    }
+    let uri: http::Uri = match event.target.parse() {
+        Ok(u) => u,
+        Err(e) => {
+            tracing::error!(event_id = %event.id, error = %e, "stored target is not a URL");
+            return (None, Disposition::DeadLetter { reason: "invalid_target".into() });
+        }
+    };
+    let host_key = match uri.authority() {
+        Some(a) => format!("{}:{}", a.host(), a.port_u16().unwrap_or(80)),
+        None => return (None, Disposition::DeadLetter { reason: "invalid_target".into() }),
+    };
+    let host = dispatcher.host(&host_key);
+    let ticket = match host.breaker.admit() {
+        Ok(t) => t,
+        Err(open) => return defer(open.retry_after.max(Duration::from_millis(10))),
+    };
+    let Some(_permit) = host.gate.try_enter() else {
+        return defer(GATE_FULL_DEFER);
+    };
+    let settings = dispatcher.snapshot().settings.clone();
+    let envelope = Envelope {
+        event_id: event.id.clone(),
+        event_type: event.event_type.clone(),
+        body: event.body.clone(),
+        content_type: event.content_type.clone(),
+        trace_id: event.trace_id.clone(),
+        idempotency_key: event.idempotency_key.clone(),
+        signature: event.signature,
+    };
+    let started_at_ms = now_ms();
+    let request = request::build(
+        &uri,
+        &envelope,
+        DeliveryMode::Async,
+        event.attempt,
+        &settings.signer,
+        started_at_ms / 1000,
+    );
+    let started = Instant::now();
+    let result = call::call(&host, request, Duration::from_millis(event.timeout_ms)).await;
+    let latency = started.elapsed();
+    let (status, error) = match &result {
+        Ok(r) => (Some(r.status.as_u16()), None),
+        Err(e) => (None, Some(e.class().to_string())),
+    };
+    let class = match &result {
+        Ok(r) => crate::metrics::status_class(r.status.as_u16()),
+        Err(e) => e.class(),
+    };
+    crate::metrics::attempt(&host.key, DeliveryMode::Async, class, latency);
+    let verdict = classify(&result);
+    match verdict {
+        Verdict::Delivered | Verdict::Permanent | Verdict::Gone => ticket.success(),
+        Verdict::Retryable { .. } => {
+            // 408/425/429 are the receiver pacing us, not the host failing.
+            match &result {
+                Ok(r) if r.status.is_client_error() => ticket.success(),
+                _ => ticket.failure(),
+            }
+        }
+    }
+    tracing::info!(
+        event_id = %event.id,
+        trace_id = %event.trace_id,
+        attempt = event.attempt,
+        host = %host.key,
+        status = status.map(i64::from).unwrap_or(-1),
+        error = error.as_deref().unwrap_or(""),
+        latency_ms = latency.as_millis() as u64,
+        "delivery attempt"
+    );
+    let record = AttemptRecord {
+        attempt: event.attempt,
+        started_at_ms,
+        latency_ms: latency.as_millis() as u64,
+        status,
+        error,
+    };
+    let disposition = match verdict {
+        Verdict::Delivered => Disposition::Delivered,
+        Verdict::Permanent => Disposition::DeadLetter {
+            reason: "permanent_4xx".into(),
+        },
+        Verdict::Gone => {
+            dispatcher.disable(&event.target);
+            Disposition::DeadLetter {
+                reason: "gone".into(),
+            }
+        }
+        Verdict::Retryable { retry_after } => {
+            let index = event.attempt as usize - 1;
+            match event.retry_delays_ms.get(index) {
+                Some(&base) => {
+                    let delay = retry_delay(base, event.jitter, retry_after, rand::random::<f64>());
+                    Disposition::Retry {
+                        due_at_ms: now_ms() + delay.as_millis() as i64,
+                    }
+                }
+                None => Disposition::DeadLetter {
+                    reason: "exhausted".into(),
+                },
+            }
+        }
+    };
+    (Some(record), disposition)
+}
+
+/// Shortcut used by tests and benches: the error of a call as the class an attempt records.
+pub fn error_class(e: &CallError) -> &'static str {
+    e.class()
+}

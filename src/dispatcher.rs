@@ -1,0 +1,418 @@
+//! The dispatcher: routes an [`Event`] to the sync pipeline or the durable queue.
+//!
+//! This is the library's front door; the HTTP ingress is a thin adapter over
+//! [`Dispatcher::dispatch`]. The rules are held in one `ArcSwap` snapshot: each dispatch takes
+//! one atomic load and finishes under the rules it started with, however many reloads happen
+//! meanwhile.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use serde::Serialize;
+
+use crate::clock::now_ms;
+use crate::config::{Settings, StoreSettings};
+use crate::queue::{EnqueueOutcome, FallbackReason, IdempotencyClaim, NewEvent, Store, StoreError};
+use crate::routing::{DeliveryMode, Rule};
+use crate::sync::{self, Envelope, Host, HostMap, SyncFailure, UpstreamResponse};
+
+/// An event handed to hookyard by a service.
+#[derive(Debug, Clone)]
+pub struct Event {
+    pub event_type: String,
+    /// Delivered unchanged and signed as received.
+    pub body: Bytes,
+    pub content_type: Option<String>,
+    pub trace_id: String,
+    pub idempotency_key: Option<String>,
+}
+
+/// What became of a dispatched event.
+#[derive(Debug)]
+pub enum Outcome {
+    /// Sync: the target answered 2xx-4xx; relay it.
+    Relayed {
+        event_id: String,
+        response: UpstreamResponse,
+    },
+    /// Async: durable, will be delivered.
+    Accepted { event_id: String },
+    /// Sync failed and fell back to async: durable, will be delivered.
+    Queued {
+        event_id: String,
+        reason: FallbackReason,
+    },
+    /// The idempotency key was seen inside the window; nothing new was stored.
+    Duplicate { event_id: String },
+    /// Sync failed and the rule has no fallback.
+    Failed {
+        event_id: String,
+        failure: SyncFailure,
+    },
+    /// No rule matches and there is no `*` rule.
+    NoRoute,
+    /// The queue is at `max_depth`.
+    QueueFull { queue: Arc<str> },
+    /// The store could not make the event durable; nothing was accepted.
+    StoreUnavailable { reason: String },
+}
+
+/// What a reload did.
+#[derive(Debug, Clone, Serialize)]
+pub struct ReloadReport {
+    pub content_hash: String,
+    pub rules: usize,
+    /// Settings that changed in the file but only take effect after a restart.
+    pub needs_restart: Vec<&'static str>,
+}
+
+/// The rules and settings in force.
+#[derive(Debug)]
+pub struct Snapshot {
+    pub settings: Arc<Settings>,
+    pub loaded_at_ms: i64,
+}
+
+/// Routes events and owns the per-host machinery and the store.
+pub struct Dispatcher {
+    snapshot: ArcSwap<Snapshot>,
+    hosts: ArcSwap<HostMap>,
+    store: Arc<dyn Store>,
+    /// Targets that answered 410 Gone: not delivered to until a reload or an admin action.
+    disabled_targets: Mutex<HashSet<String>>,
+    /// Wakes the delivery workers when an event is enqueued.
+    pub(crate) enqueued: tokio::sync::Notify,
+}
+
+impl std::fmt::Debug for Dispatcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Dispatcher").finish_non_exhaustive()
+    }
+}
+
+/// Opening the store failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot open store: {0}")]
+    Store(#[from] StoreError),
+    #[error("store kind {0} is not available in this build")]
+    Unsupported(&'static str),
+}
+
+/// Opens the store the settings name.
+pub async fn open_store(settings: &StoreSettings) -> Result<Arc<dyn Store>, StartError> {
+    match settings {
+        StoreSettings::Sqlite { path, fsync } => {
+            let options = crate::queue::sqlite::SqliteOptions {
+                fsync: *fsync,
+                ..Default::default()
+            };
+            let path = path.clone();
+            let store = tokio::task::spawn_blocking(move || {
+                crate::queue::sqlite::SqliteStore::open(&path, options)
+            })
+            .await
+            .map_err(|e| StoreError::Unavailable(e.to_string()))??;
+            Ok(Arc::new(store))
+        }
+        StoreSettings::Redis { .. } => Err(StartError::Unsupported("redis")),
+    }
+}
+
+/// A new event id: `evt_` + a ULID (time-ordered, so ids sort by arrival).
+pub fn new_event_id() -> String {
+    format!("evt_{}", ulid::Ulid::new())
+}
+
+impl Dispatcher {
+    /// A dispatcher running `settings` on `store`.
+    pub fn new(settings: Settings, store: Arc<dyn Store>) -> Arc<Self> {
+        let hosts = build_hosts(&settings, &HostMap::new());
+        Arc::new(Self {
+            snapshot: ArcSwap::from_pointee(Snapshot {
+                settings: Arc::new(settings),
+                loaded_at_ms: now_ms(),
+            }),
+            hosts: ArcSwap::from_pointee(hosts),
+            store,
+            disabled_targets: Mutex::new(HashSet::new()),
+            enqueued: tokio::sync::Notify::new(),
+        })
+    }
+
+    /// Opens the store named in `settings` and builds a dispatcher on it.
+    pub async fn from_config(settings: Settings) -> Result<Arc<Self>, StartError> {
+        let store = open_store(&settings.store).await?;
+        Ok(Self::new(settings, store))
+    }
+
+    /// The rules and settings in force (one atomic load).
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.snapshot.load_full()
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    /// Every host, with its gate and breaker.
+    pub fn hosts(&self) -> Arc<HostMap> {
+        self.hosts.load_full()
+    }
+
+    /// The host for `key`, created with the current policy if no rule names it any more
+    /// (an event queued before a reload changed its rule's target).
+    pub fn host(&self, key: &str) -> Arc<Host> {
+        if let Some(h) = self.hosts.load().get(key) {
+            return h.clone();
+        }
+        let snapshot = self.snapshot.load();
+        let policy = snapshot.settings.hosts.for_host(key).clone();
+        let key: Arc<str> = key.into();
+        let mut created = None;
+        self.hosts.rcu(|map| {
+            let mut map = HostMap::clone(map);
+            let host = map
+                .entry(key.clone())
+                .or_insert_with(|| Host::new(key.clone(), &policy))
+                .clone();
+            created = Some(host);
+            map
+        });
+        // rcu ran the closure at least once, so `created` is set.
+        created.unwrap_or_else(|| Host::new(key, &policy))
+    }
+
+    /// Replaces the running settings with `new` (already validated and compiled).
+    /// Settings that cannot change live are kept and reported.
+    pub fn reload(&self, new: Settings) -> ReloadReport {
+        let old = self.snapshot.load_full();
+        let mut needs_restart = Vec::new();
+        if new.listen != old.settings.listen {
+            needs_restart.push("listen");
+        }
+        if new.admin_listen != old.settings.admin_listen {
+            needs_restart.push("admin_listen");
+        }
+        if new.store != old.settings.store {
+            needs_restart.push("store");
+        }
+        let hosts = build_hosts(&new, &self.hosts.load());
+        let report = ReloadReport {
+            content_hash: new.content_hash.clone(),
+            rules: new.rules.len(),
+            needs_restart,
+        };
+        self.hosts.store(Arc::new(hosts));
+        self.snapshot.store(Arc::new(Snapshot {
+            settings: Arc::new(new),
+            loaded_at_ms: now_ms(),
+        }));
+        self.disabled_targets
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+        report
+    }
+
+    /// True when a 410 disabled `target`.
+    pub fn is_disabled(&self, target: &str) -> bool {
+        self.disabled_targets
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(target)
+    }
+
+    /// Marks `target` disabled (it answered 410 Gone).
+    pub fn disable(&self, target: &str) {
+        tracing::warn!(target_url = target, "target answered 410 Gone; disabled until reload or admin re-enable");
+        self.disabled_targets
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(target.to_string());
+    }
+
+    /// Re-enables every disabled target; returns them.
+    pub fn enable_all(&self) -> Vec<String> {
+        self.disabled_targets
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain()
+            .collect()
+    }
+
+    /// Targets currently disabled.
+    pub fn disabled(&self) -> Vec<String> {
+        self.disabled_targets
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .cloned()
+            .collect()
+    }
+
+    /// Routes and delivers (sync) or enqueues (async) one event.
+    pub async fn dispatch(&self, event: Event) -> Outcome {
+        let snapshot = self.snapshot.load_full();
+        let settings = &snapshot.settings;
+        let Some(rule) = settings.rules.route(&event.event_type).cloned() else {
+            crate::metrics::event_unrouted();
+            return Outcome::NoRoute;
+        };
+        let outcome = match rule.mode {
+            DeliveryMode::Async => self.enqueue(&rule, settings, event, new_event_id(), None).await,
+            DeliveryMode::Sync => self.dispatch_sync(&rule, settings, event).await,
+        };
+        crate::metrics::event_received(&rule.pattern, rule.mode.as_str(), outcome_label(&outcome));
+        outcome
+    }
+
+    async fn dispatch_sync(&self, rule: &Arc<Rule>, settings: &Settings, event: Event) -> Outcome {
+        let event_id = new_event_id();
+        let envelope = Envelope {
+            event_id,
+            event_type: event.event_type,
+            body: event.body,
+            content_type: event.content_type,
+            trace_id: event.trace_id,
+            idempotency_key: event.idempotency_key,
+            signature: rule.signature,
+        };
+        let host = self.host(&rule.target.host);
+        match sync::deliver(&host, rule, &envelope, &settings.signer).await {
+            Ok(response) => Outcome::Relayed {
+                event_id: envelope.event_id,
+                response,
+            },
+            Err(failure) if rule.fallback_to_async => {
+                let reason = failure.reason();
+                tracing::warn!(
+                    event_id = %envelope.event_id,
+                    trace_id = %envelope.trace_id,
+                    event_type = %envelope.event_type,
+                    host = %rule.target.host,
+                    reason = reason.as_str(),
+                    error = %failure,
+                    "sync delivery failed; falling back to async"
+                );
+                let Envelope {
+                    event_id,
+                    event_type,
+                    body,
+                    content_type,
+                    trace_id,
+                    idempotency_key,
+                    ..
+                } = envelope;
+                let event = Event {
+                    event_type,
+                    body,
+                    content_type,
+                    trace_id,
+                    idempotency_key,
+                };
+                let outcome = self.enqueue(rule, settings, event, event_id, Some(reason)).await;
+                if matches!(outcome, Outcome::Queued { .. }) {
+                    crate::metrics::fallback(reason.as_str());
+                }
+                outcome
+            }
+            Err(failure) => Outcome::Failed {
+                event_id: envelope.event_id,
+                failure,
+            },
+        }
+    }
+
+    async fn enqueue(
+        &self,
+        rule: &Rule,
+        settings: &Settings,
+        event: Event,
+        event_id: String,
+        fallback: Option<FallbackReason>,
+    ) -> Outcome {
+        let now = now_ms();
+        let claim = event.idempotency_key.as_ref().map(|key| IdempotencyClaim {
+            event_type: event.event_type.clone(),
+            key: key.clone(),
+            expires_at_ms: now + settings.idempotency_window.as_millis() as i64,
+        });
+        let queue_policy = settings.queues.for_queue(&rule.queue);
+        let new = NewEvent {
+            id: event_id.clone(),
+            event_type: event.event_type,
+            queue: rule.queue.to_string(),
+            target: rule.target.url.clone(),
+            body: event.body,
+            content_type: event.content_type,
+            trace_id: event.trace_id,
+            idempotency_key: event.idempotency_key,
+            signature: rule.signature,
+            timeout_ms: rule.timeout.as_millis() as u64,
+            retry_delays_ms: rule.retry_delays_ms.to_vec(),
+            jitter: rule.jitter,
+            received_at_ms: now,
+            due_at_ms: now,
+            fallback,
+        };
+        match self.store.enqueue(new, claim, queue_policy.max_depth).await {
+            Ok(EnqueueOutcome::Accepted) => {
+                self.enqueued.notify_waiters();
+                match fallback {
+                    Some(reason) => Outcome::Queued { event_id, reason },
+                    None => Outcome::Accepted { event_id },
+                }
+            }
+            Ok(EnqueueOutcome::Duplicate { event_id }) => Outcome::Duplicate { event_id },
+            Ok(EnqueueOutcome::QueueFull) => Outcome::QueueFull {
+                queue: rule.queue.clone(),
+            },
+            Err(e) => {
+                tracing::error!(event_id = %event_id, error = %e, "could not store event; answering 503");
+                Outcome::StoreUnavailable {
+                    reason: e.to_string(),
+                }
+            }
+        }
+    }
+}
+
+fn outcome_label(outcome: &Outcome) -> &'static str {
+    match outcome {
+        Outcome::Relayed { response, .. } if response.status.is_success() => "delivered",
+        Outcome::Relayed { .. } => "relayed_error",
+        Outcome::Accepted { .. } => "accepted",
+        Outcome::Queued { .. } => "fallback",
+        Outcome::Duplicate { .. } => "duplicate",
+        Outcome::Failed { .. } => "failed",
+        Outcome::NoRoute => "no_route",
+        Outcome::QueueFull { .. } => "queue_full",
+        Outcome::StoreUnavailable { .. } => "store_unavailable",
+    }
+}
+
+/// Hosts for every rule target under the new settings, reusing what `old` already has.
+fn build_hosts(settings: &Settings, old: &HostMap) -> HostMap {
+    let mut hosts = HostMap::new();
+    for rule in settings.rules.rules() {
+        let key = &rule.target.host;
+        let policy = settings.hosts.for_host(key);
+        let host = match old.get(key) {
+            Some(existing) => existing.with_policy(policy),
+            None => Host::new(key.clone(), policy),
+        };
+        hosts.insert(key.clone(), host);
+    }
+    hosts
+}
+
+/// How long a worker may hold an event before another may take it: the attempt's deadline
+/// plus a margin for signing and bookkeeping.
+pub fn lease_for(timeout: Duration) -> Duration {
+    timeout + Duration::from_secs(5)
+}

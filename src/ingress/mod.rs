@@ -1,0 +1,213 @@
+//! The HTTP data plane: `POST /v1/events/{event_type}` -> [`Event`] -> [`Outcome`] -> response.
+//!
+//! Everything about HTTP lives here (status codes, headers, JSON reasons, body limits);
+//! routing and delivery live behind [`Dispatcher::dispatch`].
+
+mod trace;
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::header::{HeaderValue, ALLOW, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use serde_json::json;
+
+use crate::dispatcher::{Dispatcher, Event, Outcome};
+use crate::httpserver::{json, Handler};
+use crate::routing::validate_event_type;
+use crate::sync::SyncFailure;
+
+pub use trace::{new_trace_id, trace_id_from_headers};
+
+/// Longest accepted `Idempotency-Key`.
+pub const MAX_IDEMPOTENCY_KEY_LEN: usize = 255;
+
+/// The ingress request handler.
+#[derive(Debug)]
+pub struct Ingress {
+    dispatcher: Arc<Dispatcher>,
+}
+
+impl Ingress {
+    /// An ingress over `dispatcher`.
+    pub fn new(dispatcher: Arc<Dispatcher>) -> Arc<Self> {
+        Arc::new(Self { dispatcher })
+    }
+}
+
+impl Handler for Ingress {
+    async fn handle(self: Arc<Self>, request: Request<Incoming>) -> Response<Full<Bytes>> {
+        let trace_id = trace_id_from_headers(request.headers()).unwrap_or_else(new_trace_id);
+        let mut response = self.answer(request, &trace_id).await;
+        if let Ok(v) = HeaderValue::from_str(&trace_id) {
+            response.headers_mut().insert("x-trace-id", v);
+        }
+        response
+    }
+}
+
+fn error(status: StatusCode, error: &str, reason: &str, trace_id: &str) -> Response<Full<Bytes>> {
+    json(
+        status,
+        &json!({"error": error, "reason": reason, "trace_id": trace_id}),
+    )
+}
+
+impl Ingress {
+    async fn answer(&self, request: Request<Incoming>, trace_id: &str) -> Response<Full<Bytes>> {
+        let Some(event_type) = request.uri().path().strip_prefix("/v1/events/") else {
+            return error(StatusCode::NOT_FOUND, "not_found", "use POST /v1/events/{event_type}", trace_id);
+        };
+        if request.method() != Method::POST {
+            let mut r = error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "events are sent with POST",
+                trace_id,
+            );
+            r.headers_mut().insert(ALLOW, HeaderValue::from_static("POST"));
+            return r;
+        }
+        if let Err(e) = validate_event_type(event_type) {
+            return error(StatusCode::BAD_REQUEST, "invalid_event_type", &e.to_string(), trace_id);
+        }
+        let event_type = event_type.to_string();
+        let idempotency_key = match request.headers().get("idempotency-key") {
+            None => None,
+            Some(v) => match v.to_str() {
+                Ok(k) if !k.is_empty() && k.len() <= MAX_IDEMPOTENCY_KEY_LEN => Some(k.to_string()),
+                _ => {
+                    return error(
+                        StatusCode::BAD_REQUEST,
+                        "invalid_idempotency_key",
+                        "Idempotency-Key must be 1-255 visible ASCII characters",
+                        trace_id,
+                    )
+                }
+            },
+        };
+        let content_type = request
+            .headers()
+            .get(CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let limit = self.dispatcher.snapshot().settings.max_body_bytes;
+        let too_large = || {
+            error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "payload_too_large",
+                &format!("body exceeds max_body_bytes ({limit})"),
+                trace_id,
+            )
+        };
+        // Refuse early on a declared length, and cap the stream anyway (chunked bodies, liars):
+        // the body is never buffered past the limit.
+        let declared = request
+            .headers()
+            .get(CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > limit as u64) {
+            return too_large();
+        }
+        let body = match Limited::new(request.into_body(), limit).collect().await {
+            Ok(collected) => collected.to_bytes(),
+            Err(e) if e.is::<http_body_util::LengthLimitError>() => return too_large(),
+            Err(e) => {
+                return error(StatusCode::BAD_REQUEST, "bad_body", &format!("reading body: {e}"), trace_id)
+            }
+        };
+        let event = Event {
+            event_type,
+            body,
+            content_type,
+            trace_id: trace_id.to_string(),
+            idempotency_key,
+        };
+        let event_type = event.event_type.clone();
+        respond(self.dispatcher.dispatch(event).await, &event_type, trace_id)
+    }
+}
+
+fn respond(outcome: Outcome, event_type: &str, trace_id: &str) -> Response<Full<Bytes>> {
+    match outcome {
+        Outcome::Relayed { event_id, response } => {
+            let mut r = Response::new(Full::new(response.body));
+            *r.status_mut() = response.status;
+            let h = r.headers_mut();
+            if let Some(ct) = response.headers.get(CONTENT_TYPE) {
+                h.insert(CONTENT_TYPE, ct.clone());
+            }
+            h.insert("x-dispatch-mode", HeaderValue::from_static("sync"));
+            if let Ok(v) = HeaderValue::from_str(&event_id) {
+                h.insert("x-event-id", v);
+            }
+            r
+        }
+        Outcome::Accepted { event_id } => json(
+            StatusCode::ACCEPTED,
+            &json!({"status": "accepted", "event_id": event_id, "trace_id": trace_id}),
+        ),
+        Outcome::Queued { event_id, reason } => json(
+            StatusCode::ACCEPTED,
+            &json!({
+                "status": "queued",
+                "fallback": "sync_to_async",
+                "reason": reason.as_str(),
+                "event_id": event_id,
+                "trace_id": trace_id,
+            }),
+        ),
+        Outcome::Duplicate { event_id } => json(
+            StatusCode::ACCEPTED,
+            &json!({"status": "accepted", "event_id": event_id, "trace_id": trace_id, "duplicate": true}),
+        ),
+        Outcome::Failed { event_id, failure } => {
+            let reason = failure.reason().as_str();
+            let (status, retry_after) = match &failure {
+                SyncFailure::Timeout(_) => (StatusCode::GATEWAY_TIMEOUT, None),
+                SyncFailure::Upstream5xx(_) | SyncFailure::Connect(_) => (StatusCode::BAD_GATEWAY, None),
+                SyncFailure::Shed => (StatusCode::SERVICE_UNAVAILABLE, Some(1)),
+                SyncFailure::CircuitOpen { retry_after } => (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    Some(retry_after.as_secs_f64().ceil().max(1.0) as u64),
+                ),
+            };
+            let mut r = json(
+                status,
+                &json!({
+                    "error": failure.to_string(),
+                    "reason": reason,
+                    "event_id": event_id,
+                    "trace_id": trace_id,
+                }),
+            );
+            if let Some(secs) = retry_after {
+                r.headers_mut().insert(RETRY_AFTER, HeaderValue::from(secs));
+            }
+            r
+        }
+        Outcome::NoRoute => json(
+            StatusCode::NOT_FOUND,
+            &json!({"error": "no_route", "event_type": event_type, "trace_id": trace_id}),
+        ),
+        Outcome::QueueFull { queue } => {
+            let mut r = json(
+                StatusCode::TOO_MANY_REQUESTS,
+                &json!({"error": "queue_full", "reason": format!("queue {queue} is at max_depth"), "trace_id": trace_id}),
+            );
+            r.headers_mut().insert(RETRY_AFTER, HeaderValue::from_static("1"));
+            r
+        }
+        Outcome::StoreUnavailable { reason } => {
+            let mut r = json(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &json!({"error": "store_unavailable", "reason": reason, "trace_id": trace_id}),
+            );
+            r.headers_mut().insert(RETRY_AFTER, HeaderValue::from_static("1"));
+            r
+        }
+    }
+}

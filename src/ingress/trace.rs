@@ -1,0 +1,75 @@
+//! Trace ids: taken from `X-Trace-Id` or W3C `traceparent`, generated when absent.
+
+use http::HeaderMap;
+
+/// Longest `X-Trace-Id` accepted from a caller.
+const MAX_TRACE_ID_LEN: usize = 128;
+
+/// A new W3C-compatible trace id: 32 lowercase hex digits.
+pub fn new_trace_id() -> String {
+    format!("{:032x}", rand::random::<u128>())
+}
+
+/// The caller's trace id: `X-Trace-Id` if it is sane, else the trace-id field of a valid
+/// `traceparent` (`00-<32 hex>-<16 hex>-<2 hex>`).
+pub fn trace_id_from_headers(headers: &HeaderMap) -> Option<String> {
+    if let Some(id) = headers.get("x-trace-id").and_then(|v| v.to_str().ok()) {
+        let ok = !id.is_empty()
+            && id.len() <= MAX_TRACE_ID_LEN
+            && id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'));
+        if ok {
+            return Some(id.to_string());
+        }
+    }
+    let tp = headers.get("traceparent")?.to_str().ok()?;
+    let mut parts = tp.split('-');
+    let (version, trace, parent, flags) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+    let hex = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_hexdigit());
+    let valid = hex(version, 2)
+        && version != "ff"
+        && hex(trace, 32)
+        && trace.bytes().any(|b| b != b'0')
+        && hex(parent, 16)
+        && hex(flags, 2);
+    valid.then(|| trace.to_ascii_lowercase())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.insert(*k, v.parse().unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn x_trace_id_wins_then_traceparent_then_nothing() {
+        let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        assert_eq!(
+            trace_id_from_headers(&headers(&[("x-trace-id", "abc-1"), ("traceparent", tp)])).as_deref(),
+            Some("abc-1")
+        );
+        assert_eq!(
+            trace_id_from_headers(&headers(&[("traceparent", tp)])).as_deref(),
+            Some("4bf92f3577b34da6a3ce929d0e0e4736")
+        );
+        assert_eq!(trace_id_from_headers(&headers(&[])), None);
+    }
+
+    #[test]
+    fn malformed_values_are_ignored() {
+        assert_eq!(trace_id_from_headers(&headers(&[("x-trace-id", "a b")])), None);
+        assert_eq!(
+            trace_id_from_headers(&headers(&[("traceparent", "00-00000000000000000000000000000000-00f067aa0ba902b7-01")])),
+            None
+        );
+        assert_eq!(trace_id_from_headers(&headers(&[("traceparent", "garbage")])), None);
+        assert_eq!(new_trace_id().len(), 32);
+    }
+}

@@ -1,0 +1,299 @@
+//! The compiled rule table: which rule handles an event type.
+//!
+//! Lookup is one hash probe for the exact type, then one probe per dot-separated prefix
+//! (longest first) for `prefix.*` rules, then the `*` catch-all. No regex, no allocation: the
+//! prefixes are slices of the incoming event type. The most specific rule therefore wins: an
+//! exact rule beats any wildcard, and `user.profile.*` beats `user.*`.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::signing::SignatureScheme;
+
+/// How a rule delivers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeliveryMode {
+    /// The caller waits for the target's answer.
+    Sync,
+    /// Durably queued; the caller gets 202 at once.
+    Async,
+}
+
+impl DeliveryMode {
+    /// `"sync"` or `"async"`, as in headers and metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Sync => "sync",
+            Self::Async => "async",
+        }
+    }
+}
+
+/// Where a rule delivers.
+#[derive(Debug, Clone, Serialize)]
+pub struct Target {
+    /// The URL as configured (after `${VAR}` expansion).
+    pub url: String,
+    /// Parsed form used by the HTTP client.
+    #[serde(skip)]
+    pub uri: http::Uri,
+    /// `host:port`: the key of the per-host pool, gate and breaker.
+    pub host: Arc<str>,
+}
+
+/// One compiled routing rule.
+#[derive(Debug, Clone, Serialize)]
+pub struct Rule {
+    /// The `event_type` as written: exact, `prefix.*`, or `*`. Also the metric label.
+    pub pattern: Arc<str>,
+    pub mode: DeliveryMode,
+    pub target: Target,
+    /// Deadline of one attempt (sync: the whole call).
+    #[serde(serialize_with = "serialize_ms")]
+    pub timeout: Duration,
+    /// Sync only: queue the event for async delivery when the sync call fails.
+    pub fallback_to_async: bool,
+    /// Queue used by async delivery and by fallback.
+    pub queue: Arc<str>,
+    /// Delays before each retry, in ms; attempts = 1 + len.
+    pub retry_delays_ms: Arc<[u64]>,
+    /// Fraction of each delay applied as +/- jitter.
+    pub jitter: f64,
+    pub signature: SignatureScheme,
+}
+
+fn serialize_ms<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_u64(d.as_millis() as u64)
+}
+
+/// A pattern accepted as an `event_type` in a rule.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Pattern<'a> {
+    /// Matches exactly this type.
+    Exact(&'a str),
+    /// `prefix.*`: matches any type that starts with `prefix.`.
+    Prefix(&'a str),
+    /// `*`: matches anything.
+    CatchAll,
+}
+
+/// Why a string is not a valid event type or pattern.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PatternError {
+    #[error("event type is empty")]
+    Empty,
+    #[error("event type is longer than {MAX_EVENT_TYPE_LEN} bytes")]
+    TooLong,
+    #[error("event type contains {0:?}; allowed are letters, digits and . _ - :")]
+    BadChar(char),
+    #[error("event type has an empty segment (leading, trailing or doubled '.')")]
+    EmptySegment,
+    #[error("'*' may only stand alone or as the last segment (\"prefix.*\")")]
+    MisplacedWildcard,
+}
+
+/// Longest event type accepted; bounds the work and memory one request can cause.
+pub const MAX_EVENT_TYPE_LEN: usize = 200;
+
+/// Checks an event type sent by a client (no wildcards allowed).
+pub fn validate_event_type(s: &str) -> Result<(), PatternError> {
+    if s.is_empty() {
+        return Err(PatternError::Empty);
+    }
+    if s.len() > MAX_EVENT_TYPE_LEN {
+        return Err(PatternError::TooLong);
+    }
+    if let Some(c) = s
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | ':')))
+    {
+        return Err(PatternError::BadChar(c));
+    }
+    if s.split('.').any(str::is_empty) {
+        return Err(PatternError::EmptySegment);
+    }
+    Ok(())
+}
+
+/// Parses a rule's `event_type`.
+pub fn parse_pattern(s: &str) -> Result<Pattern<'_>, PatternError> {
+    if s == "*" {
+        return Ok(Pattern::CatchAll);
+    }
+    if let Some(prefix) = s.strip_suffix(".*") {
+        if prefix.contains('*') {
+            return Err(PatternError::MisplacedWildcard);
+        }
+        validate_event_type(prefix)?;
+        return Ok(Pattern::Prefix(prefix));
+    }
+    if s.contains('*') {
+        return Err(PatternError::MisplacedWildcard);
+    }
+    validate_event_type(s)?;
+    Ok(Pattern::Exact(s))
+}
+
+/// The compiled rule table. Immutable; a reload builds a new one.
+#[derive(Debug, Default)]
+pub struct RuleTable {
+    exact: HashMap<Box<str>, Arc<Rule>>,
+    prefixes: HashMap<Box<str>, Arc<Rule>>,
+    catch_all: Option<Arc<Rule>>,
+    /// In file order, for display.
+    ordered: Vec<Arc<Rule>>,
+}
+
+/// A second rule for a pattern already in the table.
+#[derive(Debug, thiserror::Error)]
+#[error("duplicate rule for event_type {0:?}")]
+pub struct DuplicateRule(pub String);
+
+impl RuleTable {
+    /// Adds a rule; a second rule for the same pattern is an error.
+    pub fn insert(&mut self, rule: Rule) -> Result<(), DuplicateRule> {
+        let rule = Arc::new(rule);
+        let pattern = rule.pattern.clone();
+        let slot = match parse_pattern(&pattern) {
+            Ok(Pattern::Exact(s)) => self.exact.entry(s.into()),
+            Ok(Pattern::Prefix(p)) => self.prefixes.entry(p.into()),
+            Ok(Pattern::CatchAll) => {
+                if self.catch_all.is_some() {
+                    return Err(DuplicateRule(pattern.to_string()));
+                }
+                self.catch_all = Some(rule.clone());
+                self.ordered.push(rule);
+                return Ok(());
+            }
+            // Compile validates patterns first; an invalid one can never match anything.
+            Err(_) => return Err(DuplicateRule(pattern.to_string())),
+        };
+        match slot {
+            std::collections::hash_map::Entry::Occupied(_) => {
+                Err(DuplicateRule(pattern.to_string()))
+            }
+            std::collections::hash_map::Entry::Vacant(v) => {
+                v.insert(rule.clone());
+                self.ordered.push(rule);
+                Ok(())
+            }
+        }
+    }
+
+    /// The most specific rule for `event_type`, if any.
+    pub fn route(&self, event_type: &str) -> Option<&Arc<Rule>> {
+        if let Some(rule) = self.exact.get(event_type) {
+            return Some(rule);
+        }
+        if !self.prefixes.is_empty() {
+            let mut end = event_type.len();
+            while let Some(dot) = event_type[..end].rfind('.') {
+                if let Some(rule) = self.prefixes.get(&event_type[..dot]) {
+                    return Some(rule);
+                }
+                end = dot;
+            }
+        }
+        self.catch_all.as_ref()
+    }
+
+    /// Every rule, in the order of the file.
+    pub fn rules(&self) -> &[Arc<Rule>] {
+        &self.ordered
+    }
+
+    /// Number of rules.
+    pub fn len(&self) -> usize {
+        self.ordered.len()
+    }
+
+    /// True when there are no rules.
+    pub fn is_empty(&self) -> bool {
+        self.ordered.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rule(pattern: &str) -> Rule {
+        Rule {
+            pattern: pattern.into(),
+            mode: DeliveryMode::Async,
+            target: Target {
+                url: "http://127.0.0.1:1/".into(),
+                uri: http::Uri::from_static("http://127.0.0.1:1/"),
+                host: "127.0.0.1:1".into(),
+            },
+            timeout: Duration::from_millis(100),
+            fallback_to_async: false,
+            queue: "default".into(),
+            retry_delays_ms: Arc::from(vec![10u64]),
+            jitter: 0.0,
+            signature: SignatureScheme::StandardWebhooks,
+        }
+    }
+
+    fn table(patterns: &[&str]) -> RuleTable {
+        let mut t = RuleTable::default();
+        for p in patterns {
+            t.insert(rule(p)).unwrap();
+        }
+        t
+    }
+
+    fn routed<'a>(t: &'a RuleTable, ty: &str) -> Option<&'a str> {
+        t.route(ty).map(|r| &*r.pattern)
+    }
+
+    #[test]
+    fn exact_beats_wildcards_and_longest_prefix_wins() {
+        let t = table(&["*", "user.*", "user.profile.*", "user.profile.updated"]);
+        assert_eq!(routed(&t, "user.profile.updated"), Some("user.profile.updated"));
+        assert_eq!(routed(&t, "user.profile.deleted"), Some("user.profile.*"));
+        assert_eq!(routed(&t, "user.profile.photo.added"), Some("user.profile.*"));
+        assert_eq!(routed(&t, "user.created"), Some("user.*"));
+        assert_eq!(routed(&t, "order.created"), Some("*"));
+    }
+
+    #[test]
+    fn prefix_does_not_match_the_bare_prefix_or_a_longer_word() {
+        let t = table(&["user.*"]);
+        assert_eq!(routed(&t, "user"), None);
+        assert_eq!(routed(&t, "username.changed"), None);
+        assert_eq!(routed(&t, "user.x"), Some("user.*"));
+    }
+
+    #[test]
+    fn no_rule_and_no_catch_all_routes_nowhere() {
+        let t = table(&["payment.authorize"]);
+        assert_eq!(routed(&t, "payment.capture"), None);
+    }
+
+    #[test]
+    fn duplicates_are_rejected() {
+        let mut t = table(&["a.b", "a.*", "*"]);
+        assert!(t.insert(rule("a.b")).is_err());
+        assert!(t.insert(rule("a.*")).is_err());
+        assert!(t.insert(rule("*")).is_err());
+    }
+
+    #[test]
+    fn patterns_are_checked() {
+        assert_eq!(parse_pattern("*"), Ok(Pattern::CatchAll));
+        assert_eq!(parse_pattern("a.b.*"), Ok(Pattern::Prefix("a.b")));
+        assert_eq!(parse_pattern("a.b"), Ok(Pattern::Exact("a.b")));
+        assert_eq!(parse_pattern(""), Err(PatternError::Empty));
+        assert_eq!(parse_pattern("a.*.b"), Err(PatternError::MisplacedWildcard));
+        assert_eq!(parse_pattern("a*"), Err(PatternError::MisplacedWildcard));
+        assert_eq!(parse_pattern("a..b"), Err(PatternError::EmptySegment));
+        assert_eq!(parse_pattern(".*"), Err(PatternError::Empty));
+        assert_eq!(parse_pattern("a b"), Err(PatternError::BadChar(' ')));
+        assert!(validate_event_type(&"a".repeat(201)).is_err());
+    }
+}

@@ -1,0 +1,104 @@
+//! The sync path as a visible pipeline: breaker -> shed gate -> deadline call -> classify.
+//!
+//! Each step is its own type ([`breaker::Breaker`], [`gate::Gate`], [`call::call`]), testable
+//! alone; this module only stacks them and turns their verdicts into one [`SyncFailure`].
+
+pub mod breaker;
+pub mod call;
+pub mod gate;
+pub mod host;
+pub mod request;
+
+use std::time::{Duration, Instant};
+
+pub use call::{CallError, UpstreamResponse};
+pub use host::{Host, HostMap};
+pub use request::Envelope;
+
+use crate::clock::now_ms;
+use crate::queue::FallbackReason;
+use crate::routing::{DeliveryMode, Rule};
+use crate::signing::Signer;
+
+/// Why a sync delivery did not produce a relayable answer.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum SyncFailure {
+    #[error("host is at its shed threshold")]
+    Shed,
+    #[error("circuit breaker is open")]
+    CircuitOpen { retry_after: Duration },
+    #[error("target did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error("could not connect to target: {0}")]
+    Connect(String),
+    #[error("target answered {}", .0.status)]
+    Upstream5xx(UpstreamResponse),
+}
+
+impl SyncFailure {
+    /// The fallback reason recorded and reported for this failure.
+    pub fn reason(&self) -> FallbackReason {
+        match self {
+            Self::Shed => FallbackReason::Shed,
+            Self::CircuitOpen { .. } => FallbackReason::CircuitOpen,
+            Self::Timeout(_) => FallbackReason::Timeout,
+            Self::Connect(_) => FallbackReason::Connect,
+            Self::Upstream5xx(_) => FallbackReason::Upstream5xx,
+        }
+    }
+}
+
+/// Delivers `envelope` to `rule`'s target while the caller waits.
+///
+/// 2xx, 3xx and 4xx answers are returned for relaying (a 4xx is the caller's error and is
+/// never retried); everything else is a [`SyncFailure`].
+pub async fn deliver(
+    host: &Host,
+    rule: &Rule,
+    envelope: &Envelope,
+    signer: &Signer,
+) -> Result<UpstreamResponse, SyncFailure> {
+    let ticket = host
+        .breaker
+        .admit()
+        .map_err(|open| SyncFailure::CircuitOpen {
+            retry_after: open.retry_after,
+        })?;
+    let Some(_permit) = host.gate.try_enter_sync() else {
+        crate::metrics::shed(&host.key);
+        return Err(SyncFailure::Shed);
+    };
+    let request = request::build(
+        &rule.target.uri,
+        envelope,
+        DeliveryMode::Sync,
+        1,
+        signer,
+        now_ms() / 1000,
+    );
+    let started = Instant::now();
+    let result = call::call(host, request, rule.timeout).await;
+    let class = match &result {
+        Ok(r) => crate::metrics::status_class(r.status.as_u16()),
+        Err(e) => e.class(),
+    };
+    crate::metrics::attempt(&host.key, DeliveryMode::Sync, class, started.elapsed());
+    match result {
+        Ok(response) if response.status.is_server_error() => {
+            ticket.failure();
+            Err(SyncFailure::Upstream5xx(response))
+        }
+        Ok(response) => {
+            ticket.success();
+            Ok(response)
+        }
+        Err(CallError::Timeout(d)) => {
+            ticket.failure();
+            Err(SyncFailure::Timeout(d))
+        }
+        Err(CallError::Connect(e)) | Err(CallError::Broken(e)) => {
+            ticket.failure();
+            Err(SyncFailure::Connect(e))
+        }
+    }
+}
