@@ -3,4 +3,5 @@
 //! Data flows one way: [`ingress`] -> [`routing`] -> [`sync`] | [`queue`] -> [`delivery`].
 
 pub mod queue;
+pub mod receive;
 pub mod signing;
