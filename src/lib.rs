@@ -12,6 +12,7 @@ pub mod httpserver;
 pub mod ingress;
 pub mod metrics;
 pub mod queue;
+pub mod receive;
 pub mod routing;
 pub mod signing;
 pub mod sync;

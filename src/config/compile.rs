@@ -243,7 +243,8 @@ impl Compiler<'_> {
         if parsed.len() != secrets.value.len() {
             return (None, dev);
         }
-        (Some(Signer::new(parsed)), dev)
+        // `parsed` is non-empty here (checked above), the only way `Signer::new` fails.
+        (Signer::new(parsed).ok(), dev)
     }
 
     fn host_policy(&mut self, s: &HostSection, base: &HostPolicy) -> HostPolicy {

@@ -1,7 +1,22 @@
 //! Outbound signatures: Standard Webhooks (`webhook-signature: v1,<base64>`) and the legacy
 //! `X-Webhook-Signature: sha256=<hex>` scheme, plus constant-time verification.
+//!
+//! The signing side ([`Signer`]) sits on the delivery hot path, so it feeds the MAC in pieces
+//! (never building `id.timestamp.body` in memory) and starts every MAC from a pre-keyed state.
+//! The verifying side ([`Verifier`]) backs `hookyard receive` and is usable by any Rust
+//! consumer of hookyard's webhooks.
 
+use std::fmt;
+use std::time::Duration;
+
+use base64::engine::general_purpose::{GeneralPurpose, GeneralPurposeConfig, STANDARD};
+use base64::engine::DecodePaddingMode;
+use base64::Engine as _;
+use hmac::digest::CtOutput;
+use hmac::{Hmac, Mac};
+use http::{HeaderMap, HeaderName, HeaderValue};
 use serde::Serialize;
+use sha2::Sha256;
 
 /// How an outbound delivery is signed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -32,35 +47,724 @@ impl SignatureScheme {
     }
 }
 
+type HmacSha256 = Hmac<Sha256>;
 
-// TEMPORARY (replaced by the signing branch): minimal Secret/Signer so config compiles.
-/// A signing key.
-pub struct Secret(Vec<u8>);
-impl std::fmt::Debug for Secret {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Secret(..)")
-    }
+/// `webhook-id` header (Standard Webhooks).
+pub const HEADER_WEBHOOK_ID: HeaderName = HeaderName::from_static("webhook-id");
+/// `webhook-timestamp` header (Standard Webhooks): unix seconds of this attempt.
+pub const HEADER_WEBHOOK_TIMESTAMP: HeaderName = HeaderName::from_static("webhook-timestamp");
+/// `webhook-signature` header (Standard Webhooks): space-separated `v1,<base64>` entries.
+pub const HEADER_WEBHOOK_SIGNATURE: HeaderName = HeaderName::from_static("webhook-signature");
+/// `x-webhook-signature` header of the legacy scheme: `sha256=<hex>`.
+pub const HEADER_LEGACY_SIGNATURE: HeaderName = HeaderName::from_static("x-webhook-signature");
+
+/// Prefix every configured secret must carry, as the Standard Webhooks spec writes them.
+const SECRET_PREFIX: &str = "whsec_";
+const SIGNATURE_VERSION_PREFIX: &str = "v1,";
+const LEGACY_PREFIX: &str = "sha256=";
+/// Length of a SHA-256 MAC in bytes, and of its padded base64 form in characters.
+const MAC_LEN: usize = 32;
+const MAC_B64_LEN: usize = 44;
+
+/// Secrets are accepted with or without base64 padding: people paste them from many tools, and
+/// padding carries no information, so rejecting one form would only be a trap.
+const SECRET_B64: GeneralPurpose = GeneralPurpose::new(
+    &base64::alphabet::STANDARD,
+    GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent),
+);
+
+/// Why a secret could not be used. Messages never include any part of the secret.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SigningError {
+    /// The secret does not start with `whsec_`.
+    #[error("signing secret must start with \"whsec_\"")]
+    MissingPrefix,
+    /// The part after `whsec_` is not valid base64. The decoder's own message is dropped on
+    /// purpose: it quotes the offending character, which is part of the secret.
+    #[error("signing secret is not valid base64 after \"whsec_\"")]
+    InvalidBase64,
+    /// The secret decodes to zero bytes.
+    #[error("signing secret is empty")]
+    Empty,
+    /// A signer or verifier was built without any secret.
+    #[error("at least one signing secret is required")]
+    NoSecrets,
+    /// The message id cannot be sent as an HTTP header value.
+    #[error("message id is not a valid header value")]
+    InvalidMessageId,
 }
-/// Bad secret.
-#[derive(Debug, thiserror::Error)]
-#[error("secret must be whsec_<base64>")]
-pub struct SigningError;
+
+/// An HMAC-SHA256 signing key, parsed from `whsec_<base64>`.
+///
+/// Only the pre-keyed MAC state is kept (not the raw key), so every signature starts from a cheap
+/// clone instead of re-hashing the key. `Debug` is redacted.
+#[derive(Clone)]
+pub struct Secret {
+    mac: HmacSha256,
+}
+
 impl Secret {
-    /// Parses whsec_.
+    /// Parses `whsec_<base64>` (surrounding whitespace, e.g. a trailing newline from a file or
+    /// environment variable, is ignored). The prefix is required so that a raw base64 string or
+    /// a secret of another tool is not silently taken as a key.
     pub fn parse(s: &str) -> Result<Secret, SigningError> {
-        use base64::Engine;
-        let b = s.strip_prefix("whsec_").ok_or(SigningError)?;
-        base64::engine::general_purpose::STANDARD.decode(b).map(Secret).map_err(|_| SigningError)
+        let encoded = s
+            .trim()
+            .strip_prefix(SECRET_PREFIX)
+            .ok_or(SigningError::MissingPrefix)?;
+        let key = SECRET_B64
+            .decode(encoded)
+            .map_err(|_| SigningError::InvalidBase64)?;
+        Self::from_bytes(&key)
+    }
+
+    /// Builds a secret from raw key bytes (for embedders that keep keys in their own format).
+    pub fn from_bytes(key: &[u8]) -> Result<Secret, SigningError> {
+        if key.is_empty() {
+            return Err(SigningError::Empty);
+        }
+        // HMAC accepts keys of any length, so this cannot fail; map it anyway instead of
+        // unwrapping so the function stays panic-free.
+        let mac = HmacSha256::new_from_slice(key).map_err(|_| SigningError::Empty)?;
+        Ok(Secret { mac })
+    }
+
+    /// MAC of `id.timestamp.body`, fed in pieces so the body is never copied.
+    fn standard_mac(&self, msg_id: &str, timestamp_secs: i64, body: &[u8]) -> CtOutput<HmacSha256> {
+        let mut ts_buf = [0u8; 20];
+        let mut mac = self.mac.clone();
+        mac.update(msg_id.as_bytes());
+        mac.update(b".");
+        mac.update(format_i64(timestamp_secs, &mut ts_buf));
+        mac.update(b".");
+        mac.update(body);
+        mac.finalize()
+    }
+
+    /// MAC of the body alone (legacy scheme).
+    fn body_mac(&self, body: &[u8]) -> CtOutput<HmacSha256> {
+        let mut mac = self.mac.clone();
+        mac.update(body);
+        mac.finalize()
     }
 }
-/// Signs.
-#[derive(Debug)]
-pub struct Signer { secrets: Vec<Secret> }
-impl Signer {
-    /// New.
-    pub fn new(secrets: Vec<Secret>) -> Self { Self { secrets } }
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
 }
+
+impl std::str::FromStr for Secret {
+    type Err = SigningError;
+
+    /// Same as [`Secret::parse`]; lets `clap` and `str::parse` build secrets directly.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Secret::parse(s)
+    }
+}
+
+/// Writes `n` in decimal into `buf` and returns the digits, so the timestamp can be fed to the
+/// MAC without allocating a `String`. 20 bytes hold any `i64` including its sign.
+fn format_i64(n: i64, buf: &mut [u8; 20]) -> &[u8] {
+    let mut v = n.unsigned_abs();
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        // `v % 10` is below 10, so the cast cannot truncate.
+        buf[i] = b'0' + (v % 10) as u8;
+        v /= 10;
+        if v == 0 {
+            break;
+        }
+    }
+    if n < 0 {
+        i -= 1;
+        buf[i] = b'-';
+    }
+    &buf[i..]
+}
+
+/// Signs outbound deliveries with one or more secrets (several while rotating).
+#[derive(Debug, Clone)]
+pub struct Signer {
+    secrets: Vec<Secret>,
+}
+
 impl Signer {
-    /// Headers.
-    pub fn headers(&self, _scheme: SignatureScheme, _id: &str, _ts: i64, _body: &[u8]) -> Vec<(http::HeaderName, http::HeaderValue)> { let _ = &self.secrets; Vec::new() }
+    /// A signer for `secrets`, in order: the first one is used by the legacy scheme, all of them
+    /// by Standard Webhooks. An empty list is rejected, since it would send unsigned requests.
+    pub fn new(secrets: Vec<Secret>) -> Result<Signer, SigningError> {
+        if secrets.is_empty() {
+            return Err(SigningError::NoSecrets);
+        }
+        Ok(Signer { secrets })
+    }
+
+    /// The `webhook-signature` value: `v1,<base64 MAC of "id.timestamp.body">` per secret,
+    /// space separated.
+    pub fn standard_signature(&self, msg_id: &str, timestamp_secs: i64, body: &[u8]) -> String {
+        // One allocation of the exact final size; each MAC is base64-encoded straight into it.
+        let per_entry = SIGNATURE_VERSION_PREFIX.len() + MAC_B64_LEN;
+        let mut out = String::with_capacity(self.secrets.len() * (per_entry + 1));
+        for (i, secret) in self.secrets.iter().enumerate() {
+            if i > 0 {
+                out.push(' ');
+            }
+            out.push_str(SIGNATURE_VERSION_PREFIX);
+            let tag = secret
+                .standard_mac(msg_id, timestamp_secs, body)
+                .into_bytes();
+            STANDARD.encode_string(tag, &mut out);
+        }
+        out
+    }
+
+    /// The legacy `X-Webhook-Signature` value: `sha256=<lowercase hex MAC of the body>`, with the
+    /// first secret only (the legacy scheme has no way to carry several).
+    pub fn legacy_signature(&self, body: &[u8]) -> String {
+        let tag = self.first().body_mac(body).into_bytes();
+        let mut hex_buf = [0u8; MAC_LEN * 2];
+        let mut out = String::with_capacity(LEGACY_PREFIX.len() + hex_buf.len());
+        out.push_str(LEGACY_PREFIX);
+        // The buffer is exactly twice the MAC length, which is all `encode_to_slice` needs.
+        if hex::encode_to_slice(tag, &mut hex_buf).is_ok() {
+            // Hex digits are ASCII, so every byte maps to the same char.
+            out.extend(hex_buf.iter().map(|&b| char::from(b)));
+        }
+        out
+    }
+
+    /// All headers that carry the signature of one delivery attempt.
+    ///
+    /// Both schemes send `webhook-id` and `webhook-timestamp` (harmless for legacy receivers
+    /// and useful for deduplication); Standard Webhooks adds `webhook-signature`, legacy adds
+    /// `x-webhook-signature`. Fails only when `msg_id` is not a valid header value.
+    pub fn headers(
+        &self,
+        scheme: SignatureScheme,
+        msg_id: &str,
+        timestamp_secs: i64,
+        body: &[u8],
+    ) -> Result<Vec<(HeaderName, HeaderValue)>, SigningError> {
+        let id = HeaderValue::from_str(msg_id).map_err(|_| SigningError::InvalidMessageId)?;
+        let ts = HeaderValue::from(timestamp_secs);
+        let (name, signature) = match scheme {
+            SignatureScheme::StandardWebhooks => (
+                HEADER_WEBHOOK_SIGNATURE,
+                self.standard_signature(msg_id, timestamp_secs, body),
+            ),
+            SignatureScheme::LegacyHmacSha256 => {
+                (HEADER_LEGACY_SIGNATURE, self.legacy_signature(body))
+            }
+        };
+        // `TryFrom<String>` reuses the string's buffer; base64 and hex output is always a
+        // valid header value, so the error arm is unreachable in practice.
+        let signature =
+            HeaderValue::try_from(signature).map_err(|_| SigningError::InvalidMessageId)?;
+        Ok(vec![
+            (HEADER_WEBHOOK_ID, id),
+            (HEADER_WEBHOOK_TIMESTAMP, ts),
+            (name, signature),
+        ])
+    }
+
+    fn first(&self) -> &Secret {
+        // `new` rejects an empty list and the field is private, so index 0 always exists.
+        &self.secrets[0]
+    }
+}
+
+/// What a verified Standard Webhooks request said about itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VerifiedMessage {
+    /// The `webhook-id`: stable across retries, the key to deduplicate on.
+    pub id: String,
+    /// The `webhook-timestamp`, unix seconds.
+    pub timestamp: i64,
+}
+
+/// Why a request failed verification.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum VerifyError {
+    /// A required header is absent.
+    #[error("missing header {0}")]
+    MissingHeader(&'static str),
+    /// A header is present but not visible ASCII.
+    #[error("invalid header {0}")]
+    InvalidHeader(&'static str),
+    /// `webhook-timestamp` is not an integer number of seconds.
+    #[error("invalid webhook-timestamp")]
+    InvalidTimestamp,
+    /// The timestamp is older than the tolerance allows (possible replay).
+    #[error("webhook-timestamp too old")]
+    TimestampTooOld,
+    /// The timestamp is further in the future than the tolerance allows.
+    #[error("webhook-timestamp too far in the future")]
+    TimestampTooNew,
+    /// No signature entry matched any secret.
+    #[error("no signature matched")]
+    InvalidSignature,
+}
+
+/// Verifies incoming webhooks against one or more secrets (any of them may match).
+#[derive(Debug, Clone)]
+pub struct Verifier {
+    secrets: Vec<Secret>,
+    tolerance_secs: i64,
+}
+
+impl Verifier {
+    /// A verifier accepting signatures by any of `secrets`, with timestamps at most `tolerance`
+    /// away from now in either direction (Standard Webhooks suggests 5 minutes).
+    pub fn new(secrets: Vec<Secret>, tolerance: Duration) -> Result<Verifier, SigningError> {
+        if secrets.is_empty() {
+            return Err(SigningError::NoSecrets);
+        }
+        Ok(Verifier {
+            secrets,
+            tolerance_secs: i64::try_from(tolerance.as_secs()).unwrap_or(i64::MAX),
+        })
+    }
+
+    /// Verifies a Standard Webhooks request: `webhook-id`, `webhook-timestamp` within tolerance
+    /// of `now_secs`, and at least one `v1,` entry of `webhook-signature` matching any secret.
+    /// Entries of other versions are ignored, as the spec requires. MACs are compared in
+    /// constant time.
+    pub fn verify(
+        &self,
+        headers: &HeaderMap,
+        body: &[u8],
+        now_secs: i64,
+    ) -> Result<VerifiedMessage, VerifyError> {
+        let id = header_str(headers, &HEADER_WEBHOOK_ID, "webhook-id")?;
+        let ts_raw = header_str(headers, &HEADER_WEBHOOK_TIMESTAMP, "webhook-timestamp")?;
+        let signatures = header_str(headers, &HEADER_WEBHOOK_SIGNATURE, "webhook-signature")?;
+        let timestamp: i64 = ts_raw.parse().map_err(|_| VerifyError::InvalidTimestamp)?;
+
+        // Saturating: a hostile timestamp near i64::MIN/MAX must not overflow.
+        if now_secs.saturating_sub(timestamp) > self.tolerance_secs {
+            return Err(VerifyError::TimestampTooOld);
+        }
+        if timestamp.saturating_sub(now_secs) > self.tolerance_secs {
+            return Err(VerifyError::TimestampTooNew);
+        }
+
+        // Decode the candidate entries once; a well-formed v1 entry is exactly one MAC.
+        let candidates: Vec<CtOutput<HmacSha256>> = signatures
+            .split(' ')
+            .filter_map(|entry| entry.strip_prefix(SIGNATURE_VERSION_PREFIX))
+            .filter_map(decode_b64_mac)
+            .collect();
+        if candidates.is_empty() {
+            return Err(VerifyError::InvalidSignature);
+        }
+
+        for secret in &self.secrets {
+            let expected = secret.standard_mac(id, timestamp, body);
+            // `contains` uses `CtOutput`'s `==`, which is constant time (subtle), so timing does
+            // not reveal how much of a forged MAC was right.
+            if candidates.contains(&expected) {
+                return Ok(VerifiedMessage {
+                    id: id.to_owned(),
+                    timestamp,
+                });
+            }
+        }
+        Err(VerifyError::InvalidSignature)
+    }
+
+    /// Verifies the legacy `X-Webhook-Signature: sha256=<hex>` header against any secret. The
+    /// hex may be either case. This scheme signs only the body, so it offers no replay
+    /// protection; prefer [`Verifier::verify`].
+    pub fn verify_legacy(&self, headers: &HeaderMap, body: &[u8]) -> Result<(), VerifyError> {
+        let value = header_str(headers, &HEADER_LEGACY_SIGNATURE, "x-webhook-signature")?;
+        let hex_mac = value
+            .strip_prefix(LEGACY_PREFIX)
+            .ok_or(VerifyError::InvalidSignature)?;
+        let mut tag = [0u8; MAC_LEN];
+        hex::decode_to_slice(hex_mac, &mut tag).map_err(|_| VerifyError::InvalidSignature)?;
+        let candidate = CtOutput::<HmacSha256>::new(tag.into());
+        if self.secrets.iter().any(|s| s.body_mac(body) == candidate) {
+            Ok(())
+        } else {
+            Err(VerifyError::InvalidSignature)
+        }
+    }
+}
+
+fn header_str<'a>(
+    headers: &'a HeaderMap,
+    name: &HeaderName,
+    label: &'static str,
+) -> Result<&'a str, VerifyError> {
+    headers
+        .get(name)
+        .ok_or(VerifyError::MissingHeader(label))?
+        .to_str()
+        .map_err(|_| VerifyError::InvalidHeader(label))
+}
+
+/// Decodes one base64 MAC; anything that is not exactly 32 bytes is not a candidate.
+fn decode_b64_mac(entry: &str) -> Option<CtOutput<HmacSha256>> {
+    if entry.len() != MAC_B64_LEN {
+        return None;
+    }
+    // The decoder wants room for its length estimate (33 bytes for 44 chars).
+    let mut buf = [0u8; MAC_B64_LEN];
+    let n = STANDARD.decode_slice(entry, &mut buf).ok()?;
+    let tag: [u8; MAC_LEN] = buf.get(..n)?.try_into().ok()?;
+    Some(CtOutput::new(tag.into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SPEC_SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+    const SPEC_ID: &str = "msg_p5jXN8AQM9LWM0D4loKWxJek";
+    const SPEC_TS: i64 = 1614265330;
+    const SPEC_BODY: &[u8] = br#"{"test": 2432232314}"#;
+    const SPEC_SIG: &str = "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE=";
+    const OTHER_SECRET: &str = "whsec_ZGV2ZWxvcG1lbnQtb25seS1ub3QtYS1zZWNyZXQ=";
+    const FIVE_MIN: Duration = Duration::from_secs(300);
+
+    fn secret(s: &str) -> Secret {
+        Secret::parse(s).unwrap()
+    }
+
+    fn signer(secrets: &[&str]) -> Signer {
+        Signer::new(secrets.iter().map(|s| secret(s)).collect()).unwrap()
+    }
+
+    fn verifier(secrets: &[&str]) -> Verifier {
+        Verifier::new(secrets.iter().map(|s| secret(s)).collect(), FIVE_MIN).unwrap()
+    }
+
+    fn header_map(pairs: Vec<(HeaderName, HeaderValue)>) -> HeaderMap {
+        pairs.into_iter().collect()
+    }
+
+    fn spec_headers(signature: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(HEADER_WEBHOOK_ID, HeaderValue::from_static(SPEC_ID));
+        h.insert(HEADER_WEBHOOK_TIMESTAMP, HeaderValue::from(SPEC_TS));
+        h.insert(HEADER_WEBHOOK_SIGNATURE, signature.parse().unwrap());
+        h
+    }
+
+    #[test]
+    fn spec_test_vector_signs() {
+        let sig = signer(&[SPEC_SECRET]).standard_signature(SPEC_ID, SPEC_TS, SPEC_BODY);
+        assert_eq!(sig, SPEC_SIG);
+    }
+
+    #[test]
+    fn spec_test_vector_verifies() {
+        let v = verifier(&[SPEC_SECRET]);
+        let msg = v
+            .verify(&spec_headers(SPEC_SIG), SPEC_BODY, SPEC_TS)
+            .unwrap();
+        assert_eq!(
+            msg,
+            VerifiedMessage {
+                id: SPEC_ID.into(),
+                timestamp: SPEC_TS
+            }
+        );
+    }
+
+    #[test]
+    fn secret_parse_requires_prefix_and_base64() {
+        assert_eq!(
+            Secret::parse("MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw").unwrap_err(),
+            SigningError::MissingPrefix
+        );
+        assert_eq!(
+            Secret::parse("whsec_not*base64").unwrap_err(),
+            SigningError::InvalidBase64
+        );
+        assert_eq!(Secret::parse("whsec_").unwrap_err(), SigningError::Empty);
+        // Unpadded and whitespace-wrapped forms name the same key.
+        let padded = signer(&["whsec_ZGV2ZWxvcG1lbnQtb25seS1ub3QtYS1zZWNyZXQ="]);
+        let unpadded = signer(&[" whsec_ZGV2ZWxvcG1lbnQtb25seS1ub3QtYS1zZWNyZXQ\n"]);
+        assert_eq!(
+            padded.legacy_signature(b"x"),
+            unpadded.legacy_signature(b"x")
+        );
+        assert!("whsec_ZGV2".parse::<Secret>().is_ok());
+    }
+
+    #[test]
+    fn debug_is_redacted() {
+        let s = secret(SPEC_SECRET);
+        let signer = Signer::new(vec![s.clone()]).unwrap();
+        let verifier = Verifier::new(vec![s.clone()], FIVE_MIN).unwrap();
+        for text in [
+            format!("{s:?}"),
+            format!("{signer:?}"),
+            format!("{verifier:?}"),
+        ] {
+            assert!(text.contains("<redacted>"), "{text}");
+            assert!(!text.contains("MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"), "{text}");
+        }
+        // Errors never quote the secret either.
+        let err = Secret::parse("whsec_abc$def").unwrap_err().to_string();
+        assert!(!err.contains("abc") && !err.contains('$'), "{err}");
+    }
+
+    #[test]
+    fn empty_secret_lists_are_rejected() {
+        assert_eq!(Signer::new(vec![]).unwrap_err(), SigningError::NoSecrets);
+        assert_eq!(
+            Verifier::new(vec![], FIVE_MIN).unwrap_err(),
+            SigningError::NoSecrets
+        );
+    }
+
+    #[test]
+    fn rotation_signs_with_every_secret_and_each_verifies() {
+        let both = signer(&[SPEC_SECRET, OTHER_SECRET]);
+        let sig = both.standard_signature(SPEC_ID, SPEC_TS, SPEC_BODY);
+        let entries: Vec<&str> = sig.split(' ').collect();
+        assert_eq!(entries.len(), 2);
+        assert_eq!(entries[0], SPEC_SIG);
+        assert_eq!(
+            entries[1],
+            signer(&[OTHER_SECRET]).standard_signature(SPEC_ID, SPEC_TS, SPEC_BODY)
+        );
+        // A receiver that knows only the old or only the new secret accepts the delivery.
+        for s in [SPEC_SECRET, OTHER_SECRET] {
+            verifier(&[s])
+                .verify(&spec_headers(&sig), SPEC_BODY, SPEC_TS)
+                .unwrap();
+        }
+        // A receiver that knows both accepts a single-secret signature from either.
+        let v = verifier(&[OTHER_SECRET, SPEC_SECRET]);
+        v.verify(&spec_headers(SPEC_SIG), SPEC_BODY, SPEC_TS)
+            .unwrap();
+    }
+
+    #[test]
+    fn tampering_is_detected() {
+        let v = verifier(&[SPEC_SECRET]);
+        let body_err = v.verify(&spec_headers(SPEC_SIG), br#"{"test": 2432232315}"#, SPEC_TS);
+        assert_eq!(body_err.unwrap_err(), VerifyError::InvalidSignature);
+
+        let mut h = spec_headers(SPEC_SIG);
+        h.insert(HEADER_WEBHOOK_ID, HeaderValue::from_static("msg_other"));
+        assert_eq!(
+            v.verify(&h, SPEC_BODY, SPEC_TS).unwrap_err(),
+            VerifyError::InvalidSignature
+        );
+
+        let mut h = spec_headers(SPEC_SIG);
+        h.insert(HEADER_WEBHOOK_TIMESTAMP, HeaderValue::from(SPEC_TS + 1));
+        assert_eq!(
+            v.verify(&h, SPEC_BODY, SPEC_TS).unwrap_err(),
+            VerifyError::InvalidSignature
+        );
+
+        // Wrong secret, truncated entry, bare prefix, other version: all rejected.
+        let wrong = signer(&[OTHER_SECRET]).standard_signature(SPEC_ID, SPEC_TS, SPEC_BODY);
+        for bad in [
+            wrong.as_str(),
+            &SPEC_SIG[..20],
+            "v1,",
+            "v2,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE=",
+        ] {
+            assert_eq!(
+                v.verify(&spec_headers(bad), SPEC_BODY, SPEC_TS)
+                    .unwrap_err(),
+                VerifyError::InvalidSignature,
+                "{bad}"
+            );
+        }
+        // A valid entry among junk entries still verifies.
+        let mixed = format!("v1a,xyz v1,AAAA {SPEC_SIG}");
+        v.verify(&spec_headers(&mixed), SPEC_BODY, SPEC_TS).unwrap();
+    }
+
+    #[test]
+    fn missing_and_malformed_headers() {
+        let v = verifier(&[SPEC_SECRET]);
+        for (name, label) in [
+            (HEADER_WEBHOOK_ID, "webhook-id"),
+            (HEADER_WEBHOOK_TIMESTAMP, "webhook-timestamp"),
+            (HEADER_WEBHOOK_SIGNATURE, "webhook-signature"),
+        ] {
+            let mut h = spec_headers(SPEC_SIG);
+            h.remove(&name);
+            assert_eq!(
+                v.verify(&h, SPEC_BODY, SPEC_TS).unwrap_err(),
+                VerifyError::MissingHeader(label)
+            );
+        }
+        for bad_ts in ["", "abc", "1614265330.5", "99999999999999999999"] {
+            let mut h = spec_headers(SPEC_SIG);
+            h.insert(HEADER_WEBHOOK_TIMESTAMP, bad_ts.parse().unwrap());
+            assert_eq!(
+                v.verify(&h, SPEC_BODY, SPEC_TS).unwrap_err(),
+                VerifyError::InvalidTimestamp,
+                "{bad_ts}"
+            );
+        }
+        let mut h = spec_headers(SPEC_SIG);
+        h.insert(
+            HEADER_WEBHOOK_ID,
+            HeaderValue::from_bytes(b"msg\xff").unwrap(),
+        );
+        assert_eq!(
+            v.verify(&h, SPEC_BODY, SPEC_TS).unwrap_err(),
+            VerifyError::InvalidHeader("webhook-id")
+        );
+    }
+
+    #[test]
+    fn timestamp_tolerance_both_directions() {
+        let v = verifier(&[SPEC_SECRET]);
+        let h = spec_headers(SPEC_SIG);
+        // Exactly at the edge is accepted; one second beyond is not.
+        v.verify(&h, SPEC_BODY, SPEC_TS + 300).unwrap();
+        v.verify(&h, SPEC_BODY, SPEC_TS - 300).unwrap();
+        assert_eq!(
+            v.verify(&h, SPEC_BODY, SPEC_TS + 301).unwrap_err(),
+            VerifyError::TimestampTooOld
+        );
+        assert_eq!(
+            v.verify(&h, SPEC_BODY, SPEC_TS - 301).unwrap_err(),
+            VerifyError::TimestampTooNew
+        );
+        // Extreme values neither overflow nor pass.
+        let mut h = spec_headers(SPEC_SIG);
+        h.insert(HEADER_WEBHOOK_TIMESTAMP, HeaderValue::from(i64::MIN));
+        assert_eq!(
+            v.verify(&h, SPEC_BODY, i64::MAX).unwrap_err(),
+            VerifyError::TimestampTooOld
+        );
+        // A zero tolerance accepts only the exact second.
+        let strict = Verifier::new(vec![secret(SPEC_SECRET)], Duration::ZERO).unwrap();
+        strict
+            .verify(&spec_headers(SPEC_SIG), SPEC_BODY, SPEC_TS)
+            .unwrap();
+        assert!(strict
+            .verify(&spec_headers(SPEC_SIG), SPEC_BODY, SPEC_TS + 1)
+            .is_err());
+    }
+
+    #[test]
+    fn legacy_scheme_round_trip() {
+        let s = signer(&[SPEC_SECRET, OTHER_SECRET]);
+        let sig = s.legacy_signature(SPEC_BODY);
+        // Independent computation of the expected value with the raw key.
+        let key = STANDARD.decode("MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw").unwrap();
+        let mut mac = HmacSha256::new_from_slice(&key).unwrap();
+        mac.update(SPEC_BODY);
+        let expected = format!("sha256={}", hex::encode(mac.finalize().into_bytes()));
+        assert_eq!(sig, expected);
+
+        let mut h = HeaderMap::new();
+        h.insert(HEADER_LEGACY_SIGNATURE, sig.parse().unwrap());
+        verifier(&[SPEC_SECRET])
+            .verify_legacy(&h, SPEC_BODY)
+            .unwrap();
+        // Rotation on the verifying side: the old secret is still accepted.
+        verifier(&[OTHER_SECRET, SPEC_SECRET])
+            .verify_legacy(&h, SPEC_BODY)
+            .unwrap();
+        // Upper-case hex is the same MAC.
+        let mut upper = HeaderMap::new();
+        upper.insert(
+            HEADER_LEGACY_SIGNATURE,
+            format!("sha256={}", sig["sha256=".len()..].to_uppercase())
+                .parse()
+                .unwrap(),
+        );
+        verifier(&[SPEC_SECRET])
+            .verify_legacy(&upper, SPEC_BODY)
+            .unwrap();
+
+        let v = verifier(&[SPEC_SECRET]);
+        assert_eq!(
+            v.verify_legacy(&h, b"tampered").unwrap_err(),
+            VerifyError::InvalidSignature
+        );
+        assert_eq!(
+            verifier(&[OTHER_SECRET])
+                .verify_legacy(&h, SPEC_BODY)
+                .unwrap_err(),
+            VerifyError::InvalidSignature
+        );
+        assert_eq!(
+            v.verify_legacy(&HeaderMap::new(), SPEC_BODY).unwrap_err(),
+            VerifyError::MissingHeader("x-webhook-signature")
+        );
+        for bad in ["sha1=00", "sha256=zz", "sha256=", &sig[..sig.len() - 2]] {
+            let mut h = HeaderMap::new();
+            h.insert(HEADER_LEGACY_SIGNATURE, bad.parse().unwrap());
+            assert_eq!(
+                v.verify_legacy(&h, SPEC_BODY).unwrap_err(),
+                VerifyError::InvalidSignature,
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn headers_per_scheme() {
+        let s = signer(&[SPEC_SECRET]);
+        let std_h = header_map(
+            s.headers(
+                SignatureScheme::StandardWebhooks,
+                SPEC_ID,
+                SPEC_TS,
+                SPEC_BODY,
+            )
+            .unwrap(),
+        );
+        assert_eq!(std_h[&HEADER_WEBHOOK_ID], SPEC_ID);
+        assert_eq!(std_h[&HEADER_WEBHOOK_TIMESTAMP], "1614265330");
+        assert_eq!(std_h[&HEADER_WEBHOOK_SIGNATURE], SPEC_SIG);
+        assert!(!std_h.contains_key(&HEADER_LEGACY_SIGNATURE));
+        verifier(&[SPEC_SECRET])
+            .verify(&std_h, SPEC_BODY, SPEC_TS)
+            .unwrap();
+
+        let legacy_h = header_map(
+            s.headers(
+                SignatureScheme::LegacyHmacSha256,
+                SPEC_ID,
+                SPEC_TS,
+                SPEC_BODY,
+            )
+            .unwrap(),
+        );
+        assert_eq!(
+            legacy_h[&HEADER_LEGACY_SIGNATURE],
+            s.legacy_signature(SPEC_BODY).as_str()
+        );
+        assert!(!legacy_h.contains_key(&HEADER_WEBHOOK_SIGNATURE));
+        verifier(&[SPEC_SECRET])
+            .verify_legacy(&legacy_h, SPEC_BODY)
+            .unwrap();
+
+        assert_eq!(
+            s.headers(
+                SignatureScheme::StandardWebhooks,
+                "bad\nid",
+                SPEC_TS,
+                SPEC_BODY
+            )
+            .unwrap_err(),
+            SigningError::InvalidMessageId
+        );
+    }
+
+    #[test]
+    fn format_i64_matches_display() {
+        let mut buf = [0u8; 20];
+        for n in [0, 7, -7, 10, 1614265330, i64::MAX, i64::MIN, -1] {
+            assert_eq!(format_i64(n, &mut buf), n.to_string().as_bytes());
+        }
+    }
 }
