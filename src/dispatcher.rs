@@ -229,7 +229,10 @@ impl Dispatcher {
 
     /// Marks `target` disabled (it answered 410 Gone).
     pub fn disable(&self, target: &str) {
-        tracing::warn!(target_url = target, "target answered 410 Gone; disabled until reload or admin re-enable");
+        tracing::warn!(
+            target_url = target,
+            "target answered 410 Gone; disabled until reload or admin re-enable"
+        );
         self.disabled_targets
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -264,7 +267,10 @@ impl Dispatcher {
             return Outcome::NoRoute;
         };
         let outcome = match rule.mode {
-            DeliveryMode::Async => self.enqueue(&rule, settings, event, new_event_id(), None).await,
+            DeliveryMode::Async => {
+                self.enqueue(&rule, settings, event, new_event_id(), None)
+                    .await
+            }
             DeliveryMode::Sync => self.dispatch_sync(&rule, settings, event).await,
         };
         crate::metrics::event_received(&rule.pattern, rule.mode.as_str(), outcome_label(&outcome));
@@ -315,7 +321,9 @@ impl Dispatcher {
                     trace_id,
                     idempotency_key,
                 };
-                let outcome = self.enqueue(rule, settings, event, event_id, Some(reason)).await;
+                let outcome = self
+                    .enqueue(rule, settings, event, event_id, Some(reason))
+                    .await;
                 if matches!(outcome, Outcome::Queued { .. }) {
                     crate::metrics::fallback(reason.as_str());
                 }

@@ -4,6 +4,8 @@
 //! [`Dispatcher`] is the library's front door: build it from a config with
 //! [`Dispatcher::from_config`] and hand it events with [`Dispatcher::dispatch`].
 
+pub mod admin;
+pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod delivery;
@@ -13,7 +15,9 @@ pub mod ingress;
 pub mod metrics;
 pub mod queue;
 pub mod receive;
+pub mod reload;
 pub mod routing;
+pub mod server;
 pub mod signing;
 pub mod sync;
 

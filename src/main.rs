@@ -1,1 +1,316 @@
-fn main(){}
+//! The `hookyard` command line: parses arguments and calls into the library.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use hookyard::cli::{self, AdminClient, CliError};
+use hookyard::receive::ReceiverConfig;
+use hookyard::signing::Secret;
+use serde_json::json;
+
+/// A hybrid sync/async webhook dispatcher sidecar.
+#[derive(Parser)]
+#[command(name = "hookyard", version, about, long_about = None)]
+struct Args {
+    /// Log format on stderr.
+    #[arg(long, value_enum, default_value_t = LogFormat::Human, global = true)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Human,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the sidecar (ingress, admin API, delivery workers).
+    Serve {
+        /// Config file.
+        #[arg(long, short, default_value = "dispatcher-config.yaml")]
+        config: PathBuf,
+    },
+    /// Validate a config; print the compiled rules, or every error with file, line and column.
+    Check {
+        /// Config file.
+        #[arg(long, short, default_value = "dispatcher-config.yaml")]
+        config: PathBuf,
+    },
+    /// Print the JSON Schema of the config file (for editors).
+    Schema,
+    /// A verifying test receiver: checks signatures, counts duplicates, injects failures.
+    Receive {
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:9000")]
+        listen: SocketAddr,
+        /// whsec_ secret to verify with (repeat while rotating). Without it nothing is verified.
+        #[arg(long, env = "HOOKYARD_SECRET")]
+        secret: Vec<Secret>,
+        /// Fraction of requests answered with --fail-status (0..=1).
+        #[arg(long, default_value_t = 0.0)]
+        fail_rate: f64,
+        /// Status used for injected failures.
+        #[arg(long, default_value_t = 500)]
+        fail_status: u16,
+        /// Delay before answering each request, in ms.
+        #[arg(long, default_value_t = 0)]
+        delay_ms: u64,
+        /// Answer every request with this status.
+        #[arg(long)]
+        status: Option<u16>,
+        /// Accepted clock skew of webhook-timestamp, in seconds.
+        #[arg(long, default_value_t = 300)]
+        tolerance_secs: u64,
+    },
+    /// Inspect and re-drive the dead-letter queue of a running sidecar.
+    Dlq {
+        #[command(flatten)]
+        admin: AdminArgs,
+        #[command(subcommand)]
+        action: DlqAction,
+    },
+    /// List recorded sync_to_async fallbacks and whether each was delivered later.
+    Fallbacks {
+        #[command(flatten)]
+        admin: AdminArgs,
+        /// Only transitions at or after this time (RFC 3339, e.g. 2026-11-23T10:00:00Z).
+        #[arg(long)]
+        since: Option<String>,
+        /// Most rows to show.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        /// Print the raw JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(clap::Args)]
+struct AdminArgs {
+    /// Admin API of the running sidecar.
+    #[arg(
+        long,
+        env = "HOOKYARD_ADMIN_URL",
+        default_value = "http://127.0.0.1:9090",
+        global = true
+    )]
+    admin_url: String,
+    /// Bearer token, when the sidecar sets admin.token.
+    #[arg(
+        long,
+        env = "HOOKYARD_ADMIN_TOKEN",
+        global = true,
+        hide_env_values = true
+    )]
+    token: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum DlqAction {
+    /// List dead letters, newest first.
+    List {
+        #[arg(long)]
+        event_type: Option<String>,
+        #[arg(long)]
+        queue: Option<String>,
+        /// Dead-lettered at or after (RFC 3339).
+        #[arg(long)]
+        since: Option<String>,
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        /// Continue from a previous page.
+        #[arg(long)]
+        cursor: Option<String>,
+        /// Print the raw JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Replay dead letters by id, or all of them (optionally of one event type).
+    Replay {
+        /// Event ids to replay.
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        ids: Vec<String>,
+        /// Replay every dead letter (narrow with --event-type).
+        #[arg(long)]
+        all: bool,
+        #[arg(long, requires = "all")]
+        event_type: Option<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    init_logging(args.log_format);
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(args.command)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{}", render_error(&e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn render_error(e: &CliError) -> String {
+    match e {
+        // Already formatted as "error: file:line:col: ..." with snippets.
+        CliError::Config(c) => c.to_string().trim_end().to_string(),
+        other => format!("error: {other}"),
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Human => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+fn query(pairs: &[(&str, Option<String>)]) -> String {
+    let parts: Vec<String> = pairs
+        .iter()
+        .filter_map(|(k, v)| v.as_ref().map(|v| format!("{k}={}", encode(v))))
+        .collect();
+    if parts.is_empty() {
+        String::new()
+    } else {
+        format!("?{}", parts.join("&"))
+    }
+}
+
+fn encode(v: &str) -> String {
+    v.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+async fn run(command: Command) -> Result<(), CliError> {
+    match command {
+        Command::Serve { config } => cli::serve(&config).await,
+        Command::Check { config } => {
+            print!("{}", cli::check(&config)?);
+            Ok(())
+        }
+        Command::Schema => {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&hookyard::config::json_schema()).unwrap_or_default()
+            );
+            Ok(())
+        }
+        Command::Receive {
+            listen,
+            secret,
+            fail_rate,
+            fail_status,
+            delay_ms,
+            status,
+            tolerance_secs,
+        } => {
+            let config = ReceiverConfig {
+                secrets: secret,
+                tolerance: Duration::from_secs(tolerance_secs),
+                fail_rate,
+                fail_status,
+                force_status: status,
+                delay: Duration::from_millis(delay_ms),
+                ..ReceiverConfig::default()
+            };
+            cli::receive(listen, config).await
+        }
+        Command::Dlq { admin, action } => {
+            let client = AdminClient::new(&admin.admin_url, admin.token);
+            match action {
+                DlqAction::List {
+                    event_type,
+                    queue,
+                    since,
+                    limit,
+                    cursor,
+                    json,
+                } => {
+                    let path = format!(
+                        "/v1/dlq{}",
+                        query(&[
+                            ("event_type", event_type),
+                            ("queue", queue),
+                            ("since", since),
+                            ("limit", Some(limit.to_string())),
+                            ("cursor", cursor),
+                        ])
+                    );
+                    let page = client.call(http::Method::GET, &path, None).await?;
+                    if json {
+                        println!(
+                            "{}",
+                            serde_json::to_string_pretty(&page).unwrap_or_default()
+                        );
+                    } else {
+                        print!("{}", cli::dlq_table(&page));
+                    }
+                    Ok(())
+                }
+                DlqAction::Replay {
+                    ids,
+                    all,
+                    event_type,
+                } => {
+                    let body = if all {
+                        match event_type {
+                            Some(t) => json!({"event_type": t}),
+                            None => json!({"all": true}),
+                        }
+                    } else {
+                        json!({"ids": ids})
+                    };
+                    let result = client
+                        .call(http::Method::POST, "/v1/dlq/replay", Some(body))
+                        .await?;
+                    println!("replayed {}", result["replayed"]);
+                    Ok(())
+                }
+            }
+        }
+        Command::Fallbacks {
+            admin,
+            since,
+            limit,
+            json,
+        } => {
+            let client = AdminClient::new(&admin.admin_url, admin.token);
+            let path = format!(
+                "/v1/fallbacks{}",
+                query(&[("since", since), ("limit", Some(limit.to_string()))])
+            );
+            let v = client.call(http::Method::GET, &path, None).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+            } else {
+                print!("{}", cli::fallbacks_table(&v));
+            }
+            Ok(())
+        }
+    }
+}

@@ -69,7 +69,9 @@ impl Compiler<'_> {
     }
 
     fn addr(&mut self, value: &Option<Pos<String>>, default: &str, what: &str) -> SocketAddr {
-        let fallback: SocketAddr = default.parse().unwrap_or(SocketAddr::from(([127, 0, 0, 1], 0)));
+        let fallback: SocketAddr = default
+            .parse()
+            .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 0)));
         let Some(v) = value else { return fallback };
         let Some(text) = self.expand(v) else {
             return fallback;
@@ -90,11 +92,17 @@ impl Compiler<'_> {
         match v {
             None => default,
             Some(p) if p.value <= 0 => {
-                self.problem(Problem::spanned(p, format!("{what} must be greater than 0, got {}", p.value)));
+                self.problem(Problem::spanned(
+                    p,
+                    format!("{what} must be greater than 0, got {}", p.value),
+                ));
                 default
             }
             Some(p) if p.value > max => {
-                self.problem(Problem::spanned(p, format!("{what} must be at most {max}, got {}", p.value)));
+                self.problem(Problem::spanned(
+                    p,
+                    format!("{what} must be at most {max}, got {}", p.value),
+                ));
                 default
             }
             Some(p) => p.value as u64,
@@ -104,7 +112,10 @@ impl Compiler<'_> {
     fn duration_ms(&mut self, v: &Pos<DurationValue>, what: &str) -> Option<u64> {
         match v.value {
             DurationValue::Millis(ms) if ms < 0 => {
-                self.problem(Problem::spanned(v, format!("{what} must not be negative, got {ms}")));
+                self.problem(Problem::spanned(
+                    v,
+                    format!("{what} must not be negative, got {ms}"),
+                ));
                 None
             }
             DurationValue::Millis(ms) => Some(ms as u64),
@@ -132,7 +143,10 @@ impl Compiler<'_> {
         match v {
             None => default,
             Some(p) if !(0.0..1.0).contains(&p.value) => {
-                self.problem(Problem::spanned(p, format!("jitter must be in [0, 1), got {}", p.value)));
+                self.problem(Problem::spanned(
+                    p,
+                    format!("jitter must be in [0, 1), got {}", p.value),
+                ));
                 default
             }
             Some(p) => p.value,
@@ -142,7 +156,12 @@ impl Compiler<'_> {
     fn settings(&mut self, path: &Path, bytes: &[u8], file: ConfigFile) -> Option<Settings> {
         let listen = self.addr(&file.listen, "127.0.0.1:8080", "listen");
         let admin_listen = self.addr(&file.admin_listen, "127.0.0.1:9090", "admin_listen");
-        let admin_token = file.admin.token.as_ref().and_then(|t| self.expand(t)).filter(|t| !t.is_empty());
+        let admin_token = file
+            .admin
+            .token
+            .as_ref()
+            .and_then(|t| self.expand(t))
+            .filter(|t| !t.is_empty());
         let max_body_bytes = match &file.ingress.max_body_bytes {
             Some(p) if p.value == 0 => {
                 self.problem(Problem::spanned(p, "max_body_bytes must be greater than 0"));
@@ -181,12 +200,23 @@ impl Compiler<'_> {
         })
     }
 
-    fn store(&mut self, config_path: &Path, s: &super::schema::StoreSection) -> Option<StoreSettings> {
-        let kind = s.kind.as_ref().map(|k| k.value).unwrap_or(StoreKind::Sqlite);
+    fn store(
+        &mut self,
+        config_path: &Path,
+        s: &super::schema::StoreSection,
+    ) -> Option<StoreSettings> {
+        let kind = s
+            .kind
+            .as_ref()
+            .map(|k| k.value)
+            .unwrap_or(StoreKind::Sqlite);
         match kind {
             StoreKind::Sqlite => {
                 if let Some(url) = &s.url {
-                    self.problem(Problem::spanned(url, "url is for kind: redis; SQLite takes path"));
+                    self.problem(Problem::spanned(
+                        url,
+                        "url is for kind: redis; SQLite takes path",
+                    ));
                 }
                 let raw = match &s.path {
                     Some(p) => self.expand(p)?,
@@ -208,12 +238,21 @@ impl Compiler<'_> {
             StoreKind::Redis => {
                 let Some(url) = &s.url else {
                     let at = s.kind.as_ref()?;
-                    self.problem(Problem::spanned(at, "kind: redis needs url: redis://host:port"));
+                    self.problem(Problem::spanned(
+                        at,
+                        "kind: redis needs url: redis://host:port",
+                    ));
                     return None;
                 };
                 let text = self.expand(url)?;
-                if !(text.starts_with("redis://") || text.starts_with("rediss://") || text.starts_with("redis+unix://")) {
-                    self.problem(Problem::spanned(url, format!("url must start with redis:// or rediss://, got {text:?}")));
+                if !(text.starts_with("redis://")
+                    || text.starts_with("rediss://")
+                    || text.starts_with("redis+unix://"))
+                {
+                    self.problem(Problem::spanned(
+                        url,
+                        format!("url must start with redis:// or rediss://, got {text:?}"),
+                    ));
                     return None;
                 }
                 Some(StoreSettings::Redis {
@@ -226,7 +265,10 @@ impl Compiler<'_> {
 
     fn signing(&mut self, secrets: &Pos<Vec<Pos<String>>>) -> (Option<Signer>, bool) {
         if secrets.value.is_empty() {
-            self.problem(Problem::spanned(secrets, "signing.secrets must list at least one whsec_ secret"));
+            self.problem(Problem::spanned(
+                secrets,
+                "signing.secrets must list at least one whsec_ secret",
+            ));
             return (None, false);
         }
         let mut parsed = Vec::new();
@@ -248,11 +290,19 @@ impl Compiler<'_> {
     }
 
     fn host_policy(&mut self, s: &HostSection, base: &HostPolicy) -> HostPolicy {
-        let max_connections = self.positive(&s.max_connections, base.max_connections.into(), "max_connections", 1_000_000) as u32;
+        let max_connections = self.positive(
+            &s.max_connections,
+            base.max_connections.into(),
+            "max_connections",
+            1_000_000,
+        ) as u32;
         let shed_at = match &s.shed_at {
             None => base.shed_at,
             Some(p) if !(p.value > 0.0 && p.value <= 1.0) => {
-                self.problem(Problem::spanned(p, format!("shed_at must be in (0, 1], got {}", p.value)));
+                self.problem(Problem::spanned(
+                    p,
+                    format!("shed_at must be in (0, 1], got {}", p.value),
+                ));
                 base.shed_at
             }
             Some(p) => p.value,
@@ -265,7 +315,12 @@ impl Compiler<'_> {
         ));
         let default_breaker = BreakerSection::default();
         let b = s.circuit_breaker.as_ref().unwrap_or(&default_breaker);
-        let breaker_failures = self.positive(&b.consecutive_failures, base.breaker_failures.into(), "consecutive_failures", 1_000_000) as u32;
+        let breaker_failures = self.positive(
+            &b.consecutive_failures,
+            base.breaker_failures.into(),
+            "consecutive_failures",
+            1_000_000,
+        ) as u32;
         let breaker_recovery = Duration::from_millis(self.positive(
             &b.recovery_ms,
             base.breaker_recovery.as_millis() as u64,
@@ -296,10 +351,20 @@ impl Compiler<'_> {
 
     fn queue_policy(&mut self, s: &QueueSection, base: &QueuePolicy) -> QueuePolicy {
         QueuePolicy {
-            concurrency: self.positive(&s.concurrency, base.concurrency.into(), "concurrency", 10_000) as u32,
+            concurrency: self.positive(
+                &s.concurrency,
+                base.concurrency.into(),
+                "concurrency",
+                10_000,
+            ) as u32,
             max_depth: self.positive(&s.max_depth, base.max_depth, "max_depth", i64::MAX),
             dlq_retention: Duration::from_secs(
-                3600 * self.positive(&s.dlq_retention_hours, base.dlq_retention.as_secs() / 3600, "dlq_retention_hours", 24 * 365 * 10),
+                3600 * self.positive(
+                    &s.dlq_retention_hours,
+                    base.dlq_retention.as_secs() / 3600,
+                    "dlq_retention_hours",
+                    24 * 365 * 10,
+                ),
             ),
             retry_delays_ms: s
                 .retry_matrix
@@ -310,7 +375,10 @@ impl Compiler<'_> {
         }
     }
 
-    fn queues(&mut self, queues: &std::collections::BTreeMap<String, QueueSection>) -> QueuePolicies {
+    fn queues(
+        &mut self,
+        queues: &std::collections::BTreeMap<String, QueueSection>,
+    ) -> QueuePolicies {
         let default = queues
             .get("default")
             .map(|d| self.queue_policy(d, &QueuePolicy::default()))
@@ -325,7 +393,10 @@ impl Compiler<'_> {
 
     fn rules(&mut self, rules: &Pos<Vec<RuleSection>>, queues: &QueuePolicies) -> RuleTable {
         if rules.value.is_empty() {
-            self.problem(Problem::spanned(rules, "routing_rules is empty: no event could be delivered"));
+            self.problem(Problem::spanned(
+                rules,
+                "routing_rules is empty: no event could be delivered",
+            ));
         }
         let mut table = RuleTable::default();
         let mut seen: HashMap<&str, u64> = HashMap::new();
@@ -336,7 +407,9 @@ impl Compiler<'_> {
             if let Some(first_line) = seen.insert(pattern, r.event_type.referenced.line()) {
                 self.problem(Problem::spanned(
                     &r.event_type,
-                    format!("duplicate event_type {pattern:?} (first defined on line {first_line})"),
+                    format!(
+                        "duplicate event_type {pattern:?} (first defined on line {first_line})"
+                    ),
                 ));
                 continue;
             }
@@ -353,7 +426,10 @@ impl Compiler<'_> {
         let pattern_ok = match parse_pattern(&r.event_type.value) {
             Ok(_) => true,
             Err(e) => {
-                self.problem(Problem::spanned(&r.event_type, format!("invalid event_type {:?}: {e}", r.event_type.value)));
+                self.problem(Problem::spanned(
+                    &r.event_type,
+                    format!("invalid event_type {:?}: {e}", r.event_type.value),
+                ));
                 false
             }
         };
@@ -379,7 +455,10 @@ impl Compiler<'_> {
         };
         let fallback_to_async = match (&r.fallback, mode) {
             (Some(f), DeliveryMode::Async) if f.value == Fallback::AsyncDlq => {
-                self.problem(Problem::spanned(f, "fallback applies to sync rules only; an async rule is already queued"));
+                self.problem(Problem::spanned(
+                    f,
+                    "fallback applies to sync rules only; an async rule is already queued",
+                ));
                 false
             }
             (Some(f), _) => f.value == Fallback::AsyncDlq,
@@ -420,7 +499,9 @@ impl Compiler<'_> {
 
     fn target(&mut self, v: &Pos<String>) -> Option<Target> {
         let url = self.expand(v)?;
-        let bad = |why: &str| format!("target must be an absolute http:// or https:// URL ({why}), got {url:?}");
+        let bad = |why: &str| {
+            format!("target must be an absolute http:// or https:// URL ({why}), got {url:?}")
+        };
         let uri: http::Uri = match url.parse() {
             Ok(u) => u,
             Err(e) => {
@@ -441,7 +522,10 @@ impl Compiler<'_> {
             return None;
         };
         if authority.host().is_empty() || authority.as_str().contains('@') {
-            self.problem(Problem::spanned(v, bad("host missing, or credentials in the URL")));
+            self.problem(Problem::spanned(
+                v,
+                bad("host missing, or credentials in the URL"),
+            ));
             return None;
         }
         if uri.scheme_str() == Some("https") {
@@ -451,7 +535,11 @@ impl Compiler<'_> {
             ));
             return None;
         }
-        let host = format!("{}:{}", authority.host(), authority.port_u16().unwrap_or(default_port));
+        let host = format!(
+            "{}:{}",
+            authority.host(),
+            authority.port_u16().unwrap_or(default_port)
+        );
         Some(Target {
             url,
             uri,
@@ -462,7 +550,10 @@ impl Compiler<'_> {
 
 /// `host` or `host:port` as written under `hosts:` -> the `host:port` key targets use.
 fn normalize_host_key(name: &str) -> String {
-    if name.rsplit_once(':').is_some_and(|(_, p)| p.parse::<u16>().is_ok()) {
+    if name
+        .rsplit_once(':')
+        .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
+    {
         name.to_string()
     } else {
         format!("{name}:80")

@@ -31,11 +31,7 @@ pub fn expand(input: &str, lookup: impl Fn(&str) -> Option<String>) -> Result<St
             Some((n, d)) => (n, Some(d)),
             None => (expr, None),
         };
-        if name.is_empty()
-            || !name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '_')
-        {
+        if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
             return Err(format!("invalid variable name {name:?}"));
         }
         match (lookup(name).filter(|v| !v.is_empty()), default) {
@@ -78,7 +74,9 @@ mod tests {
 
     #[test]
     fn unset_without_default_and_malformed_are_errors() {
-        assert!(expand("${UNSET}", env).unwrap_err().contains("UNSET is not set"));
+        assert!(expand("${UNSET}", env)
+            .unwrap_err()
+            .contains("UNSET is not set"));
         assert!(expand("${SET", env).is_err());
         assert!(expand("${B-AD}", env).is_err());
     }

@@ -25,11 +25,7 @@ impl Problem {
 
     /// A problem at a value's position.
     pub fn spanned<T>(value: &serde_saphyr::Spanned<T>, message: impl Into<String>) -> Self {
-        Self::at(
-            value.referenced.line(),
-            value.referenced.column(),
-            message,
-        )
+        Self::at(value.referenced.line(), value.referenced.column(), message)
     }
 }
 
@@ -70,11 +66,23 @@ impl ConfigError {
     }
 
     pub(crate) fn io(path: &Path, err: std::io::Error) -> Self {
-        Self::new(path, "", vec![Problem::at(0, 0, format!("cannot read file: {err}"))])
+        Self::new(
+            path,
+            "",
+            vec![Problem::at(0, 0, format!("cannot read file: {err}"))],
+        )
+    }
+
+    pub(crate) fn internal(path: &Path, message: String) -> Self {
+        Self::new(path, "", vec![Problem::at(0, 0, message)])
     }
 
     pub(crate) fn not_utf8(path: &Path, err: std::str::Utf8Error) -> Self {
-        Self::new(path, "", vec![Problem::at(0, 0, format!("file is not UTF-8: {err}"))])
+        Self::new(
+            path,
+            "",
+            vec![Problem::at(0, 0, format!("file is not UTF-8: {err}"))],
+        )
     }
 
     /// The first problem on one line, `file:line:column: message`, for logs and the admin API.

@@ -25,14 +25,7 @@ pub use error::{ConfigError, Problem};
 /// The Standard Webhooks example schedule: retries after 5s, 5m, 30m, 2h, 5h, 10h, 14h, 20h
 /// and 24h (ten attempts over about three days). Used when neither rule nor queue sets one.
 pub const STANDARD_RETRY_SCHEDULE_MS: [u64; 9] = [
-    5_000,
-    300_000,
-    1_800_000,
-    7_200_000,
-    18_000_000,
-    36_000_000,
-    50_400_000,
-    72_000_000,
+    5_000, 300_000, 1_800_000, 7_200_000, 18_000_000, 36_000_000, 50_400_000, 72_000_000,
     86_400_000,
 ];
 
@@ -177,7 +170,11 @@ fn parse(path: &Path, text: &str) -> Result<schema::ConfigFile, ConfigError> {
         return Err(ConfigError::single(
             path,
             text,
-            Problem::at(1, 1, "the file is empty; a config needs at least signing and routing_rules"),
+            Problem::at(
+                1,
+                1,
+                "the file is empty; a config needs at least signing and routing_rules",
+            ),
         ));
     }
     let options = serde_saphyr::options! { with_snippet: false };

@@ -231,7 +231,9 @@ impl<'de> Deserialize<'de> for DurationValue {
         impl Visitor<'_> for DurationVisitor {
             type Value = DurationValue;
             fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("milliseconds as an integer, or a duration such as \"5s\", \"30m\", \"2h\"")
+                f.write_str(
+                    "milliseconds as an integer, or a duration such as \"5s\", \"30m\", \"2h\"",
+                )
             }
             fn visit_i64<E: de::Error>(self, v: i64) -> Result<Self::Value, E> {
                 Ok(DurationValue::Millis(v))

@@ -48,7 +48,10 @@ fn parse_retry_after(v: &str) -> Option<Duration> {
         return Some(Duration::from_secs(secs));
     }
     let at = httpdate_parse(v.trim())?;
-    Some(at.duration_since(std::time::SystemTime::now()).unwrap_or(Duration::ZERO))
+    Some(
+        at.duration_since(std::time::SystemTime::now())
+            .unwrap_or(Duration::ZERO),
+    )
 }
 
 fn httpdate_parse(v: &str) -> Option<std::time::SystemTime> {
@@ -70,7 +73,12 @@ fn httpdate_parse(v: &str) -> Option<std::time::SystemTime> {
 /// The delay before the next attempt: the matrix entry with jitter applied
 /// (`unit` is a uniform sample in [0, 1)), raised to the receiver's `Retry-After` up to
 /// [`MAX_RETRY_AFTER`].
-pub fn retry_delay(base_ms: u64, jitter: f64, retry_after: Option<Duration>, unit: f64) -> Duration {
+pub fn retry_delay(
+    base_ms: u64,
+    jitter: f64,
+    retry_after: Option<Duration>,
+    unit: f64,
+) -> Duration {
     let factor = 1.0 + jitter * (2.0 * unit - 1.0);
     let jittered = Duration::from_millis((base_ms as f64 * factor).max(0.0).round() as u64);
     match retry_after {
@@ -102,7 +110,10 @@ mod tests {
         assert_eq!(classify(&answer(200, None)), Verdict::Delivered);
         assert_eq!(classify(&answer(204, None)), Verdict::Delivered);
         for s in [408, 425, 429, 500, 502, 503, 599] {
-            assert!(matches!(classify(&answer(s, None)), Verdict::Retryable { .. }), "{s}");
+            assert!(
+                matches!(classify(&answer(s, None)), Verdict::Retryable { .. }),
+                "{s}"
+            );
         }
         for s in [301, 400, 401, 403, 404, 422] {
             assert_eq!(classify(&answer(s, None)), Verdict::Permanent, "{s}");
@@ -112,26 +123,54 @@ mod tests {
             classify(&Err(CallError::Timeout(Duration::from_millis(5)))),
             Verdict::Retryable { retry_after: None }
         ));
-        assert!(matches!(classify(&Err(CallError::Connect("refused".into()))), Verdict::Retryable { .. }));
+        assert!(matches!(
+            classify(&Err(CallError::Connect("refused".into()))),
+            Verdict::Retryable { .. }
+        ));
     }
 
     #[test]
     fn retry_after_is_parsed_and_capped() {
         assert_eq!(
             classify(&answer(429, Some("7"))),
-            Verdict::Retryable { retry_after: Some(Duration::from_secs(7)) }
+            Verdict::Retryable {
+                retry_after: Some(Duration::from_secs(7))
+            }
         );
         let past = classify(&answer(503, Some("Wed, 21 Oct 2015 07:28:00 GMT")));
-        assert_eq!(past, Verdict::Retryable { retry_after: Some(Duration::ZERO) });
-        assert_eq!(retry_delay(100, 0.0, Some(Duration::from_secs(7)), 0.5), Duration::from_secs(7));
-        assert_eq!(retry_delay(100, 0.0, Some(Duration::from_secs(86_400)), 0.5), MAX_RETRY_AFTER);
+        assert_eq!(
+            past,
+            Verdict::Retryable {
+                retry_after: Some(Duration::ZERO)
+            }
+        );
+        assert_eq!(
+            retry_delay(100, 0.0, Some(Duration::from_secs(7)), 0.5),
+            Duration::from_secs(7)
+        );
+        assert_eq!(
+            retry_delay(100, 0.0, Some(Duration::from_secs(86_400)), 0.5),
+            MAX_RETRY_AFTER
+        );
     }
 
     #[test]
     fn jitter_stays_within_its_fraction() {
-        assert_eq!(retry_delay(1000, 0.2, None, 0.0), Duration::from_millis(800));
-        assert_eq!(retry_delay(1000, 0.2, None, 0.5), Duration::from_millis(1000));
-        assert_eq!(retry_delay(1000, 0.2, None, 1.0), Duration::from_millis(1200));
-        assert_eq!(retry_delay(1000, 0.0, None, 0.9), Duration::from_millis(1000));
+        assert_eq!(
+            retry_delay(1000, 0.2, None, 0.0),
+            Duration::from_millis(800)
+        );
+        assert_eq!(
+            retry_delay(1000, 0.2, None, 0.5),
+            Duration::from_millis(1000)
+        );
+        assert_eq!(
+            retry_delay(1000, 0.2, None, 1.0),
+            Duration::from_millis(1200)
+        );
+        assert_eq!(
+            retry_delay(1000, 0.0, None, 0.9),
+            Duration::from_millis(1000)
+        );
     }
 }

@@ -60,7 +60,11 @@ pub async fn run(dispatcher: Arc<Dispatcher>, shutdown: watch::Receiver<bool>) {
     while set.join_next().await.is_some() {}
 }
 
-async fn run_queue(dispatcher: Arc<Dispatcher>, queue: Arc<str>, mut shutdown: watch::Receiver<bool>) {
+async fn run_queue(
+    dispatcher: Arc<Dispatcher>,
+    queue: Arc<str>,
+    mut shutdown: watch::Receiver<bool>,
+) {
     let concurrency = dispatcher
         .snapshot()
         .settings
@@ -97,7 +101,9 @@ async fn run_queue(dispatcher: Arc<Dispatcher>, queue: Arc<str>, mut shutdown: w
         };
         if claimed.is_empty() {
             let wait = match dispatcher.store().next_due_at(&queue).await {
-                Ok(Some(due)) => Duration::from_millis((due - now_ms()).max(0) as u64).min(MAX_IDLE),
+                Ok(Some(due)) => {
+                    Duration::from_millis((due - now_ms()).max(0) as u64).min(MAX_IDLE)
+                }
                 Ok(None) => MAX_IDLE,
                 Err(_) => STORE_ERROR_BACKOFF,
             };
@@ -114,7 +120,9 @@ async fn run_queue(dispatcher: Arc<Dispatcher>, queue: Arc<str>, mut shutdown: w
         }
         for event in claimed {
             // The semaphore is never closed, so acquire cannot fail.
-            let Ok(permit) = slots.clone().acquire_owned().await else { break };
+            let Ok(permit) = slots.clone().acquire_owned().await else {
+                break;
+            };
             let dispatcher = dispatcher.clone();
             let queue = queue.clone();
             deliveries.spawn(async move {
@@ -149,14 +157,23 @@ pub async fn deliver(dispatcher: &Dispatcher, queue: &Arc<str>, event: ClaimedEv
     let store = dispatcher.store();
     // A failed write here is not a lost event: the lease expires and the event is claimed again.
     if let Err(e) = store
-        .complete(&event.id, &event.lease_token, attempt, disposition, now_ms())
+        .complete(
+            &event.id,
+            &event.lease_token,
+            attempt,
+            disposition,
+            now_ms(),
+        )
         .await
     {
         tracing::error!(event_id = %event.id, error = %e, "could not record delivery result; the lease will expire and the event will be retried");
     }
 }
 
-async fn attempt(dispatcher: &Dispatcher, event: &ClaimedEvent) -> (Option<AttemptRecord>, Disposition) {
+async fn attempt(
+    dispatcher: &Dispatcher,
+    event: &ClaimedEvent,
+) -> (Option<AttemptRecord>, Disposition) {
     let defer = |d: Duration| {
         (
             None,
@@ -177,12 +194,24 @@ async fn attempt(dispatcher: &Dispatcher, event: &ClaimedEvent) -> (Option<Attem
         Ok(u) => u,
         Err(e) => {
             tracing::error!(event_id = %event.id, error = %e, "stored target is not a URL");
-            return (None, Disposition::DeadLetter { reason: "invalid_target".into() });
+            return (
+                None,
+                Disposition::DeadLetter {
+                    reason: "invalid_target".into(),
+                },
+            );
         }
     };
     let host_key = match uri.authority() {
         Some(a) => format!("{}:{}", a.host(), a.port_u16().unwrap_or(80)),
-        None => return (None, Disposition::DeadLetter { reason: "invalid_target".into() }),
+        None => {
+            return (
+                None,
+                Disposition::DeadLetter {
+                    reason: "invalid_target".into(),
+                },
+            )
+        }
     };
     let host = dispatcher.host(&host_key);
     let ticket = match host.breaker.admit() {

@@ -58,7 +58,12 @@ fn error(status: StatusCode, error: &str, reason: &str, trace_id: &str) -> Respo
 impl Ingress {
     async fn answer(&self, request: Request<Incoming>, trace_id: &str) -> Response<Full<Bytes>> {
         let Some(event_type) = request.uri().path().strip_prefix("/v1/events/") else {
-            return error(StatusCode::NOT_FOUND, "not_found", "use POST /v1/events/{event_type}", trace_id);
+            return error(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                "use POST /v1/events/{event_type}",
+                trace_id,
+            );
         };
         if request.method() != Method::POST {
             let mut r = error(
@@ -67,11 +72,17 @@ impl Ingress {
                 "events are sent with POST",
                 trace_id,
             );
-            r.headers_mut().insert(ALLOW, HeaderValue::from_static("POST"));
+            r.headers_mut()
+                .insert(ALLOW, HeaderValue::from_static("POST"));
             return r;
         }
         if let Err(e) = validate_event_type(event_type) {
-            return error(StatusCode::BAD_REQUEST, "invalid_event_type", &e.to_string(), trace_id);
+            return error(
+                StatusCode::BAD_REQUEST,
+                "invalid_event_type",
+                &e.to_string(),
+                trace_id,
+            );
         }
         let event_type = event_type.to_string();
         let idempotency_key = match request.headers().get("idempotency-key") {
@@ -116,7 +127,12 @@ impl Ingress {
             Ok(collected) => collected.to_bytes(),
             Err(e) if e.is::<http_body_util::LengthLimitError>() => return too_large(),
             Err(e) => {
-                return error(StatusCode::BAD_REQUEST, "bad_body", &format!("reading body: {e}"), trace_id)
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "bad_body",
+                    &format!("reading body: {e}"),
+                    trace_id,
+                )
             }
         };
         let event = Event {
@@ -168,7 +184,9 @@ fn respond(outcome: Outcome, event_type: &str, trace_id: &str) -> Response<Full<
             let reason = failure.reason().as_str();
             let (status, retry_after) = match &failure {
                 SyncFailure::Timeout(_) => (StatusCode::GATEWAY_TIMEOUT, None),
-                SyncFailure::Upstream5xx(_) | SyncFailure::Connect(_) => (StatusCode::BAD_GATEWAY, None),
+                SyncFailure::Upstream5xx(_) | SyncFailure::Connect(_) => {
+                    (StatusCode::BAD_GATEWAY, None)
+                }
                 SyncFailure::Shed => (StatusCode::SERVICE_UNAVAILABLE, Some(1)),
                 SyncFailure::CircuitOpen { retry_after } => (
                     StatusCode::SERVICE_UNAVAILABLE,
@@ -198,7 +216,8 @@ fn respond(outcome: Outcome, event_type: &str, trace_id: &str) -> Response<Full<
                 StatusCode::TOO_MANY_REQUESTS,
                 &json!({"error": "queue_full", "reason": format!("queue {queue} is at max_depth"), "trace_id": trace_id}),
             );
-            r.headers_mut().insert(RETRY_AFTER, HeaderValue::from_static("1"));
+            r.headers_mut()
+                .insert(RETRY_AFTER, HeaderValue::from_static("1"));
             r
         }
         Outcome::StoreUnavailable { reason } => {
@@ -206,7 +225,8 @@ fn respond(outcome: Outcome, event_type: &str, trace_id: &str) -> Response<Full<
                 StatusCode::SERVICE_UNAVAILABLE,
                 &json!({"error": "store_unavailable", "reason": reason, "trace_id": trace_id}),
             );
-            r.headers_mut().insert(RETRY_AFTER, HeaderValue::from_static("1"));
+            r.headers_mut()
+                .insert(RETRY_AFTER, HeaderValue::from_static("1"));
             r
         }
     }

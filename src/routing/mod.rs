@@ -254,9 +254,15 @@ mod tests {
     #[test]
     fn exact_beats_wildcards_and_longest_prefix_wins() {
         let t = table(&["*", "user.*", "user.profile.*", "user.profile.updated"]);
-        assert_eq!(routed(&t, "user.profile.updated"), Some("user.profile.updated"));
+        assert_eq!(
+            routed(&t, "user.profile.updated"),
+            Some("user.profile.updated")
+        );
         assert_eq!(routed(&t, "user.profile.deleted"), Some("user.profile.*"));
-        assert_eq!(routed(&t, "user.profile.photo.added"), Some("user.profile.*"));
+        assert_eq!(
+            routed(&t, "user.profile.photo.added"),
+            Some("user.profile.*")
+        );
         assert_eq!(routed(&t, "user.created"), Some("user.*"));
         assert_eq!(routed(&t, "order.created"), Some("*"));
     }

@@ -201,6 +201,11 @@ impl Signer {
         Ok(Signer { secrets })
     }
 
+    /// How many secrets sign each delivery.
+    pub fn secret_count(&self) -> usize {
+        self.secrets.len()
+    }
+
     /// The `webhook-signature` value: `v1,<base64 MAC of "id.timestamp.body">` per secret,
     /// space separated.
     pub fn standard_signature(&self, msg_id: &str, timestamp_secs: i64, body: &[u8]) -> String {

@@ -76,10 +76,9 @@ impl Observer {
 impl Instrument for Observer {
     fn on_call_rejected(&self) {}
     fn on_open(&self) {
-        self.0.next_probe_at_ms.store(
-            now_ms() + self.0.recovery_ms as i64,
-            Ordering::Release,
-        );
+        self.0
+            .next_probe_at_ms
+            .store(now_ms() + self.0.recovery_ms as i64, Ordering::Release);
         self.set(BreakerState::Open);
     }
     fn on_half_open(&self) {
@@ -121,7 +120,10 @@ impl Ticket {
     /// The host answered in a way that shows it is healthy (2xx-4xx).
     pub fn success(mut self) {
         self.reported = true;
-        self.breaker.mirror.consecutive_failures.store(0, Ordering::Release);
+        self.breaker
+            .mirror
+            .consecutive_failures
+            .store(0, Ordering::Release);
         self.breaker.machine.on_success();
         self.release_probe();
     }

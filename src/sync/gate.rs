@@ -45,7 +45,8 @@ impl Gate {
 
     /// Applies new limits to requests that enter from now on; requests in flight keep their place.
     pub fn set_limits(&self, max_connections: u32, shed_threshold: u32) {
-        self.max_connections.store(max_connections, Ordering::Release);
+        self.max_connections
+            .store(max_connections, Ordering::Release);
         self.shed_threshold
             .store(shed_threshold.min(max_connections), Ordering::Release);
         crate::metrics::host_max(&self.host, max_connections);
@@ -103,7 +104,10 @@ mod tests {
     fn sync_is_shed_at_threshold_async_may_fill_to_max() {
         let gate = Gate::new("h:1".into(), 4, 3);
         let a: Vec<_> = (0..3).map(|_| gate.try_enter_sync().unwrap()).collect();
-        assert!(gate.try_enter_sync().is_none(), "fourth sync request is shed");
+        assert!(
+            gate.try_enter_sync().is_none(),
+            "fourth sync request is shed"
+        );
         let b = gate.try_enter().expect("async may take the last place");
         assert!(gate.try_enter().is_none(), "never above max_connections");
         assert_eq!(gate.in_flight(), 4);

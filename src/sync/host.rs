@@ -35,7 +35,11 @@ impl Host {
     pub fn new(key: Arc<str>, policy: &HostPolicy) -> Arc<Self> {
         Arc::new(Self {
             gate: Gate::new(key.clone(), policy.max_connections, policy.shed_threshold()),
-            breaker: Breaker::new(key.clone(), policy.breaker_failures, policy.breaker_recovery),
+            breaker: Breaker::new(
+                key.clone(),
+                policy.breaker_failures,
+                policy.breaker_recovery,
+            ),
             client: pooled_client(policy),
             policy: policy.clone(),
             key,
@@ -57,7 +61,11 @@ impl Host {
         {
             self.breaker.clone()
         } else {
-            Breaker::new(self.key.clone(), policy.breaker_failures, policy.breaker_recovery)
+            Breaker::new(
+                self.key.clone(),
+                policy.breaker_failures,
+                policy.breaker_recovery,
+            )
         };
         let client = if self.policy.connect_timeout == policy.connect_timeout
             && self.policy.max_connections == policy.max_connections

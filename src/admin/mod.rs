@@ -1,0 +1,424 @@
+//! The admin HTTP API: metrics, health, config and reload, event history, DLQ, fallbacks,
+//! circuits.
+//!
+//! It binds to loopback by default; with `admin.token` set, every request must carry
+//! `Authorization: Bearer <token>` (compared in constant time) or gets 401 and changes nothing.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use metrics_exporter_prometheus::PrometheusHandle;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::clock::{now_ms, parse_rfc3339};
+use crate::dispatcher::Dispatcher;
+use crate::httpserver::{json, Handler};
+use crate::queue::DlqFilter;
+use crate::reload::Reloader;
+
+/// Largest admin request body (bulk replay filters and id lists).
+const MAX_ADMIN_BODY: usize = 1024 * 1024;
+/// Default and largest page size of list endpoints.
+const DEFAULT_PAGE: usize = 100;
+const MAX_PAGE: usize = 1000;
+
+/// The admin request handler.
+pub struct Admin {
+    dispatcher: Arc<Dispatcher>,
+    reloader: Arc<Reloader>,
+    metrics: PrometheusHandle,
+}
+
+impl Admin {
+    /// An admin API over `dispatcher`.
+    pub fn new(
+        dispatcher: Arc<Dispatcher>,
+        reloader: Arc<Reloader>,
+        metrics: PrometheusHandle,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            dispatcher,
+            reloader,
+            metrics,
+        })
+    }
+}
+
+fn bad_request(reason: impl Into<String>) -> Response<Full<Bytes>> {
+    json(
+        StatusCode::BAD_REQUEST,
+        &json!({"error": "bad_request", "reason": reason.into()}),
+    )
+}
+
+fn not_found(reason: impl Into<String>) -> Response<Full<Bytes>> {
+    json(
+        StatusCode::NOT_FOUND,
+        &json!({"error": "not_found", "reason": reason.into()}),
+    )
+}
+
+fn store_error(e: crate::queue::StoreError) -> Response<Full<Bytes>> {
+    json(
+        StatusCode::SERVICE_UNAVAILABLE,
+        &json!({"error": "store_unavailable", "reason": e.to_string()}),
+    )
+}
+
+fn ok(value: Value) -> Response<Full<Bytes>> {
+    json(StatusCode::OK, &value)
+}
+
+/// Constant-time comparison, so the token cannot be guessed byte by byte from timings.
+fn token_matches(given: &[u8], expected: &[u8]) -> bool {
+    use hmac::Mac;
+    // Comparing MACs of both values under a per-process key hides even the length.
+    let key: [u8; 32] = rand::random();
+    let mac = |v: &[u8]| {
+        let mut m = <hmac::Hmac<sha2::Sha256> as Mac>::new_from_slice(&key)
+            .expect("HMAC accepts keys of any length");
+        m.update(v);
+        m
+    };
+    let expected_tag = mac(expected).finalize().into_bytes();
+    mac(given).verify_slice(&expected_tag).is_ok()
+}
+
+fn query(request: &Request<Incoming>) -> HashMap<String, String> {
+    request
+        .uri()
+        .query()
+        .map(|q| {
+            q.split('&')
+                .filter_map(|kv| kv.split_once('='))
+                .map(|(k, v)| (percent_decode(k), percent_decode(v)))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < bytes.len() => match std::str::from_utf8(&bytes[i + 1..i + 3])
+                .ok()
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+            {
+                Some(b) => {
+                    out.push(b);
+                    i += 2;
+                }
+                None => out.push(b'%'),
+            },
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// A time in a query: RFC 3339 or unix milliseconds.
+fn parse_time(v: &str) -> Result<i64, String> {
+    v.parse::<i64>()
+        .or_else(|_| parse_rfc3339(v))
+        .map_err(|_| format!("{v:?} is not an RFC 3339 time or unix milliseconds"))
+}
+
+fn dlq_filter(q: &HashMap<String, String>) -> Result<DlqFilter, String> {
+    Ok(DlqFilter {
+        event_type: q.get("event_type").cloned(),
+        queue: q.get("queue").cloned(),
+        since_ms: q.get("since").map(|v| parse_time(v)).transpose()?,
+        until_ms: q.get("until").map(|v| parse_time(v)).transpose()?,
+    })
+}
+
+fn page_limit(q: &HashMap<String, String>) -> Result<usize, String> {
+    match q.get("limit") {
+        None => Ok(DEFAULT_PAGE),
+        Some(v) => v
+            .parse::<usize>()
+            .ok()
+            .filter(|n| (1..=MAX_PAGE).contains(n))
+            .ok_or_else(|| format!("limit must be 1..={MAX_PAGE}")),
+    }
+}
+
+/// Body of `POST /v1/dlq/replay`: explicit ids, or a filter.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BulkReplay {
+    ids: Option<Vec<String>>,
+    event_type: Option<String>,
+    queue: Option<String>,
+    since: Option<String>,
+    until: Option<String>,
+    /// Must be true to replay every dead letter with no filter at all.
+    all: Option<bool>,
+}
+
+impl Handler for Admin {
+    async fn handle(self: Arc<Self>, request: Request<Incoming>) -> Response<Full<Bytes>> {
+        if let Some(token) = &self.dispatcher.snapshot().settings.admin_token {
+            let given = request
+                .headers()
+                .get(http::header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "))
+                .unwrap_or("");
+            if !token_matches(given.as_bytes(), token.as_bytes()) {
+                let mut r = json(
+                    StatusCode::UNAUTHORIZED,
+                    &json!({"error": "unauthorized", "reason": "missing or wrong bearer token"}),
+                );
+                r.headers_mut().insert(
+                    http::header::WWW_AUTHENTICATE,
+                    http::HeaderValue::from_static("Bearer"),
+                );
+                return r;
+            }
+        }
+        self.route(request).await
+    }
+}
+
+impl Admin {
+    async fn route(&self, request: Request<Incoming>) -> Response<Full<Bytes>> {
+        let path = request.uri().path().to_string();
+        let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+        let method = request.method().clone();
+        match (&method, segments.as_slice()) {
+            (&Method::GET, ["metrics"]) => self.metrics().await,
+            (&Method::GET, ["healthz"]) => ok(json!({"status": "ok"})),
+            (&Method::GET, ["readyz"]) => match self.dispatcher.store().ping().await {
+                Ok(()) => ok(json!({"status": "ready"})),
+                Err(e) => json(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    &json!({"status": "not_ready", "reason": e.to_string()}),
+                ),
+            },
+            (&Method::GET, ["v1", "config"]) => self.config(),
+            (&Method::POST, ["v1", "config", "reload"]) => {
+                match self.reloader.reload("api").await {
+                    Ok(report) => ok(json!({"result": "ok", "report": report})),
+                    Err(e) => json(
+                        StatusCode::UNPROCESSABLE_ENTITY,
+                        &json!({"result": "error", "error": e.summary(), "problems": e.problems}),
+                    ),
+                }
+            }
+            (&Method::GET, ["v1", "events", id]) => match self.dispatcher.store().event(id).await {
+                Ok(Some(record)) => ok(json!(record)),
+                Ok(None) => not_found(format!("no event {id}")),
+                Err(e) => store_error(e),
+            },
+            (&Method::GET, ["v1", "dlq"]) => self.list_dlq(&request).await,
+            (&Method::POST, ["v1", "dlq", "replay"]) => self.bulk_replay(request).await,
+            (&Method::POST, ["v1", "dlq", id, "replay"]) => {
+                let id = id.to_string();
+                match self
+                    .dispatcher
+                    .store()
+                    .replay(vec![id.clone()], now_ms())
+                    .await
+                {
+                    Ok(ids) if ids.is_empty() => {
+                        not_found(format!("{id} is not in the dead-letter queue"))
+                    }
+                    Ok(ids) => {
+                        self.dispatcher.enqueued.notify_waiters();
+                        ok(json!({"replayed": ids}))
+                    }
+                    Err(e) => store_error(e),
+                }
+            }
+            (&Method::GET, ["v1", "fallbacks"]) => self.fallbacks(&request).await,
+            (&Method::GET, ["v1", "circuits"]) => self.circuits(),
+            (&Method::POST, ["v1", "targets", "enable"]) => {
+                ok(json!({"enabled": self.dispatcher.enable_all()}))
+            }
+            (_, ["metrics" | "healthz" | "readyz"])
+            | (_, ["v1", "config" | "circuits" | "fallbacks" | "dlq"])
+            | (_, ["v1", "events", _]) => method_not_allowed("GET"),
+            (
+                _,
+                ["v1", "config", "reload"]
+                | ["v1", "dlq", "replay"]
+                | ["v1", "dlq", _, "replay"]
+                | ["v1", "targets", "enable"],
+            ) => method_not_allowed("POST"),
+            _ => not_found(format!("no admin endpoint {method} {path}")),
+        }
+    }
+
+    async fn metrics(&self) -> Response<Full<Bytes>> {
+        // Queue gauges are read from the store at scrape time, not polled in the background.
+        let settings = self.dispatcher.snapshot().settings.clone();
+        let mut queues: Vec<Arc<str>> = settings
+            .rules
+            .rules()
+            .iter()
+            .map(|r| r.queue.clone())
+            .collect();
+        queues.push("default".into());
+        queues.sort();
+        queues.dedup();
+        let now = now_ms();
+        for q in &queues {
+            if let Ok(stats) = self.dispatcher.store().stats(q, now).await {
+                crate::metrics::queue_stats(q, &stats);
+            }
+        }
+        let mut r = Response::new(Full::new(Bytes::from(self.metrics.render())));
+        r.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static("text/plain; version=0.0.4"),
+        );
+        r
+    }
+
+    fn config(&self) -> Response<Full<Bytes>> {
+        let snapshot = self.dispatcher.snapshot();
+        let s = &snapshot.settings;
+        ok(json!({
+            "path": s.path,
+            "content_hash": s.content_hash,
+            "loaded_at_ms": snapshot.loaded_at_ms,
+            "loaded_at": crate::clock::rfc3339(snapshot.loaded_at_ms),
+            "last_reload": self.reloader.last(),
+            "listen": s.listen.to_string(),
+            "admin_listen": s.admin_listen.to_string(),
+            "store": s.store,
+            "hosts": s.hosts,
+            "queues": s.queues,
+            "rules": s.rules.rules(),
+        }))
+    }
+
+    async fn list_dlq(&self, request: &Request<Incoming>) -> Response<Full<Bytes>> {
+        let q = query(request);
+        let (filter, limit) = match (dlq_filter(&q), page_limit(&q)) {
+            (Ok(f), Ok(l)) => (f, l),
+            (Err(e), _) | (_, Err(e)) => return bad_request(e),
+        };
+        match self
+            .dispatcher
+            .store()
+            .list_dead_letters(filter, q.get("cursor").cloned(), limit)
+            .await
+        {
+            Ok(page) => ok(json!(page)),
+            Err(e) => store_error(e),
+        }
+    }
+
+    async fn bulk_replay(&self, request: Request<Incoming>) -> Response<Full<Bytes>> {
+        let body = match Limited::new(request.into_body(), MAX_ADMIN_BODY)
+            .collect()
+            .await
+        {
+            Ok(b) => b.to_bytes(),
+            Err(e) => return bad_request(format!("reading body: {e}")),
+        };
+        let req: BulkReplay = if body.is_empty() {
+            BulkReplay::default()
+        } else {
+            match serde_json::from_slice(&body) {
+                Ok(r) => r,
+                Err(e) => return bad_request(format!("invalid JSON: {e}")),
+            }
+        };
+        let store = self.dispatcher.store();
+        let now = now_ms();
+        let result = if let Some(ids) = req.ids {
+            store
+                .replay(ids, now)
+                .await
+                .map(|ids| json!({"replayed": ids.len(), "ids": ids}))
+        } else {
+            let parse = |v: &Option<String>| v.as_deref().map(parse_time).transpose();
+            let filter = match (parse(&req.since), parse(&req.until)) {
+                (Ok(since_ms), Ok(until_ms)) => DlqFilter {
+                    event_type: req.event_type,
+                    queue: req.queue,
+                    since_ms,
+                    until_ms,
+                },
+                (Err(e), _) | (_, Err(e)) => return bad_request(e),
+            };
+            let unfiltered = filter.event_type.is_none()
+                && filter.queue.is_none()
+                && filter.since_ms.is_none()
+                && filter.until_ms.is_none();
+            if unfiltered && req.all != Some(true) {
+                return bad_request(
+                    "give ids, a filter (event_type, queue, since, until), or \"all\": true",
+                );
+            }
+            store
+                .replay_matching(filter, now)
+                .await
+                .map(|n| json!({"replayed": n}))
+        };
+        match result {
+            Ok(v) => {
+                self.dispatcher.enqueued.notify_waiters();
+                ok(v)
+            }
+            Err(e) => store_error(e),
+        }
+    }
+
+    async fn fallbacks(&self, request: &Request<Incoming>) -> Response<Full<Bytes>> {
+        let q = query(request);
+        let since = match q.get("since").map(|v| parse_time(v)).transpose() {
+            Ok(s) => s.unwrap_or(0),
+            Err(e) => return bad_request(e),
+        };
+        let limit = match page_limit(&q) {
+            Ok(l) => l,
+            Err(e) => return bad_request(e),
+        };
+        match self.dispatcher.store().fallbacks(since, limit).await {
+            Ok(items) => ok(json!({"items": items})),
+            Err(e) => store_error(e),
+        }
+    }
+
+    fn circuits(&self) -> Response<Full<Bytes>> {
+        let hosts = self.dispatcher.hosts();
+        let mut out: Vec<Value> = hosts
+            .values()
+            .map(|h| {
+                json!({
+                    "host": h.key,
+                    "breaker": h.breaker.snapshot(),
+                    "in_flight": h.gate.in_flight(),
+                    "max_connections": h.gate.max_connections(),
+                    "shed_threshold": h.policy.shed_threshold(),
+                })
+            })
+            .collect();
+        out.sort_by(|a, b| a["host"].as_str().cmp(&b["host"].as_str()));
+        ok(json!({"hosts": out, "disabled_targets": self.dispatcher.disabled()}))
+    }
+}
+
+fn method_not_allowed(allow: &'static str) -> Response<Full<Bytes>> {
+    let mut r = json(
+        StatusCode::METHOD_NOT_ALLOWED,
+        &json!({"error": "method_not_allowed", "reason": format!("use {allow}")}),
+    );
+    r.headers_mut()
+        .insert(http::header::ALLOW, http::HeaderValue::from_static(allow));
+    r
+}
