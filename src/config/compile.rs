@@ -279,7 +279,7 @@ impl Compiler<'_> {
             match Secret::parse(&text) {
                 Ok(secret) => parsed.push(secret),
                 // The error names the format, never the secret's value.
-                Err(e) => self.problem(Problem::spanned(s, format!("invalid signing secret: {e}"))),
+                Err(e) => self.problem(Problem::secret(s, format!("invalid signing secret: {e}"))),
             }
         }
         if parsed.len() != secrets.value.len() {
