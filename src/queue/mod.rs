@@ -173,12 +173,18 @@ pub struct AttemptRecord {
 pub enum Disposition {
     Delivered,
     /// Try again at this time.
-    Retry { due_at_ms: UnixMillis },
+    Retry {
+        due_at_ms: UnixMillis,
+    },
     /// Give up: move to the dead-letter queue with this reason (`exhausted`, `permanent_4xx`, `gone`).
-    DeadLetter { reason: String },
+    DeadLetter {
+        reason: String,
+    },
     /// Not attempted (breaker open, host shed): back to the queue at this time, attempt count
     /// unchanged, nothing recorded as an attempt.
-    Defer { due_at_ms: UnixMillis },
+    Defer {
+        due_at_ms: UnixMillis,
+    },
 }
 
 /// Lifecycle state of a stored event.
@@ -347,7 +353,8 @@ pub trait Store: Send + Sync + 'static {
     fn replay_matching(&self, filter: DlqFilter, now_ms: UnixMillis) -> StoreFuture<'_, u64>;
 
     /// Recorded sync_to_async transitions at or after `since_ms`, oldest first.
-    fn fallbacks(&self, since_ms: UnixMillis, limit: usize) -> StoreFuture<'_, Vec<FallbackRecord>>;
+    fn fallbacks(&self, since_ms: UnixMillis, limit: usize)
+        -> StoreFuture<'_, Vec<FallbackRecord>>;
 
     /// Deletes dead letters older than `before_ms`, expired idempotency keys, and delivered
     /// events older than `before_ms`; returns how many events were removed.
