@@ -228,6 +228,170 @@ mod sqlite {
         store.close().await.unwrap();
     }
 
+    /// A job that fails inside a batch fails alone: its neighbours still commit, and the depth
+    /// counter does not count the failed one.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn failing_job_does_not_sink_its_batch() {
+        let (_dir, store) = fresh();
+        let store = Arc::new(store);
+        let mut handles = Vec::new();
+        for i in 0..100 {
+            let store = Arc::clone(&store);
+            // Every id is used twice: one of each pair violates the unique id.
+            let ev = cases::event(&format!("evt_{}", i / 2), "t", "q", cases::T0);
+            handles.push(tokio::spawn(
+                async move { store.enqueue(ev, None, 1000).await },
+            ));
+        }
+        let (mut ok, mut failed) = (0, 0);
+        for h in handles {
+            match h.await.unwrap() {
+                Ok(EnqueueOutcome::Accepted) => ok += 1,
+                Err(StoreError::Unavailable(_)) => failed += 1,
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert_eq!((ok, failed), (50, 50));
+        assert_eq!(store.stats("q", cases::T0).await.unwrap().ready, 50);
+        // 50 stored; the depth limit must see exactly 50, not 100.
+        for i in 0..50 {
+            let ev = cases::event(&format!("evt_more_{i}"), "t", "q", cases::T0);
+            assert_eq!(
+                store.enqueue(ev, None, 100).await.unwrap(),
+                EnqueueOutcome::Accepted
+            );
+        }
+        let ev = cases::event("evt_over", "t", "q", cases::T0);
+        assert_eq!(
+            store.enqueue(ev, None, 100).await.unwrap(),
+            EnqueueOutcome::QueueFull
+        );
+        store.close().await.unwrap();
+    }
+
+    /// A full database (here: the configured size cap) is `Unavailable`, never a panic; what
+    /// was accepted before stays, and the store keeps working for reads and for purging.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn full_database_is_unavailable_and_recoverable() {
+        let dir = tempfile::tempdir().unwrap();
+        let options = SqliteOptions {
+            max_size_bytes: Some(512 * 1024),
+            ..SqliteOptions::default()
+        };
+        let store = Arc::new(open_at(&dir.path().join("full.db"), options));
+        let mut accepted = Vec::new();
+        let mut unavailable = 0;
+        for round in 0..8 {
+            let mut handles = Vec::new();
+            for i in 0..16 {
+                let store = Arc::clone(&store);
+                let id = format!("evt_{round:02}_{i:02}");
+                let mut ev = cases::event(&id, "t", "q", cases::T0);
+                ev.body = bytes::Bytes::from(vec![b'x'; 16 * 1024]);
+                handles.push(tokio::spawn(async move {
+                    (id, store.enqueue(ev, None, u64::MAX).await)
+                }));
+            }
+            for h in handles {
+                match h.await.unwrap() {
+                    (id, Ok(EnqueueOutcome::Accepted)) => accepted.push(id),
+                    (_, Err(StoreError::Unavailable(_))) => unavailable += 1,
+                    (_, other) => panic!("unexpected {other:?}"),
+                }
+            }
+        }
+        assert!(unavailable > 0, "the size cap never bit");
+        assert!(!accepted.is_empty());
+        for id in &accepted {
+            assert!(store.event(id).await.unwrap().is_some(), "{id} lost");
+        }
+        let stats = store.stats("q", cases::T0).await.unwrap();
+        assert_eq!(stats.ready, accepted.len() as u64);
+        // Draining frees space: deliver everything, purge, and enqueue again.
+        let claimed = store.claim_due("q", cases::T0, 1000, 60_000).await.unwrap();
+        assert_eq!(claimed.len(), accepted.len());
+        for c in claimed {
+            let d = hookyard::queue::Disposition::Delivered;
+            assert!(store
+                .complete(&c.id, &c.lease_token, None, d, cases::T0)
+                .await
+                .unwrap());
+        }
+        assert_eq!(
+            store.purge(cases::T0 + 1, cases::T0 + 1).await.unwrap(),
+            accepted.len() as u64
+        );
+        let ev = cases::event("evt_after", "t", "q", cases::T0);
+        assert_eq!(
+            store.enqueue(ev, None, 1).await.unwrap(),
+            EnqueueOutcome::Accepted
+        );
+        store.close().await.unwrap();
+    }
+
+    /// A write that overflows the hard size cap mid-batch (SQLite may then roll back the whole
+    /// transaction) fails every job it takes down with `Unavailable`, keeps the depth counter
+    /// in step with what was really stored, and leaves the store usable.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn hard_full_error_mid_batch_rolls_back_cleanly() {
+        let dir = tempfile::tempdir().unwrap();
+        let options = SqliteOptions {
+            max_size_bytes: Some(256 * 1024),
+            ..SqliteOptions::default()
+        };
+        let store = Arc::new(open_at(&dir.path().join("full.db"), options));
+        for round in 0..5 {
+            let mut handles = Vec::new();
+            for i in 0..20 {
+                let store = Arc::clone(&store);
+                let id = format!("evt_{round}_{i:02}");
+                let mut ev = cases::event(&id, "t", "q", cases::T0);
+                if i == 10 {
+                    // Passes the soft check, cannot fit under the hard cap.
+                    ev.body = bytes::Bytes::from(vec![b'x'; 300 * 1024]);
+                }
+                handles.push(tokio::spawn(async move {
+                    (id, store.enqueue(ev, None, 1_000).await)
+                }));
+            }
+            let mut accepted = 0u64;
+            for h in handles {
+                match h.await.unwrap() {
+                    (id, Ok(EnqueueOutcome::Accepted)) => {
+                        assert!(!id.ends_with("_10"));
+                        accepted += 1;
+                    }
+                    (id, Err(StoreError::Unavailable(_))) => {
+                        assert!(
+                            store.event(&id).await.unwrap().is_none(),
+                            "{id} half-stored"
+                        )
+                    }
+                    (_, other) => panic!("unexpected {other:?}"),
+                }
+            }
+            let stats = store.stats("q", cases::T0).await.unwrap();
+            // Delivering what was accepted keeps the file small for the next round.
+            let claimed = store.claim_due("q", cases::T0, 100, 60_000).await.unwrap();
+            assert_eq!(claimed.len() as u64, stats.ready);
+            assert!(stats.ready >= accepted);
+            for c in claimed {
+                let d = hookyard::queue::Disposition::Delivered;
+                assert!(store
+                    .complete(&c.id, &c.lease_token, None, d, cases::T0)
+                    .await
+                    .unwrap());
+            }
+        }
+        // All delivered: the depth counter must be back at zero, so max_depth 1 admits one.
+        let ev = cases::event("evt_last", "t", "q", cases::T0);
+        assert_eq!(
+            store.enqueue(ev, None, 1).await.unwrap(),
+            EnqueueOutcome::Accepted
+        );
+        store.close().await.unwrap();
+    }
+
     #[tokio::test]
     async fn ping_reports_ready_until_closed() {
         let (_dir, store) = fresh();

@@ -159,6 +159,10 @@ pub struct SqliteOptions {
     pub read_pool: usize,
     /// How long a statement waits for a lock held by another connection before failing.
     pub busy_timeout: Duration,
+    /// Upper bound on the database size. Writes that would grow the file past it fail with
+    /// [`StoreError::Unavailable`] (ingress answers 503) instead of filling the disk that the
+    /// service next to the sidecar also needs. `None`: bounded only by the disk.
+    pub max_size_bytes: Option<u64>,
 }
 
 impl Default for SqliteOptions {
@@ -168,6 +172,7 @@ impl Default for SqliteOptions {
             max_batch: 512,
             read_pool: 4,
             busy_timeout: Duration::from_secs(5),
+            max_size_bytes: None,
         }
     }
 }
@@ -290,7 +295,12 @@ fn apply_common_pragmas(conn: &Connection, options: &SqliteOptions) -> Result<()
     Ok(())
 }
 
-fn open_writer(path: &Path, options: &SqliteOptions) -> Result<Connection, StoreError> {
+/// Opens the write connection; also returns the page count at which enqueues stop when a
+/// size cap is configured.
+fn open_writer(
+    path: &Path,
+    options: &SqliteOptions,
+) -> Result<(Connection, Option<i64>), StoreError> {
     let conn = Connection::open(path)?;
     apply_common_pragmas(&conn, options)?;
     let mode: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))?;
@@ -302,7 +312,18 @@ fn open_writer(path: &Path, options: &SqliteOptions) -> Result<Connection, Store
     }
     let sync = if options.fsync { "FULL" } else { "OFF" };
     conn.pragma_update(None, "synchronous", sync)?;
-    Ok(conn)
+    let mut enqueue_page_limit = None;
+    if let Some(max) = options.max_size_bytes {
+        let page_size: i64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0))?;
+        let pages = (to_i64(max) / page_size.max(1)).max(1);
+        // The hard cap for every write; SQLite never sets it below the current size, so
+        // reopening a larger file still works.
+        conn.query_row(&format!("PRAGMA max_page_count = {pages}"), [], |r| {
+            r.get::<_, i64>(0)
+        })?;
+        enqueue_page_limit = Some(pages - pages / 10);
+    }
+    Ok((conn, enqueue_page_limit))
 }
 
 fn open_reader(path: &Path, options: &SqliteOptions) -> Result<Connection, StoreError> {
@@ -359,7 +380,7 @@ impl SqliteStore {
             std::fs::create_dir_all(parent)
                 .map_err(|e| io_unavailable("cannot create directory", parent, e))?;
         }
-        let mut writer = open_writer(path, &options)?;
+        let (mut writer, enqueue_page_limit) = open_writer(path, &options)?;
         ensure_schema(&mut writer)?;
         let depths = load_depths(&writer)?;
         // Open one reader now so a broken read path shows up at startup, not on first use.
@@ -371,7 +392,15 @@ impl SqliteStore {
         let thread_commits = Arc::clone(&commits);
         let handle = std::thread::Builder::new()
             .name("hookyard-sqlite-writer".into())
-            .spawn(move || writer_loop(writer, rx, Depths::new(depths), max_batch, &thread_commits))
+            .spawn(move || {
+                writer_loop(
+                    writer,
+                    rx,
+                    WriterState::new(depths, enqueue_page_limit),
+                    max_batch,
+                    &thread_commits,
+                )
+            })
             .map_err(|e| StoreError::Unavailable(format!("cannot start writer thread: {e}")))?;
 
         Ok(SqliteStore {
@@ -425,7 +454,7 @@ impl SqliteStore {
     async fn write<T, F>(&self, enqueue: bool, f: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
-        F: FnOnce(&Connection, &mut Depths) -> Result<T, StoreError> + Send + 'static,
+        F: FnOnce(&Connection, &mut WriterState) -> Result<T, StoreError> + Send + 'static,
     {
         self.check_open()?;
         let (reply, rx) = oneshot::channel();
@@ -473,21 +502,50 @@ impl SqliteStore {
 // ---------------------------------------------------------------------------------------------
 // Writer thread
 
-/// Queue depth (pending + in flight) per queue, as the writer sees it: committed counts plus
-/// the uncommitted changes of the current batch and of the job running now.
-struct Depths {
+/// What the writer thread keeps between jobs.
+///
+/// Queue depth (pending + in flight) per queue is the committed count plus the uncommitted
+/// changes of the current batch and of the job running now, so a failed job or batch is
+/// forgotten exactly as SQLite forgets its rows.
+struct WriterState {
     committed: HashMap<String, u64>,
     batch: HashMap<String, i64>,
     job: HashMap<String, i64>,
+    /// Pages in use above which enqueues are refused (see [`SqliteOptions::max_size_bytes`]).
+    enqueue_page_limit: Option<i64>,
 }
 
-impl Depths {
-    fn new(committed: HashMap<String, u64>) -> Self {
+impl WriterState {
+    fn new(committed: HashMap<String, u64>, enqueue_page_limit: Option<i64>) -> Self {
         Self {
             committed,
             batch: HashMap::new(),
             job: HashMap::new(),
+            enqueue_page_limit,
         }
+    }
+
+    /// Refuses an enqueue once the database is near its size cap. The last tenth of the cap is
+    /// kept for claims, completions and purges: without it a full store could not even record
+    /// the deliveries that would let it drain.
+    fn check_room(&self, conn: &Connection) -> Result<(), StoreError> {
+        let Some(limit) = self.enqueue_page_limit else {
+            return Ok(());
+        };
+        // Both pragmas read the header as seen by this transaction: cheap, and they include
+        // this batch's growth. Free-list pages are reused before the file grows.
+        let used: i64 = conn.query_row(
+            "SELECT (SELECT page_count FROM pragma_page_count()) \
+                  - (SELECT freelist_count FROM pragma_freelist_count())",
+            [],
+            |r| r.get(0),
+        )?;
+        if used >= limit {
+            return Err(StoreError::Unavailable(
+                "database size limit reached (max_size_bytes)".into(),
+            ));
+        }
+        Ok(())
     }
 
     fn current(&self, queue: &str) -> u64 {
@@ -537,7 +595,7 @@ type Finish = Box<dyn FnOnce(Option<&str>) + Send>;
 trait Job: Send {
     fn is_enqueue(&self) -> bool;
     /// Runs the job; `true` if it succeeded (its savepoint is kept).
-    fn run(self: Box<Self>, conn: &Connection, depths: &mut Depths) -> (bool, Finish);
+    fn run(self: Box<Self>, conn: &Connection, ws: &mut WriterState) -> (bool, Finish);
     /// Answers without running (the batch was aborted before reaching it).
     fn fail(self: Box<Self>, err: StoreError);
 }
@@ -551,15 +609,15 @@ struct WriteJob<T, F> {
 impl<T, F> Job for WriteJob<T, F>
 where
     T: Send + 'static,
-    F: FnOnce(&Connection, &mut Depths) -> Result<T, StoreError> + Send,
+    F: FnOnce(&Connection, &mut WriterState) -> Result<T, StoreError> + Send,
 {
     fn is_enqueue(&self) -> bool {
         self.enqueue
     }
 
-    fn run(self: Box<Self>, conn: &Connection, depths: &mut Depths) -> (bool, Finish) {
+    fn run(self: Box<Self>, conn: &Connection, ws: &mut WriterState) -> (bool, Finish) {
         let WriteJob { f, reply, .. } = *self;
-        match f(conn, depths) {
+        match f(conn, ws) {
             Ok(value) => (
                 true,
                 Box::new(move |commit_err: Option<&str>| {
@@ -588,49 +646,59 @@ where
 fn writer_loop(
     mut conn: Connection,
     rx: mpsc::Receiver<Box<dyn Job>>,
-    mut depths: Depths,
+    mut ws: WriterState,
     max_batch: usize,
     commits: &AtomicU64,
 ) {
     let mut batch: Vec<Box<dyn Job>> = Vec::with_capacity(max_batch);
-    // `recv` fails only once every sender is gone *and* the channel is empty, so on close the
-    // jobs already queued are still executed and answered.
-    while let Ok(first) = rx.recv() {
-        batch.push(first);
+    loop {
+        // `recv` fails only once every sender is gone *and* the channel is empty, so on close
+        // the jobs already queued are still executed and answered.
+        if batch.is_empty() {
+            match rx.recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
         while batch.len() < max_batch {
             match rx.try_recv() {
                 Ok(job) => batch.push(job),
                 Err(_) => break,
             }
         }
-        run_batch(&mut conn, batch.drain(..), &mut depths, commits);
+        // Jobs an aborted batch never reached come back and lead the next batch. Every batch
+        // consumes at least one job, so this cannot spin.
+        batch = run_batch(&mut conn, std::mem::take(&mut batch), &mut ws, commits);
     }
     if let Err((_, e)) = conn.close() {
         tracing::warn!(error = %e, "closing the sqlite write connection failed");
     }
 }
 
+/// Runs `jobs` in one transaction and answers them once it has committed (or failed). Returns
+/// the jobs not yet run when SQLite aborted the transaction part-way, for the next batch.
 fn run_batch(
     conn: &mut Connection,
-    jobs: impl Iterator<Item = Box<dyn Job>>,
-    depths: &mut Depths,
+    jobs: Vec<Box<dyn Job>>,
+    ws: &mut WriterState,
     commits: &AtomicU64,
-) {
-    let mut jobs = jobs.peekable();
+) -> Vec<Box<dyn Job>> {
+    let mut jobs = jobs.into_iter();
     let mut tx = match conn.transaction_with_behavior(TransactionBehavior::Immediate) {
         Ok(tx) => tx,
         Err(e) => {
+            // Nothing can be written at all: answer everyone rather than retry in a loop.
             let msg = e.to_string();
             for job in jobs {
                 job.fail(StoreError::Unavailable(msg.clone()));
             }
-            return;
+            return Vec::new();
         }
     };
-    let mut finishes: Vec<Finish> = Vec::new();
+    let mut finishes: Vec<Finish> = Vec::with_capacity(jobs.len());
     let mut enqueues = 0usize;
     let mut aborted: Option<String> = None;
-    while let Some(job) = jobs.next() {
+    for job in jobs.by_ref() {
         let enqueue = job.is_enqueue();
         let sp = match tx.savepoint() {
             Ok(sp) => sp,
@@ -640,31 +708,25 @@ fn run_batch(
                 break;
             }
         };
-        let (ok, finish) = job.run(&sp, depths);
+        let (ok, finish) = job.run(&sp, ws);
         finishes.push(finish);
         if ok {
-            match sp.commit() {
-                Ok(()) => {
-                    depths.keep_job();
-                    enqueues += usize::from(enqueue);
-                }
-                Err(e) => {
-                    aborted = Some(e.to_string());
-                    break;
-                }
+            if let Err(e) = sp.commit() {
+                aborted = Some(e.to_string());
+                break;
             }
+            ws.keep_job();
+            enqueues += usize::from(enqueue);
         } else {
-            depths.drop_job();
-            drop(sp); // rolls back to and releases the savepoint
-                      // Some errors (disk full, I/O, busy) make SQLite roll back the whole transaction;
-                      // later jobs would then run in autocommit mode, outside the group commit.
+            ws.drop_job();
+            // Rolls back to and releases the savepoint: the job leaves no trace.
+            drop(sp);
+            // Some errors (disk full, I/O) make SQLite roll back the whole transaction; the
+            // jobs after it would then run in autocommit mode, outside the group commit.
             if tx.is_autocommit() {
                 aborted = Some("transaction rolled back by SQLite after an error".into());
                 break;
             }
-        }
-        if jobs.peek().is_none() {
-            break;
         }
     }
 
@@ -677,7 +739,7 @@ fn run_batch(
     };
     match outcome {
         Ok(()) => {
-            depths.keep_batch();
+            ws.keep_batch();
             commits.fetch_add(1, Ordering::Relaxed);
             if enqueues > 0 {
                 metrics::histogram!(ENQUEUE_BATCH_SIZE_METRIC).record(enqueues as f64);
@@ -687,16 +749,15 @@ fn run_batch(
             }
         }
         Err(msg) => {
-            depths.drop_batch();
+            ws.drop_batch();
             tracing::error!(error = %msg, "sqlite write batch failed");
             for finish in finishes {
                 finish(Some(&msg));
             }
-            for job in jobs {
-                job.fail(StoreError::Unavailable(msg.clone()));
-            }
+            return jobs.collect();
         }
     }
+    Vec::new()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -704,7 +765,7 @@ fn run_batch(
 
 fn tx_enqueue(
     conn: &Connection,
-    depths: &mut Depths,
+    ws: &mut WriterState,
     ev: &NewEvent,
     idem: Option<&IdempotencyClaim>,
     max_depth: u64,
@@ -726,9 +787,10 @@ fn tx_enqueue(
             }
         }
     }
-    if depths.current(&ev.queue) >= max_depth {
+    if ws.current(&ev.queue) >= max_depth {
         return Ok(EnqueueOutcome::QueueFull);
     }
+    ws.check_room(conn)?;
     let delays = serde_json::to_string(&ev.retry_delays_ms)
         .map_err(|e| StoreError::Corrupt(format!("cannot encode retry delays: {e}")))?;
     conn.prepare_cached(
@@ -777,7 +839,7 @@ fn tx_enqueue(
             ev.target
         ])?;
     }
-    depths.adjust(&ev.queue, 1);
+    ws.adjust(&ev.queue, 1);
     Ok(EnqueueOutcome::Accepted)
 }
 
@@ -846,7 +908,7 @@ fn tx_claim(
 
 fn tx_complete(
     conn: &Connection,
-    depths: &mut Depths,
+    ws: &mut WriterState,
     event_id: &str,
     lease_token: &str,
     attempt: Option<AttemptRecord>,
@@ -925,7 +987,7 @@ fn tx_complete(
         rid
     ])?;
     if state == DELIVERED || state == DEAD_LETTERED {
-        depths.adjust(&queue, -1);
+        ws.adjust(&queue, -1);
     }
     Ok(true)
 }
@@ -947,7 +1009,7 @@ fn tx_release(
 
 fn tx_replay(
     conn: &Connection,
-    depths: &mut Depths,
+    ws: &mut WriterState,
     ids: &[String],
     now_ms: UnixMillis,
 ) -> Result<Vec<String>, StoreError> {
@@ -966,7 +1028,7 @@ fn tx_replay(
             .optional()?;
         if let Some(queue) = queue {
             // Replay is an operator's decision and is not refused at max_depth.
-            depths.adjust(&queue, 1);
+            ws.adjust(&queue, 1);
             replayed.push(id.clone());
         }
     }
@@ -1238,8 +1300,8 @@ impl Store for SqliteStore {
         idempotency: Option<IdempotencyClaim>,
         max_depth: u64,
     ) -> StoreFuture<'_, EnqueueOutcome> {
-        Box::pin(self.write(true, move |conn, depths| {
-            tx_enqueue(conn, depths, &event, idempotency.as_ref(), max_depth)
+        Box::pin(self.write(true, move |conn, ws| {
+            tx_enqueue(conn, ws, &event, idempotency.as_ref(), max_depth)
         }))
     }
 
@@ -1299,10 +1361,10 @@ impl Store for SqliteStore {
         now_ms: UnixMillis,
     ) -> StoreFuture<'_, bool> {
         let (event_id, lease_token) = (event_id.to_owned(), lease_token.to_owned());
-        Box::pin(self.write(false, move |conn, depths| {
+        Box::pin(self.write(false, move |conn, ws| {
             tx_complete(
                 conn,
-                depths,
+                ws,
                 &event_id,
                 &lease_token,
                 attempt,
@@ -1331,8 +1393,8 @@ impl Store for SqliteStore {
     }
 
     fn replay(&self, event_ids: Vec<String>, now_ms: UnixMillis) -> StoreFuture<'_, Vec<String>> {
-        Box::pin(self.write(false, move |conn, depths| {
-            tx_replay(conn, depths, &event_ids, now_ms)
+        Box::pin(self.write(false, move |conn, ws| {
+            tx_replay(conn, ws, &event_ids, now_ms)
         }))
     }
 
