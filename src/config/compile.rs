@@ -230,9 +230,14 @@ impl Compiler<'_> {
                         path = dir.join(path);
                     }
                 }
+                let max_size_bytes = s
+                    .max_size_mb
+                    .as_ref()
+                    .map(|_| self.positive(&s.max_size_mb, 0, "max_size_mb", 1 << 30) << 20);
                 Some(StoreSettings::Sqlite {
                     path,
                     fsync: s.fsync.unwrap_or(true),
+                    max_size_bytes,
                 })
             }
             StoreKind::Redis => {

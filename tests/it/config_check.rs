@@ -30,7 +30,9 @@ fn rejects(yaml: &str, line_col: &str, message: &str) {
     let (code, _, err) = check(yaml);
     assert_eq!(code, 1, "expected exit 1 for:\n{yaml}\nstderr:\n{err}");
     let header = format!("cfg.yaml:{line_col}: ");
-    let found = err.lines().any(|l| l.contains(&header) && l.contains(message));
+    let found = err
+        .lines()
+        .any(|l| l.contains(&header) && l.contains(message));
     assert!(found, "expected `{header}...{message}` in:\n{err}");
     assert!(err.contains(" | "), "snippet missing:\n{err}");
 }
@@ -38,41 +40,78 @@ fn rejects(yaml: &str, line_col: &str, message: &str) {
 #[test]
 fn shipped_config_checks_and_prints_the_rule_table() {
     let out = Command::new(env!("CARGO_BIN_EXE_hookyard"))
-        .args(["check", "--config", concat!(env!("CARGO_MANIFEST_DIR"), "/dispatcher-config.yaml")])
+        .args([
+            "check",
+            "--config",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/dispatcher-config.yaml"),
+        ])
         .env_remove("HOOKYARD_SECRET")
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let table = String::from_utf8_lossy(&out.stdout);
     assert!(table.contains("EVENT TYPE"));
-    let row = table.lines().find(|l| l.starts_with("payment.authorize")).unwrap();
+    let row = table
+        .lines()
+        .find(|l| l.starts_with("payment.authorize"))
+        .unwrap();
     for cell in ["sync", "127.0.0.1:9000", "1500ms", "async_dlq"] {
         assert!(row.contains(cell), "{cell} missing from {row}");
     }
-    assert!(table.lines().any(|l| l.starts_with("user.profile.updated") && l.contains("profile_events_v2") && l.contains(" 6")));
+    assert!(table.lines().any(|l| l.starts_with("user.profile.updated")
+        && l.contains("profile_events_v2")
+        && l.contains(" 6")));
 }
 
 #[test]
 fn unknown_keys_are_errors() {
     rejects(
         &rules("  - event_type: a\n    mode: async\n    target: http://h:1/\n    colour: blue\n"),
-        "6:5",
+        "7:5",
         "unknown field `colour`",
     );
-    rejects(&format!("{HEAD}listn: 1\nrouting_rules: []\n"), "3:1", "unknown field `listn`");
+    rejects(
+        &format!("{HEAD}listn: 1\nrouting_rules: []\n"),
+        "3:1",
+        "unknown field `listn`",
+    );
 }
 
 #[test]
 fn bad_urls_are_errors() {
-    rejects(&rules("  - event_type: a\n    mode: async\n    target: ftp://h/x\n"), "5:13", "scheme must be http or https");
-    rejects(&rules("  - event_type: a\n    mode: async\n    target: not a url\n"), "5:13", "target must be an absolute");
-    rejects(&rules("  - event_type: a\n    mode: async\n    target: /relative\n"), "5:13", "target must be an absolute");
+    rejects(
+        &rules("  - event_type: a\n    mode: async\n    target: ftp://h/x\n"),
+        "6:13",
+        "scheme must be http or https",
+    );
+    rejects(
+        &rules("  - event_type: a\n    mode: async\n    target: not a url\n"),
+        "6:13",
+        "target must be an absolute",
+    );
+    rejects(
+        &rules("  - event_type: a\n    mode: async\n    target: /relative\n"),
+        "6:13",
+        "target must be an absolute",
+    );
 }
 
 #[test]
 fn zero_or_negative_timeouts_are_errors() {
-    rejects(&rules("  - event_type: a\n    mode: sync\n    target: http://h:1/\n    timeout_ms: 0\n"), "6:17", "timeout_ms must be greater than 0");
-    rejects(&rules("  - event_type: a\n    mode: sync\n    target: http://h:1/\n    timeout_ms: -5\n"), "6:17", "timeout_ms must be greater than 0");
+    rejects(
+        &rules("  - event_type: a\n    mode: sync\n    target: http://h:1/\n    timeout_ms: 0\n"),
+        "7:17",
+        "timeout_ms must be greater than 0",
+    );
+    rejects(
+        &rules("  - event_type: a\n    mode: sync\n    target: http://h:1/\n    timeout_ms: -5\n"),
+        "7:17",
+        "timeout_ms must be greater than 0",
+    );
     rejects(
         &format!("{HEAD}hosts:\n  default:\n    connect_timeout_ms: 0\nrouting_rules:\n  - event_type: a\n    mode: async\n    target: http://h:1/\n"),
         "5:25",
@@ -82,23 +121,33 @@ fn zero_or_negative_timeouts_are_errors() {
 
 #[test]
 fn empty_retry_matrices_are_errors() {
-    rejects(&rules("  - event_type: a\n    mode: async\n    target: http://h:1/\n    retry_matrix: []\n"), "6:19", "retry_matrix must list at least one delay");
-    rejects(&rules("  - event_type: a\n    mode: async\n    target: http://h:1/\n    retry_matrix: [100, -1]\n"), "6:25", "must not be negative");
-    rejects(&rules("  - event_type: a\n    mode: async\n    target: http://h:1/\n    retry_matrix: [\"5 parsecs\"]\n"), "6:20", "invalid duration");
+    rejects(
+        &rules(
+            "  - event_type: a\n    mode: async\n    target: http://h:1/\n    retry_matrix: []\n",
+        ),
+        "7:19",
+        "retry_matrix must list at least one delay",
+    );
+    rejects(&rules("  - event_type: a\n    mode: async\n    target: http://h:1/\n    retry_matrix: [100, -1]\n"), "7:25", "must not be negative");
+    rejects(&rules("  - event_type: a\n    mode: async\n    target: http://h:1/\n    retry_matrix: [\"5 parsecs\"]\n"), "7:20", "invalid duration");
 }
 
 #[test]
 fn duplicate_event_types_are_errors() {
     rejects(
         &rules("  - event_type: a.b\n    mode: async\n    target: http://h:1/\n  - event_type: a.b\n    mode: async\n    target: http://h:2/\n"),
-        "6:17",
-        "duplicate event_type \"a.b\" (first defined on line 3)",
+        "7:17",
+        "duplicate event_type \"a.b\" (first defined on line 4)",
     );
 }
 
 #[test]
 fn a_sync_rule_without_timeout_is_an_error() {
-    rejects(&rules("  - event_type: a\n    mode: sync\n    target: http://h:1/\n"), "4:11", "a sync rule needs timeout_ms");
+    rejects(
+        &rules("  - event_type: a\n    mode: sync\n    target: http://h:1/\n"),
+        "5:11",
+        "a sync rule needs timeout_ms",
+    );
 }
 
 #[test]
@@ -114,9 +163,21 @@ fn shed_at_outside_zero_one_is_an_error() {
 
 #[test]
 fn syntax_errors_and_bad_patterns_name_their_position() {
-    rejects(&format!("{HEAD}routing_rules:\n  - event_type: [unclosed\n"), "4:17", "");
-    rejects(&rules("  - event_type: a.*.b\n    mode: async\n    target: http://h:1/\n"), "3:17", "invalid event_type");
-    rejects(&rules("  - event_type: a\n    mode: teleport\n    target: http://h:1/\n"), "4:11", "teleport");
+    rejects(
+        &format!("{HEAD}routing_rules:\n  - event_type: [unclosed\n"),
+        "4:17",
+        "",
+    );
+    rejects(
+        &rules("  - event_type: a.*.b\n    mode: async\n    target: http://h:1/\n"),
+        "4:17",
+        "invalid event_type",
+    );
+    rejects(
+        &rules("  - event_type: a\n    mode: teleport\n    target: http://h:1/\n"),
+        "5:11",
+        "teleport",
+    );
 }
 
 #[test]
@@ -134,7 +195,10 @@ fn env_expansion_reports_unset_variables_and_secrets_are_never_printed() {
         "signing:\n  secrets: [\"${HOOKYARD_TEST_UNSET_VAR}\"]\nrouting_rules:\n  - event_type: a\n    mode: async\n    target: http://h:1/\n",
     );
     assert_eq!(code, 1);
-    assert!(err.contains("cfg.yaml:2:13: environment variable HOOKYARD_TEST_UNSET_VAR is not set"), "{err}");
+    assert!(
+        err.contains("cfg.yaml:2:13: environment variable HOOKYARD_TEST_UNSET_VAR is not set"),
+        "{err}"
+    );
     let (code, _, err) = check(
         "signing:\n  secrets: [\"whsec_not*base64*supersecretvalue\"]\nrouting_rules:\n  - event_type: a\n    mode: async\n    target: http://h:1/\n",
     );
@@ -147,9 +211,17 @@ fn env_expansion_reports_unset_variables_and_secrets_are_never_printed() {
 #[test]
 fn the_shipped_json_schema_matches_the_config_types() {
     let shipped: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/dispatcher-config.schema.json")).unwrap(),
+        &std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/dispatcher-config.schema.json"
+        ))
+        .unwrap(),
     )
     .unwrap();
-    assert_eq!(shipped, hookyard::config::json_schema(), "regenerate with: hookyard schema > dispatcher-config.schema.json");
+    assert_eq!(
+        shipped,
+        hookyard::config::json_schema(),
+        "regenerate with: hookyard schema > dispatcher-config.schema.json"
+    );
     assert!(shipped["properties"]["routing_rules"].is_object());
 }

@@ -37,7 +37,11 @@ async fn sync_2xx_is_relayed_signed_and_traced() {
     let stats = rx.stats();
     assert_eq!((stats.received, stats.invalid_signature), (1, 0));
     let got = &rx.requests()[0];
-    assert_eq!(&got.body[..], br#"{"amount":42}"#, "body delivered unchanged");
+    assert_eq!(
+        &got.body[..],
+        br#"{"amount":42}"#,
+        "body delivered unchanged"
+    );
     assert_eq!(got.trace_id.as_deref(), Some("trace-abc"));
     assert_eq!(got.idempotency_key.as_deref(), Some("key-1"));
     assert_eq!(got.callback_mode.as_deref(), Some("sync"));
@@ -54,14 +58,23 @@ async fn traceparent_supplies_the_trace_id_and_one_is_generated_otherwise() {
         .post(
             "pay.authorize",
             "{}",
-            &[("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")],
+            &[(
+                "traceparent",
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            )],
         )
         .await;
-    assert_eq!(a.header("x-trace-id"), Some("4bf92f3577b34da6a3ce929d0e0e4736"));
+    assert_eq!(
+        a.header("x-trace-id"),
+        Some("4bf92f3577b34da6a3ce929d0e0e4736")
+    );
     let b = hy.post("pay.authorize", "{}", &[]).await;
     let generated = b.header("x-trace-id").unwrap().to_string();
     assert_eq!(generated.len(), 32);
-    assert_eq!(rx.requests()[1].trace_id.as_deref(), Some(generated.as_str()));
+    assert_eq!(
+        rx.requests()[1].trace_id.as_deref(),
+        Some(generated.as_str())
+    );
 }
 
 #[tokio::test]
@@ -87,14 +100,22 @@ async fn stalled_target_times_out_with_504_at_the_deadline() {
     let (addr, accepted) = upstream::stalling().await;
     let hy = Sidecar::start(&sync_rule(&format!("http://{addr}/"), "")).await;
     let started = Instant::now();
-    let answer = hy.post("pay.authorize", "{}", &[("x-trace-id", "t-stall")]).await;
+    let answer = hy
+        .post("pay.authorize", "{}", &[("x-trace-id", "t-stall")])
+        .await;
     let took = started.elapsed();
     assert_eq!(answer.status, 504);
     let body = answer.json();
     assert_eq!(body["reason"], "timeout");
     assert_eq!(body["trace_id"], "t-stall");
-    assert!(took >= Duration::from_millis(300), "answered before the deadline: {took:?}");
-    assert!(took < Duration::from_millis(1500), "deadline not enforced: {took:?}");
+    assert!(
+        took >= Duration::from_millis(300),
+        "answered before the deadline: {took:?}"
+    );
+    assert!(
+        took < Duration::from_millis(1500),
+        "deadline not enforced: {took:?}"
+    );
     assert_eq!(accepted.load(Ordering::SeqCst), 1);
 }
 
@@ -115,7 +136,7 @@ async fn target_not_listening_is_a_502_connect() {
     assert_eq!(answer.status, 502);
     let body = answer.json();
     assert_eq!(body["reason"], "connect");
-    assert_eq!(body["error"].as_str().unwrap().contains("connect"), true);
+    assert!(body["error"].as_str().unwrap().contains("connect"));
 }
 
 #[tokio::test]
@@ -142,14 +163,21 @@ async fn breaker_opens_after_five_500s_blocks_the_sixth_and_probes_after_recover
     assert_eq!(sixth.status, 503);
     assert_eq!(sixth.json()["reason"], "circuit_open");
     assert!(sixth.header("retry-after").is_some());
-    assert_eq!(rx.stats().received, 5, "the sixth call never reaches the host");
+    assert_eq!(
+        rx.stats().received,
+        5,
+        "the sixth call never reaches the host"
+    );
     let circuits = hy.admin_get("/v1/circuits").await.json();
     assert_eq!(circuits["hosts"][0]["breaker"]["state"], "open");
 
     rx.set_status(None);
     tokio::time::sleep(Duration::from_millis(300)).await;
     let probe = hy.post("pay.authorize", "{}", &[]).await;
-    assert_eq!(probe.status, 200, "after recovery_ms one probe goes through");
+    assert_eq!(
+        probe.status, 200,
+        "after recovery_ms one probe goes through"
+    );
     assert_eq!(rx.stats().received, 6);
     let circuits = hy.admin_get("/v1/circuits").await.json();
     assert_eq!(circuits["hosts"][0]["breaker"]["state"], "closed");
@@ -169,15 +197,25 @@ async fn fifty_slow_calls_against_four_connections_never_exceed_four_and_the_res
     let host = rx.local_addr().to_string();
     let hy = Sidecar::start(&format!(
         "hosts:\n  default:\n    max_connections: 4\n    shed_at: 1.0\n{}",
-        sync_rule(&format!("http://{host}/hook"), "").replace("timeout_ms: 300", "timeout_ms: 2000")
+        sync_rule(&format!("http://{host}/hook"), "")
+            .replace("timeout_ms: 300", "timeout_ms: 2000")
     ))
     .await;
     let calls = (0..50).map(|_| hy.post("pay.authorize", "{}", &[]));
     let answers = futures::future::join_all(calls).await;
     let ok = answers.iter().filter(|a| a.status == 200).count();
     let shed: Vec<_> = answers.iter().filter(|a| a.status == 503).collect();
-    assert_eq!(ok + shed.len(), 50, "only 200 or 503: {:?}", answers.iter().map(|a| a.status).collect::<Vec<_>>());
-    assert!(rx.stats().max_concurrent <= 4, "max concurrent at host: {}", rx.stats().max_concurrent);
+    assert_eq!(
+        ok + shed.len(),
+        50,
+        "only 200 or 503: {:?}",
+        answers.iter().map(|a| a.status).collect::<Vec<_>>()
+    );
+    assert!(
+        rx.stats().max_concurrent <= 4,
+        "max concurrent at host: {}",
+        rx.stats().max_concurrent
+    );
     assert!(ok >= 4, "the host got its four: {ok}");
     for a in &shed {
         assert_eq!(a.json()["reason"], "shed");
@@ -220,19 +258,40 @@ async fn body_limit_is_two_mib_exactly() {
 async fn bad_requests_get_documented_statuses_and_json_reasons() {
     let rx = receiver().await;
     let hy = Sidecar::start(&sync_rule(&format!("http://{}/hook", rx.local_addr()), "")).await;
-    let get = util::send(&hy.client, "GET", &format!("{}/v1/events/pay.authorize", hy.ingress()), &[], "").await;
+    let get = util::send(
+        &hy.client,
+        "GET",
+        &format!("{}/v1/events/pay.authorize", hy.ingress()),
+        &[],
+        "",
+    )
+    .await;
     assert_eq!(get.status, 405);
     assert_eq!(get.header("allow"), Some("POST"));
     let none = hy.post("order.created", "{}", &[]).await;
     assert_eq!(none.status, 404);
     assert_eq!(none.json()["error"], "no_route");
     assert_eq!(none.json()["event_type"], "order.created");
-    let empty = util::send(&hy.client, "POST", &format!("{}/v1/events/", hy.ingress()), &[], "").await;
+    let empty = util::send(
+        &hy.client,
+        "POST",
+        &format!("{}/v1/events/", hy.ingress()),
+        &[],
+        "",
+    )
+    .await;
     assert_eq!(empty.status, 400);
     assert_eq!(empty.json()["error"], "invalid_event_type");
     let bad = hy.post("a..b", "{}", &[]).await;
     assert_eq!(bad.status, 400);
-    let other = util::send(&hy.client, "POST", &format!("{}/elsewhere", hy.ingress()), &[], "").await;
+    let other = util::send(
+        &hy.client,
+        "POST",
+        &format!("{}/elsewhere", hy.ingress()),
+        &[],
+        "",
+    )
+    .await;
     assert_eq!(other.status, 404);
     assert_eq!(rx.stats().received, 0);
 }
@@ -244,13 +303,21 @@ async fn graceful_shutdown_lets_a_sync_call_in_flight_finish() {
         ..Default::default()
     })
     .await;
-    let mut hy = Sidecar::start(&sync_rule(&format!("http://{}/hook", rx.local_addr()), "").replace("timeout_ms: 300", "timeout_ms: 2000")).await;
+    let mut hy = Sidecar::start(
+        &sync_rule(&format!("http://{}/hook", rx.local_addr()), "")
+            .replace("timeout_ms: 300", "timeout_ms: 2000"),
+    )
+    .await;
     let url = format!("{}/v1/events/pay.authorize", hy.ingress());
     let client = hy.client.clone();
     let call = tokio::spawn(async move { util::send(&client, "POST", &url, &[], "{}").await });
-    eventually(Duration::from_secs(2), "the call to reach the receiver", async || rx.stats().in_flight == 1).await;
+    eventually(
+        Duration::from_secs(2),
+        "the call to reach the receiver",
+        async || rx.stats().in_flight == 1,
+    )
+    .await;
     hy.stop().await;
     let answer = call.await.unwrap();
     assert_eq!(answer.status, 200);
 }
-

@@ -9,10 +9,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
 use hookyard::receive::{Receiver, ReceiverConfig};
 use hookyard::server::RunningServer;
 use hookyard::signing::Secret;
+use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
@@ -131,25 +131,44 @@ impl Sidecar {
     }
 
     /// POSTs an event.
-    pub async fn post(&self, event_type: &str, body: &str, headers: &[(&str, &str)]) -> Answer {
+    pub async fn post(
+        &self,
+        event_type: &str,
+        body: impl Into<Bytes>,
+        headers: &[(&str, &str)],
+    ) -> Answer {
         send(
             &self.client,
             "POST",
             &format!("{}/v1/events/{event_type}", self.ingress()),
             headers,
-            body.to_string(),
+            body,
         )
         .await
     }
 
     /// GETs an admin path as JSON.
     pub async fn admin_get(&self, path: &str) -> Answer {
-        send(&self.client, "GET", &format!("{}{path}", self.admin()), &[], "").await
+        send(
+            &self.client,
+            "GET",
+            &format!("{}{path}", self.admin()),
+            &[],
+            "",
+        )
+        .await
     }
 
     /// POSTs to an admin path.
     pub async fn admin_post(&self, path: &str, body: &str) -> Answer {
-        send(&self.client, "POST", &format!("{}{path}", self.admin()), &[], body.to_string()).await
+        send(
+            &self.client,
+            "POST",
+            &format!("{}{path}", self.admin()),
+            &[],
+            body.to_string(),
+        )
+        .await
     }
 
     /// The Prometheus text.
@@ -221,7 +240,9 @@ pub mod upstream {
         let count = accepted.clone();
         tokio::spawn(async move {
             loop {
-                let Ok((mut s, _)) = listener.accept().await else { return };
+                let Ok((mut s, _)) = listener.accept().await else {
+                    return;
+                };
                 count.fetch_add(1, Ordering::SeqCst);
                 tokio::spawn(async move {
                     let mut buf = [0u8; 4096];
@@ -243,13 +264,17 @@ pub mod upstream {
         let addr = listener.local_addr().unwrap();
         tokio::spawn(async move {
             loop {
-                let Ok((mut s, _)) = listener.accept().await else { return };
+                let Ok((mut s, _)) = listener.accept().await else {
+                    return;
+                };
                 tokio::spawn(async move {
                     let mut buf = vec![0u8; 65536];
                     let mut seen = Vec::new();
                     // Read until the end of the request headers and its body have arrived.
                     loop {
-                        let Ok(n) = s.read(&mut buf).await else { return };
+                        let Ok(n) = s.read(&mut buf).await else {
+                            return;
+                        };
                         if n == 0 {
                             return;
                         }
@@ -270,6 +295,8 @@ pub mod upstream {
                         .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 1000\r\n\r\n0123456789")
                         .await;
                     let _ = s.flush().await;
+                    // Zero linger never blocks (the deprecation is about non-zero linger).
+                    #[allow(deprecated)]
                     let _ = s.set_linger(Some(Duration::ZERO));
                     drop(s);
                 });
