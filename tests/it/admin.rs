@@ -80,6 +80,7 @@ async fn health_readiness_and_config_describe_the_running_sidecar() {
     assert_eq!(hy.admin_post("/v1/config", "").await.status, 405);
     assert_eq!(hy.admin_get("/v1/events/evt_missing").await.status, 404);
     assert_eq!(hy.admin_get("/v1/dlq?limit=0").await.status, 400);
+    assert_eq!(hy.admin_get("/v1/dlq?cursor=garbage").await.status, 400);
     assert_eq!(
         hy.admin_get("/v1/fallbacks?since=yesterday").await.status,
         400
