@@ -8,6 +8,7 @@ mod compile;
 mod env;
 mod error;
 pub mod schema;
+pub mod watch;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
