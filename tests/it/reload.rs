@@ -67,24 +67,15 @@ async fn truncated_broken_and_deleted_files_keep_the_old_rules_until_a_good_file
     let good = std::fs::read_to_string(&hy.config_path).unwrap();
     let hash = hy.admin_get("/v1/config").await.json()["content_hash"].clone();
 
-    let breakages: [(&str, Box<dyn Fn()>); 3] = [
-        (
-            "truncated",
-            Box::new(|| std::fs::write(&hy.config_path, "").unwrap()),
-        ),
-        (
-            "syntax error",
-            Box::new(|| {
-                std::fs::write(&hy.config_path, good.replace("mode: sync", "mode: [sync")).unwrap()
-            }),
-        ),
-        (
-            "deleted",
-            Box::new(|| std::fs::remove_file(&hy.config_path).unwrap()),
-        ),
-    ];
-    for (what, breakage) in breakages {
-        breakage();
+    let break_file = |what: &str| match what {
+        "truncated" => std::fs::write(&hy.config_path, "").unwrap(),
+        "syntax error" => {
+            std::fs::write(&hy.config_path, good.replace("mode: sync", "mode: [sync")).unwrap()
+        }
+        _ => std::fs::remove_file(&hy.config_path).unwrap(),
+    };
+    for what in ["truncated", "syntax error", "deleted"] {
+        break_file(what);
         eventually(Duration::from_secs(5), what, async || {
             last_reload(&hy).await["result"] == "error"
         })
