@@ -97,3 +97,56 @@ fn pooled_client(policy: &HostPolicy) -> PooledClient {
 
 /// Every host the rules deliver to, keyed `host:port`.
 pub type HostMap = HashMap<Arc<str>, Arc<Host>>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sync::breaker::BreakerState;
+
+    #[tokio::test]
+    async fn a_new_policy_keeps_the_gate_count_and_a_breaker_whose_thresholds_did_not_change() {
+        let policy = HostPolicy {
+            breaker_failures: 1,
+            ..HostPolicy::default()
+        };
+        let host = Host::new("h:1".into(), &policy);
+        host.breaker.admit().unwrap().failure();
+        assert_eq!(host.breaker.state(), BreakerState::Open);
+        let held = host.gate.try_enter().unwrap();
+
+        let wider = HostPolicy {
+            max_connections: 4,
+            shed_at: 0.5,
+            ..policy.clone()
+        };
+        let reloaded = host.with_policy(&wider);
+        assert_eq!(
+            reloaded.breaker.state(),
+            BreakerState::Open,
+            "breaker state survives"
+        );
+        assert_eq!(
+            reloaded.gate.in_flight(),
+            1,
+            "requests in flight keep their place"
+        );
+        assert_eq!(reloaded.gate.max_connections(), 4);
+        let _second = reloaded.gate.try_enter_sync().unwrap();
+        assert!(
+            reloaded.gate.try_enter_sync().is_none(),
+            "new shed threshold of 2 applies"
+        );
+        drop(held);
+
+        let stricter = HostPolicy {
+            breaker_failures: 3,
+            ..wider
+        };
+        let rebuilt = reloaded.with_policy(&stricter);
+        assert_eq!(
+            rebuilt.breaker.state(),
+            BreakerState::Closed,
+            "new thresholds, new breaker"
+        );
+    }
+}
