@@ -423,6 +423,12 @@ async fn an_open_breaker_delays_async_attempts_without_dropping_them() {
         async || rx.stats().delivered_ok == 1,
     )
     .await;
+    eventually(
+        Duration::from_secs(3),
+        "recorded as delivered",
+        async || event(&hy, &id).await["state"] == "delivered",
+    )
+    .await;
     let history = event(&hy, &id).await;
     assert_eq!(history["attempts"].as_array().unwrap().len(), 3);
 }
