@@ -177,19 +177,20 @@ impl Dispatcher {
         }
         let snapshot = self.snapshot.load();
         let policy = snapshot.settings.hosts.for_host(key).clone();
+        let tls = &snapshot.settings.tls;
         let key: Arc<str> = key.into();
         let mut created = None;
         self.hosts.rcu(|map| {
             let mut map = HostMap::clone(map);
             let host = map
                 .entry(key.clone())
-                .or_insert_with(|| Host::new(key.clone(), &policy))
+                .or_insert_with(|| Host::new(key.clone(), &policy, tls))
                 .clone();
             created = Some(host);
             map
         });
         // rcu ran the closure at least once, so `created` is set.
-        created.unwrap_or_else(|| Host::new(key, &policy))
+        created.unwrap_or_else(|| Host::new(key, &policy, tls))
     }
 
     /// Replaces the running settings with `new` (already validated and compiled).
@@ -423,8 +424,8 @@ fn build_hosts(settings: &Settings, old: &HostMap) -> HostMap {
         let key = &rule.target.host;
         let policy = settings.hosts.for_host(key);
         let host = match old.get(key) {
-            Some(existing) => existing.with_policy(policy),
-            None => Host::new(key.clone(), policy),
+            Some(existing) => existing.with_policy(policy, &settings.tls),
+            None => Host::new(key.clone(), policy, &settings.tls),
         };
         hosts.insert(key.clone(), host);
     }

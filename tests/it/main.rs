@@ -10,4 +10,5 @@ mod config_check;
 mod crash;
 mod reload;
 mod sync_path;
+mod tls;
 mod util;
