@@ -72,14 +72,26 @@ async fn run_queue(
         .for_queue(&queue)
         .concurrency as usize;
     let slots = Arc::new(Semaphore::new(concurrency));
-    let mut deliveries = JoinSet::new();
+    let mut deliveries: JoinSet<Option<i64>> = JoinSet::new();
+    let mut streak = DeferralStreak::new(concurrency);
     tracing::debug!(%queue, concurrency, "delivery workers started");
     while !*shutdown.borrow() {
-        while deliveries.try_join_next().is_some() {}
+        while let Some(result) = deliveries.try_join_next() {
+            streak.record(result);
+        }
+        if deliveries.is_empty() {
+            if let Some(pause) = streak.take_pause() {
+                tokio::select! {
+                    _ = tokio::time::sleep(pause) => {}
+                    _ = shutdown.changed() => {}
+                }
+                continue;
+            }
+        }
         let free = slots.available_permits();
         if free == 0 {
             tokio::select! {
-                _ = deliveries.join_next() => {}
+                Some(result) = deliveries.join_next() => streak.record(result),
                 _ = shutdown.changed() => {}
             }
             continue;
@@ -115,7 +127,7 @@ async fn run_queue(
             tokio::select! {
                 _ = dispatcher.enqueued.notified() => {}
                 _ = tokio::time::sleep(wait) => {}
-                Some(_) = deliveries.join_next(), if !deliveries.is_empty() => {}
+                Some(result) = deliveries.join_next(), if !deliveries.is_empty() => streak.record(result),
                 _ = shutdown.changed() => {}
             }
             continue;
@@ -128,14 +140,55 @@ async fn run_queue(
             let dispatcher = dispatcher.clone();
             let queue = queue.clone();
             deliveries.spawn(async move {
-                deliver(&dispatcher, &queue, event).await;
+                let deferred_until = deliver(&dispatcher, &queue, event).await;
                 drop(permit);
+                deferred_until
             });
         }
     }
     // Deliveries in flight finish under their own deadline; their results are recorded.
     while deliveries.join_next().await.is_some() {}
     tracing::debug!(%queue, "delivery workers stopped");
+}
+
+/// Counts consecutive deliveries that were deferred without an attempt (open breaker, full
+/// gate). While every recent delivery was deferred, claiming more would only churn the store:
+/// each claim-and-defer is a write competing with ingress for the writer. After a run as long
+/// as the worker pool, the claimer pauses until the earliest deferral ends (at most 1 s, so
+/// other hosts sharing the queue wait little).
+struct DeferralStreak {
+    threshold: usize,
+    count: usize,
+    earliest_due_ms: i64,
+}
+
+impl DeferralStreak {
+    fn new(concurrency: usize) -> Self {
+        Self {
+            threshold: concurrency.clamp(1, 16),
+            count: 0,
+            earliest_due_ms: i64::MAX,
+        }
+    }
+
+    fn record(&mut self, result: Result<Option<i64>, tokio::task::JoinError>) {
+        match result {
+            Ok(Some(due)) => {
+                self.count += 1;
+                self.earliest_due_ms = self.earliest_due_ms.min(due);
+            }
+            _ => *self = Self::new(self.threshold),
+        }
+    }
+
+    fn take_pause(&mut self) -> Option<Duration> {
+        if self.count < self.threshold {
+            return None;
+        }
+        let pause = (self.earliest_due_ms - now_ms()).clamp(0, 1000) as u64;
+        *self = Self::new(self.threshold);
+        Some(Duration::from_millis(pause))
+    }
 }
 
 fn max_timeout(settings: &crate::config::Settings) -> Duration {
@@ -148,9 +201,18 @@ fn max_timeout(settings: &crate::config::Settings) -> Duration {
         .unwrap_or(Duration::from_secs(10))
 }
 
-/// Makes one attempt at `event` and records what happened.
-pub async fn deliver(dispatcher: &Dispatcher, queue: &Arc<str>, event: ClaimedEvent) {
+/// Makes one attempt at `event` and records what happened. Returns the new due time when the
+/// attempt was deferred without being made (open breaker, full gate).
+pub async fn deliver(
+    dispatcher: &Dispatcher,
+    queue: &Arc<str>,
+    event: ClaimedEvent,
+) -> Option<i64> {
     let (attempt, disposition) = attempt(dispatcher, &event).await;
+    let deferred_until = match disposition {
+        Disposition::Defer { due_at_ms } => Some(due_at_ms),
+        _ => None,
+    };
     match &disposition {
         Disposition::Delivered => crate::metrics::delivery_final(queue, "delivered"),
         Disposition::DeadLetter { .. } => crate::metrics::delivery_final(queue, "dead_lettered"),
@@ -170,6 +232,7 @@ pub async fn deliver(dispatcher: &Dispatcher, queue: &Arc<str>, event: ClaimedEv
     {
         tracing::error!(event_id = %event.id, error = %e, "could not record delivery result; the lease will expire and the event will be retried");
     }
+    deferred_until
 }
 
 async fn attempt(
