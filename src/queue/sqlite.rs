@@ -389,6 +389,7 @@ impl SqliteStore {
         let (tx, rx) = mpsc::channel::<Box<dyn Job>>();
         let commits = Arc::new(AtomicU64::new(0));
         let max_batch = options.max_batch.max(1);
+        let fsync = options.fsync;
         let thread_commits = Arc::clone(&commits);
         let handle = std::thread::Builder::new()
             .name("hookyard-sqlite-writer".into())
@@ -398,6 +399,7 @@ impl SqliteStore {
                     rx,
                     WriterState::new(depths, enqueue_page_limit),
                     max_batch,
+                    fsync,
                     &thread_commits,
                 )
             })
@@ -648,9 +650,16 @@ fn writer_loop(
     rx: mpsc::Receiver<Box<dyn Job>>,
     mut ws: WriterState,
     max_batch: usize,
+    fsync: bool,
     commits: &AtomicU64,
 ) {
     let mut batch: Vec<Box<dyn Job>> = Vec::with_capacity(max_batch);
+    // Only an enqueue's answer promises durability (the 202). A batch of bookkeeping alone
+    // (claims, delivery results, retries) commits with synchronous=NORMAL: in WAL mode that is
+    // still atomic and survives a process crash, and the next enqueue's fsync makes it durable
+    // too. Power loss in between can only replay a delivery (at-least-once), never lose an
+    // event. This keeps one fsync per accepted batch instead of one per delivery batch.
+    let mut synced_full = fsync;
     loop {
         // `recv` fails only once every sender is gone *and* the channel is empty, so on close
         // the jobs already queued are still executed and answered.
@@ -664,6 +673,25 @@ fn writer_loop(
             match rx.try_recv() {
                 Ok(job) => batch.push(job),
                 Err(_) => break,
+            }
+        }
+        if fsync {
+            let needs_fsync = batch.iter().any(|job| job.is_enqueue());
+            if needs_fsync != synced_full {
+                let level = if needs_fsync { "FULL" } else { "NORMAL" };
+                match conn.pragma_update(None, "synchronous", level) {
+                    Ok(()) => synced_full = needs_fsync,
+                    // Staying at FULL is always safe. Failing to get back to FULL is not: an
+                    // enqueue must never be answered without its fsync.
+                    Err(e) if needs_fsync => {
+                        let msg = format!("cannot restore synchronous=FULL: {e}");
+                        for job in batch.drain(..) {
+                            job.fail(StoreError::Unavailable(msg.clone()));
+                        }
+                        continue;
+                    }
+                    Err(e) => tracing::warn!(error = %e, "cannot relax sqlite synchronous level"),
+                }
             }
         }
         // Jobs an aborted batch never reached come back and lead the next batch. Every batch
