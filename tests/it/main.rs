@@ -8,5 +8,6 @@ mod admin;
 mod async_path;
 mod config_check;
 mod crash;
+mod redis;
 mod sync_path;
 mod util;
