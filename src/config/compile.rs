@@ -223,6 +223,15 @@ impl Compiler<'_> {
                         "url is for kind: redis; SQLite takes path",
                     ));
                 }
+                for key in [&s.claim_idle_ms, &s.wait_replicas, &s.wait_timeout_ms]
+                    .into_iter()
+                    .flatten()
+                {
+                    self.problem(Problem::spanned(
+                        key,
+                        "claim_idle_ms, wait_replicas and wait_timeout_ms are for kind: redis",
+                    ));
+                }
                 let raw = match &s.path {
                     Some(p) => self.expand(p)?,
                     None => "./data/hookyard.db".to_string(),

@@ -450,3 +450,84 @@ async fn repeated_idempotency_key_across_instances_enqueues_once() {
     assert_eq!(rx.stats().received, 1);
     assert_eq!(rx.requests()[0].idempotency_key.as_deref(), Some("k-1"));
 }
+
+/// Loads `yaml` and returns its problems as `(line, column, message)`.
+fn problems(yaml: &str) -> Vec<(u64, u64, String)> {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("cfg.yaml");
+    std::fs::write(&path, yaml).unwrap();
+    match hookyard::config::load(&path) {
+        Ok(_) => Vec::new(),
+        Err(e) => e
+            .problems
+            .iter()
+            .map(|p| (p.line, p.column, p.message.clone()))
+            .collect(),
+    }
+}
+
+fn store_yaml(store: &str, timeout_ms: u64) -> String {
+    format!(
+        "store:\n  kind: redis\n  url: redis://127.0.0.1:6379\n{store}signing:\n  secrets: [\"{SECRET}\"]\nrouting_rules:\n  - event_type: a\n    mode: async\n    target: http://127.0.0.1:9/a\n    timeout_ms: {timeout_ms}\n"
+    )
+}
+
+/// A `claim_idle_ms` that does not exceed the longest delivery timeout by the margin would
+/// hand live deliveries to a second instance: rejected, at its line and column.
+#[test]
+fn claim_idle_shorter_than_the_longest_timeout_is_rejected_with_position() {
+    let got = problems(&store_yaml("  claim_idle_ms: 1400\n", 500));
+    assert_eq!(got.len(), 1, "{got:?}");
+    let (line, column, message) = &got[0];
+    assert_eq!((*line, *column), (4, 18), "{message}");
+    assert!(message.contains("claim_idle_ms (1400)"), "{message}");
+    assert!(message.contains("timeout_ms (500) + 1000"), "{message}");
+    assert!(problems(&store_yaml("  claim_idle_ms: 1500\n", 500)).is_empty());
+    for bad in ["0", "-5"] {
+        let got = problems(&store_yaml(&format!("  claim_idle_ms: {bad}\n"), 500));
+        assert_eq!(got.len(), 1, "{bad}: {got:?}");
+    }
+}
+
+/// Unset, `claim_idle_ms` defaults to 30 s, or more when a rule's timeout needs it; the new
+/// keys parse and show up in the settings.
+#[test]
+fn claim_idle_defaults_follow_the_longest_timeout() {
+    let load = |yaml: String| {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cfg.yaml");
+        std::fs::write(&path, yaml).unwrap();
+        hookyard::config::load(&path).unwrap_or_else(|e| panic!("{e}"))
+    };
+    let idle = |s: &hookyard::config::Settings| match &s.store {
+        hookyard::config::StoreSettings::Redis {
+            claim_idle_ms,
+            wait_replicas,
+            ..
+        } => (*claim_idle_ms, *wait_replicas),
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(idle(&load(store_yaml("", 500))), (30_000, 0));
+    assert_eq!(idle(&load(store_yaml("", 60_000))), (65_000, 0));
+    assert_eq!(
+        idle(&load(store_yaml(
+            "  wait_replicas: 2\n  wait_timeout_ms: 250\n  key_prefix: prod\n",
+            500
+        ))),
+        (30_000, 2)
+    );
+    let got = problems(&store_yaml("  key_prefix: \"a{b}\"\n", 500));
+    assert_eq!(got.len(), 1, "{got:?}");
+}
+
+/// The Redis-only keys are errors under SQLite rather than silently ignored.
+#[test]
+fn redis_only_keys_are_rejected_for_sqlite() {
+    let yaml = store_yaml("  claim_idle_ms: 5000\n", 500).replace(
+        "kind: redis\n  url: redis://127.0.0.1:6379\n",
+        "kind: sqlite\n",
+    );
+    let got = problems(&yaml);
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert!(got[0].2.contains("for kind: redis"), "{got:?}");
+}
