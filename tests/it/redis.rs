@@ -21,6 +21,10 @@ use crate::util::{
 };
 use redis_server::RedisServer;
 
+/// Held by the load-heavy tests here so that at most one of them runs at a time: on a
+/// two-core machine several at once starve the timing-sensitive tests running beside them.
+static HEAVY: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// A config on `server` under `prefix`, listening on `listen`/`admin` (port 0 = any), with
 /// `rest` (hosts, queues, routing_rules) appended.
 fn redis_yaml(
@@ -86,6 +90,7 @@ async fn wait_status(client: &crate::util::HttpClient, url: &str, status: u16, w
 /// leases after `claim_idle_ms`), and none is delivered again after a 2xx.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_instances_one_killed_mid_delivery_survivor_delivers_everything_once() {
+    let _heavy = HEAVY.lock().await;
     let Some(redis) = RedisServer::start("it::redis::two_instances_one_killed") else {
         return;
     };
@@ -205,6 +210,7 @@ async fn two_instances_one_killed_mid_delivery_survivor_delivers_everything_once
 /// every event that got a 202 is delivered, and delivery resumes without restarting hookyard.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_outage_under_load_loses_nothing_and_recovers_by_itself() {
+    let _heavy = HEAVY.lock().await;
     let Some(redis) = RedisServer::start("it::redis::redis_outage_under_load") else {
         return;
     };
@@ -302,6 +308,7 @@ async fn redis_outage_under_load_loses_nothing_and_recovers_by_itself() {
 /// The async issue's 20%-5xx case on Redis: every event delivered exactly once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn thousand_events_with_twenty_percent_5xx_are_all_delivered_once_on_redis() {
+    let _heavy = HEAVY.lock().await;
     let Some(redis) = RedisServer::start("it::redis::twenty_percent_5xx") else {
         return;
     };
@@ -315,7 +322,9 @@ async fn thousand_events_with_twenty_percent_5xx_are_all_delivered_once_on_redis
         &redis,
         "fivexx",
         &format!(
-            "queues:\n  default: {{ concurrency: 32 }}\n{}",
+            // A breaker that never opens: 5 consecutive 503s among ~1250 attempts at 20% is
+            // likely enough to stall the test for the default 30 s recovery.
+            "hosts:\n  default:\n    circuit_breaker: {{ consecutive_failures: 1000, recovery_ms: 100 }}\nqueues:\n  default: {{ concurrency: 32 }}\n{}",
             async_rule(
                 &format!("http://{}/u", rx.local_addr()),
                 "[10, 10, 20, 20, 40, 40, 80, 80, 80, 80]"
