@@ -89,10 +89,11 @@ local function lease_it(id, due)
   out[#out + 1] = entry
 end
 if limit <= 0 then return out end
--- A Redis that lost the consumer group (restart without the stream's metadata, failover,
--- manual cleanup) gets it back here; '0' re-reads what is still in the stream, and the state
--- checks below skip entries that are no longer ready.
-redis.pcall('XGROUP', 'CREATE', stream, G, '0', 'MKSTREAM')
+-- '0': a group created after entries exist still reads them all. Acknowledged entries are
+-- deleted, so what it re-reads is only what is live, and the state checks below skip entries
+-- that are no longer ready.
+local function create_group() redis.pcall('XGROUP', 'CREATE', stream, G, '0', 'MKSTREAM') end
+if redis.call('EXISTS', stream) == 0 then create_group() end
 
 -- 1. Leases that ran out by the caller's clock (the lease length the worker asked for).
 local exp = redis.call('ZRANGEBYSCORE', leased, '-inf', ARGV[3], 'WITHSCORES', 'LIMIT', 0, limit)
@@ -138,7 +139,19 @@ end
 
 -- 4. New entries for this consumer.
 if n < limit then
-  local r = redis.call('XREADGROUP', 'GROUP', G, consumer, 'COUNT', limit - n, 'STREAMS', stream, '>')
+  local function read()
+    return redis.pcall('XREADGROUP', 'GROUP', G, consumer, 'COUNT', limit - n, 'STREAMS', stream, '>')
+  end
+  local r = read()
+  if type(r) == 'table' and r.err then
+    -- NOGROUP: Redis lost the consumer group (a restart that lost the stream's metadata, a
+    -- failover, manual cleanup). Recreate it and retry; steps 1 and 2 above were no-ops
+    -- without it, and the next claim runs them again.
+    if not string.find(r.err, 'NOGROUP', 1, true) then return redis.error_reply(r.err) end
+    create_group()
+    r = read()
+    if type(r) == 'table' and r.err then return redis.error_reply(r.err) end
+  end
   if r and r[1] then
     for _, e in ipairs(r[1][2]) do
       local sid, fields = e[1], e[2]
