@@ -123,7 +123,23 @@ pub async fn open_store(settings: &StoreSettings) -> Result<Arc<dyn Store>, Star
             .map_err(|e| StoreError::Unavailable(e.to_string()))??;
             Ok(Arc::new(store))
         }
-        StoreSettings::Redis { .. } => Err(StartError::Unsupported("redis")),
+        StoreSettings::Redis {
+            url,
+            key_prefix,
+            claim_idle_ms,
+            wait_replicas,
+            wait_timeout_ms,
+        } => {
+            let options = crate::queue::redis::RedisOptions {
+                key_prefix: key_prefix.clone(),
+                claim_idle_ms: *claim_idle_ms,
+                wait_replicas: *wait_replicas,
+                wait_timeout_ms: *wait_timeout_ms,
+                ..Default::default()
+            };
+            let store = crate::queue::redis::RedisStore::open(url, options).await?;
+            Ok(Arc::new(store))
+        }
     }
 }
 

@@ -2,10 +2,12 @@
 //!
 //! `cases` holds backend-agnostic cases; each backend gets a module here that opens a fresh
 //! store per case and runs every case against it, plus tests of its own specifics. A new
-//! backend (Redis) adds a module with the same `store_cases!` list.
+//! backend adds a module that runs `with_cases!` (see `redis` below).
 
 #[path = "store_suite/cases.rs"]
 mod cases;
+#[path = "common/redis_server.rs"]
+mod redis_server;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -13,6 +15,33 @@ use std::sync::Arc;
 use hookyard::queue::sqlite::{SqliteOptions, SqliteStore};
 use hookyard::queue::{EnqueueOutcome, Store, StoreError};
 use tempfile::TempDir;
+
+/// Calls `$callback!($($args)* <every backend-agnostic case>)`: the one list of cases that
+/// every backend runs, so a case added here runs against SQLite and Redis alike.
+macro_rules! with_cases {
+    ($callback:ident ! ($($args:tt)*)) => {
+        $callback!($($args)*
+        enqueue_claim_complete_delivered,
+        due_time_is_exact_to_the_millisecond,
+        lease_expiry_reclaims_and_ignores_stale_token,
+        retry_reschedules_and_counts_attempts,
+        defer_does_not_count_an_attempt,
+        dead_letter_listing_filters_and_paging,
+        replay_starts_fresh_round_with_same_id,
+        replay_matching_replays_filtered_set,
+        idempotency_duplicate_expiry_and_scope,
+        queue_full_at_max_depth_stores_nothing,
+        fallback_recorded_and_reconciled,
+        event_history_lists_attempts,
+        purge_removes_finished_and_expired,
+        stats_gauges,
+        release_returns_leases,
+        next_due_at_tracks_earliest,
+        queues_are_isolated,
+        close_then_calls_fail_closed,
+        );
+    };
+}
 
 /// One `#[tokio::test]` per case, each on a fresh store from `$open` (which returns the store
 /// and a guard that must outlive it).
@@ -47,26 +76,7 @@ mod sqlite {
         (dir, store)
     }
 
-    store_cases!(fresh;
-        enqueue_claim_complete_delivered,
-        due_time_is_exact_to_the_millisecond,
-        lease_expiry_reclaims_and_ignores_stale_token,
-        retry_reschedules_and_counts_attempts,
-        defer_does_not_count_an_attempt,
-        dead_letter_listing_filters_and_paging,
-        replay_starts_fresh_round_with_same_id,
-        replay_matching_replays_filtered_set,
-        idempotency_duplicate_expiry_and_scope,
-        queue_full_at_max_depth_stores_nothing,
-        fallback_recorded_and_reconciled,
-        event_history_lists_attempts,
-        purge_removes_finished_and_expired,
-        stats_gauges,
-        release_returns_leases,
-        next_due_at_tracks_earliest,
-        queues_are_isolated,
-        close_then_calls_fail_closed,
-    );
+    with_cases!(store_cases!(fresh;));
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn concurrent_enqueues_all_durable() {
@@ -395,6 +405,361 @@ mod sqlite {
     #[tokio::test]
     async fn ping_reports_ready_until_closed() {
         let (_dir, store) = fresh();
+        store.ping().await.unwrap();
+        store.close().await.unwrap();
+        assert!(matches!(store.ping().await, Err(StoreError::Closed)));
+    }
+}
+
+/// The same cases against Redis: each test starts its own `redis-server` (AOF on) in a temp
+/// dir, or is skipped with a message when none is installed (see `common/redis_server.rs`).
+mod redis {
+    use std::time::{Duration, Instant};
+
+    use super::redis_server::RedisServer;
+    use super::*;
+    use hookyard::queue::redis::{RedisOptions, RedisStore};
+    use hookyard::queue::Disposition;
+
+    /// Options for a store whose keys live under a prefix of its own.
+    fn options(prefix: &str) -> RedisOptions {
+        RedisOptions {
+            key_prefix: prefix.to_owned(),
+            ..RedisOptions::default()
+        }
+    }
+
+    async fn open(server: &RedisServer, options: RedisOptions) -> RedisStore {
+        RedisStore::open(&server.url(), options)
+            .await
+            .expect("open redis store")
+    }
+
+    /// A fresh server and a store on it, or `None` when the test is skipped.
+    async fn fresh(test: &str) -> Option<(RedisServer, RedisStore)> {
+        let server = RedisServer::start(test)?;
+        let store = open(&server, options("hy-test")).await;
+        Some((server, store))
+    }
+
+    /// A raw connection for poking at the server behind the store's back.
+    async fn raw(server: &RedisServer) -> ::redis::aio::MultiplexedConnection {
+        ::redis::Client::open(server.url())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap()
+    }
+
+    macro_rules! redis_cases {
+        ($($case:ident),* $(,)?) => {
+            $(
+                #[tokio::test]
+                async fn $case() {
+                    let Some((_server, store)) = fresh(concat!("redis::", stringify!($case))).await
+                    else {
+                        return;
+                    };
+                    cases::$case(&store).await;
+                    let _ = store.close().await;
+                }
+            )*
+        };
+    }
+
+    with_cases!(redis_cases!());
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_enqueues_all_durable() {
+        let Some((_server, store)) = fresh("redis::concurrent_enqueues_all_durable").await else {
+            return;
+        };
+        cases::concurrent_enqueues_all_durable(Arc::new(store), 200).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn bulk_replay_and_purge() {
+        let Some((_server, store)) = fresh("redis::bulk_replay_and_purge").await else {
+            return;
+        };
+        cases::bulk_replay_and_purge(Arc::new(store), 2100).await;
+    }
+
+    /// An acknowledged enqueue survives hookyard's store being dropped *and* redis-server
+    /// being SIGKILLed and restarted (AOF with appendfsync always).
+    #[tokio::test]
+    async fn durable_across_reopen_and_redis_crash() {
+        let Some(server) = RedisServer::start("redis::durable_across_reopen_and_redis_crash")
+        else {
+            return;
+        };
+        let server = std::sync::Mutex::new(server);
+        let opened = std::sync::atomic::AtomicUsize::new(0);
+        cases::durable_across_reopen(|| {
+            // The second open follows a crash of Redis itself.
+            if opened.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 1 {
+                server.lock().unwrap().restart();
+            }
+            let url = server.lock().unwrap().url();
+            async move {
+                Arc::new(RedisStore::open(&url, options("durable")).await.unwrap())
+                    as Arc<dyn Store>
+            }
+        })
+        .await;
+    }
+
+    /// Two instances share one queue and one depth limit; each gets its own consumer name.
+    #[tokio::test]
+    async fn two_instances_share_queue_and_depth() {
+        let Some(server) = RedisServer::start("redis::two_instances_share_queue_and_depth") else {
+            return;
+        };
+        let a = open(&server, options("shared")).await;
+        let b = open(&server, options("shared")).await;
+        assert_ne!(a.consumer(), b.consumer());
+        for (store, id) in [(&a, "evt_1"), (&b, "evt_2")] {
+            let ev = cases::event(id, "t", "q", cases::T0);
+            assert_eq!(
+                store.enqueue(ev, None, 2).await.unwrap(),
+                EnqueueOutcome::Accepted
+            );
+        }
+        let ev = cases::event("evt_3", "t", "q", cases::T0);
+        assert_eq!(
+            a.enqueue(ev, None, 2).await.unwrap(),
+            EnqueueOutcome::QueueFull
+        );
+        let got_a = a.claim_due("q", cases::T0, 1, cases::LEASE).await.unwrap();
+        let got_b = b.claim_due("q", cases::T0, 10, cases::LEASE).await.unwrap();
+        assert_eq!((got_a.len(), got_b.len()), (1, 1));
+        assert_ne!(got_a[0].id, got_b[0].id);
+        // Completing through the other instance works: the lease is the token, not the
+        // connection.
+        assert!(b
+            .complete(
+                &got_a[0].id,
+                &got_a[0].lease_token,
+                None,
+                Disposition::Delivered,
+                cases::T0
+            )
+            .await
+            .unwrap());
+        // Another store on a different prefix sees nothing.
+        let other = open(&server, options("elsewhere")).await;
+        assert!(other
+            .claim_due("q", cases::T0 + 10 * cases::LEASE as i64, 10, 1)
+            .await
+            .unwrap()
+            .is_empty());
+        assert_eq!(
+            other.stats("q", cases::T0).await.unwrap(),
+            Default::default()
+        );
+    }
+
+    /// A crashed instance's lease is taken over after `claim_idle_ms` of idleness on Redis's
+    /// clock (XAUTOCLAIM), long before its own (caller-clock) lease would run out; the crashed
+    /// instance's late completion is then ignored.
+    #[tokio::test]
+    async fn idle_lease_of_crashed_instance_is_reclaimed() {
+        let Some(server) = RedisServer::start("redis::idle_lease_of_crashed_instance_is_reclaimed")
+        else {
+            return;
+        };
+        let idle = RedisOptions {
+            claim_idle_ms: 300,
+            ..options("idle")
+        };
+        let crashed = open(&server, idle.clone()).await;
+        let survivor = open(&server, idle).await;
+        let ev = cases::event("evt_1", "t", "q", cases::T0);
+        crashed.enqueue(ev, None, u64::MAX).await.unwrap();
+        let lost = crashed
+            .claim_due("q", cases::T0, 10, 3_600_000)
+            .await
+            .unwrap();
+        assert_eq!(lost.len(), 1);
+        // Not idle long enough yet.
+        assert!(survivor
+            .claim_due("q", cases::T0 + 1, 10, 60_000)
+            .await
+            .unwrap()
+            .is_empty());
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let taken = survivor
+            .claim_due("q", cases::T0 + 2, 10, 60_000)
+            .await
+            .unwrap();
+        assert_eq!(taken.len(), 1);
+        assert_eq!(taken[0].id, "evt_1");
+        assert_eq!(taken[0].attempt, 1);
+        assert!(!crashed
+            .complete(
+                "evt_1",
+                &lost[0].lease_token,
+                None,
+                Disposition::Delivered,
+                cases::T0 + 3
+            )
+            .await
+            .unwrap());
+        assert!(survivor
+            .complete(
+                "evt_1",
+                &taken[0].lease_token,
+                None,
+                Disposition::Delivered,
+                cases::T0 + 3
+            )
+            .await
+            .unwrap());
+    }
+
+    /// A Redis that lost the consumer groups (NOGROUP) is repaired on the next claim, without
+    /// handing out an event that is still leased and without losing a ready one.
+    #[tokio::test]
+    async fn lost_consumer_group_is_recreated() {
+        let Some((server, store)) = fresh("redis::lost_consumer_group_is_recreated").await else {
+            return;
+        };
+        for id in ["evt_1", "evt_2"] {
+            store
+                .enqueue(cases::event(id, "t", "q", cases::T0), None, u64::MAX)
+                .await
+                .unwrap();
+        }
+        let leased = store
+            .claim_due("q", cases::T0, 1, cases::LEASE)
+            .await
+            .unwrap();
+        assert_eq!(leased.len(), 1);
+        let mut conn = raw(&server).await;
+        let stream = format!("{}:q:q:ready", store.prefix());
+        let destroyed: i64 = ::redis::cmd("XGROUP")
+            .arg("DESTROY")
+            .arg(&stream)
+            .arg("hookyard")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(destroyed, 1);
+        let next = store
+            .claim_due("q", cases::T0, 10, cases::LEASE)
+            .await
+            .unwrap();
+        let ids: Vec<&str> = next.iter().map(|c| c.id.as_str()).collect();
+        assert_eq!(ids.len(), 1, "{ids:?}");
+        assert_ne!(ids[0], leased[0].id, "a leased event was handed out again");
+        for c in leased.iter().chain(&next) {
+            assert!(store
+                .complete(
+                    &c.id,
+                    &c.lease_token,
+                    None,
+                    Disposition::Delivered,
+                    cases::T0 + 1
+                )
+                .await
+                .unwrap());
+        }
+        let stats = store.stats("q", cases::T0 + 1).await.unwrap();
+        assert_eq!((stats.ready, stats.in_flight), (0, 0));
+    }
+
+    /// Nothing listens: every call fails `Unavailable` quickly (no hang), `ping` included.
+    #[tokio::test]
+    async fn unreachable_redis_is_unavailable_quickly() {
+        let Some(server) = RedisServer::start("redis::unreachable_redis_is_unavailable_quickly")
+        else {
+            return;
+        };
+        let mut server = server;
+        let store = open(&server, options("down")).await;
+        store.ping().await.unwrap();
+        server.kill();
+        let started = Instant::now();
+        assert!(matches!(
+            store.ping().await,
+            Err(StoreError::Unavailable(_))
+        ));
+        let ev = cases::event("evt_1", "t", "q", cases::T0);
+        assert!(matches!(
+            store.enqueue(ev, None, u64::MAX).await,
+            Err(StoreError::Unavailable(_))
+        ));
+        assert!(matches!(
+            store.claim_due("q", cases::T0, 10, 1000).await,
+            Err(StoreError::Unavailable(_))
+        ));
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "took {:?}",
+            started.elapsed()
+        );
+        // And it comes back by itself once Redis does.
+        server.restart();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while store.ping().await.is_err() {
+            assert!(Instant::now() < deadline, "store did not reconnect");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let ev = cases::event("evt_2", "t", "q", cases::T0);
+        assert_eq!(
+            store.enqueue(ev, None, u64::MAX).await.unwrap(),
+            EnqueueOutcome::Accepted
+        );
+    }
+
+    /// `wait_replicas` with no replica attached: the event is not acknowledged as durable.
+    #[tokio::test]
+    async fn wait_replicas_without_replicas_is_unavailable() {
+        let Some(server) =
+            RedisServer::start("redis::wait_replicas_without_replicas_is_unavailable")
+        else {
+            return;
+        };
+        let store = open(
+            &server,
+            RedisOptions {
+                wait_replicas: 1,
+                wait_timeout_ms: 100,
+                ..options("wait")
+            },
+        )
+        .await;
+        let ev = cases::event("evt_1", "t", "q", cases::T0);
+        match store.enqueue(ev, None, u64::MAX).await {
+            Err(StoreError::Unavailable(msg)) => assert!(msg.contains("replicas"), "{msg}"),
+            other => panic!("expected Unavailable, got {other:?}"),
+        }
+    }
+
+    /// Every key the store writes carries the prefix as a hash tag (one cluster slot).
+    #[tokio::test]
+    async fn every_key_is_prefixed() {
+        let Some((server, store)) = fresh("redis::every_key_is_prefixed").await else {
+            return;
+        };
+        cases::fallback_recorded_and_reconciled(&store).await;
+        let mut conn = raw(&server).await;
+        let keys: Vec<String> = ::redis::cmd("KEYS")
+            .arg("*")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert!(!keys.is_empty());
+        for k in keys {
+            assert!(k.starts_with("{hy-test}:"), "{k}");
+        }
+    }
+
+    #[tokio::test]
+    async fn ping_reports_ready_until_closed() {
+        let Some((_server, store)) = fresh("redis::ping_reports_ready_until_closed").await else {
+            return;
+        };
         store.ping().await.unwrap();
         store.close().await.unwrap();
         assert!(matches!(store.ping().await, Err(StoreError::Closed)));

@@ -24,6 +24,10 @@ use crate::signing::{Secret, SignatureScheme, Signer};
 
 /// Default deadline of an async attempt when the rule sets none.
 const DEFAULT_ASYNC_TIMEOUT_MS: u64 = 10_000;
+/// Default Redis `claim_idle_ms` when the longest rule timeout allows it.
+const DEFAULT_CLAIM_IDLE_MS: u64 = 30_000;
+/// Least headroom `claim_idle_ms` must leave above the longest rule timeout.
+pub const CLAIM_IDLE_MARGIN_MS: u64 = 1_000;
 /// Longest accepted per-attempt timeout: a deadline beyond this is a typo, not a policy.
 const MAX_TIMEOUT_MS: i64 = 300_000;
 
@@ -183,6 +187,7 @@ impl Compiler<'_> {
         let hosts = self.hosts(&file.hosts);
         let queues = self.queues(&file.queues);
         let rules = self.rules(&file.routing_rules, &queues);
+        let store = store.map(|st| self.check_claim_idle(st, &file.store, &rules));
         let content_hash = hex::encode(Sha256::digest(bytes));
         Some(Settings {
             path: path.to_path_buf(),
@@ -218,6 +223,15 @@ impl Compiler<'_> {
                     self.problem(Problem::spanned(
                         url,
                         "url is for kind: redis; SQLite takes path",
+                    ));
+                }
+                for key in [&s.claim_idle_ms, &s.wait_replicas, &s.wait_timeout_ms]
+                    .into_iter()
+                    .flatten()
+                {
+                    self.problem(Problem::spanned(
+                        key,
+                        "claim_idle_ms, wait_replicas and wait_timeout_ms are for kind: redis",
                     ));
                 }
                 let raw = match &s.path {
@@ -262,9 +276,42 @@ impl Compiler<'_> {
                     ));
                     return None;
                 }
+                if let Some(prefix) = s.key_prefix.as_deref() {
+                    // The prefix becomes a cluster hash tag `{prefix}`: braces would break it.
+                    if prefix.is_empty() || prefix.contains(['{', '}']) {
+                        let at = s.kind.as_ref()?;
+                        self.problem(Problem::spanned(
+                            at,
+                            format!("store.key_prefix must be non-empty and free of braces, got {prefix:?}"),
+                        ));
+                    }
+                }
+                // 0 stands for "not set": `check_claim_idle` fills in the default once the
+                // rules (and so the longest timeout) are known.
+                let claim_idle_ms = s
+                    .claim_idle_ms
+                    .as_ref()
+                    .map(|_| self.positive(&s.claim_idle_ms, 0, "claim_idle_ms", 86_400_000))
+                    .unwrap_or(0);
+                let wait_replicas = match &s.wait_replicas {
+                    Some(p) if !(0..=100).contains(&p.value) => {
+                        self.problem(Problem::spanned(
+                            p,
+                            format!("wait_replicas must be between 0 and 100, got {}", p.value),
+                        ));
+                        0
+                    }
+                    Some(p) => p.value as u32,
+                    None => 0,
+                };
+                let wait_timeout_ms =
+                    self.positive(&s.wait_timeout_ms, 1000, "wait_timeout_ms", MAX_TIMEOUT_MS);
                 Some(StoreSettings::Redis {
                     url: text,
                     key_prefix: s.key_prefix.clone().unwrap_or_else(|| "hookyard".into()),
+                    claim_idle_ms,
+                    wait_replicas,
+                    wait_timeout_ms,
                 })
             }
         }
@@ -308,6 +355,56 @@ impl Compiler<'_> {
                 self.problem(Problem::spanned(at, e));
                 None
             }
+        }
+    }
+
+    /// Redis: a leased event idle for `claim_idle_ms` is handed to another instance. If that
+    /// can happen while its first delivery is still inside its deadline, the event is delivered
+    /// twice, so the idle time must exceed the longest rule timeout by a margin (signing, the
+    /// tail of the HTTP exchange, recording the result). Unset, it defaults to whichever is
+    /// larger of 30 s and that timeout + 5 s.
+    fn check_claim_idle(
+        &mut self,
+        store: StoreSettings,
+        s: &super::schema::StoreSection,
+        rules: &RuleTable,
+    ) -> StoreSettings {
+        let StoreSettings::Redis {
+            url,
+            key_prefix,
+            claim_idle_ms,
+            wait_replicas,
+            wait_timeout_ms,
+        } = store
+        else {
+            return store;
+        };
+        let longest = rules
+            .rules()
+            .iter()
+            .map(|r| r.timeout.as_millis() as u64)
+            .max()
+            .unwrap_or(DEFAULT_ASYNC_TIMEOUT_MS);
+        let claim_idle_ms = match (&s.claim_idle_ms, claim_idle_ms) {
+            (Some(p), set) if set > 0 && set < longest + CLAIM_IDLE_MARGIN_MS => {
+                self.problem(Problem::spanned(
+                    p,
+                    format!(
+                        "claim_idle_ms ({set}) must be at least the longest rule timeout_ms ({longest}) + {CLAIM_IDLE_MARGIN_MS}: \
+                         a shorter idle time hands a delivery still in flight to another instance, which delivers it twice"
+                    ),
+                ));
+                set
+            }
+            (_, 0) => DEFAULT_CLAIM_IDLE_MS.max(longest + 5_000),
+            (_, set) => set,
+        };
+        StoreSettings::Redis {
+            url,
+            key_prefix,
+            claim_idle_ms,
+            wait_replicas,
+            wait_timeout_ms,
         }
     }
 

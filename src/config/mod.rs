@@ -102,6 +102,12 @@ pub enum StoreSettings {
     Redis {
         url: String,
         key_prefix: String,
+        /// Idle time after which another instance takes over a leased event.
+        claim_idle_ms: u64,
+        /// Replicas that must acknowledge each enqueue (`WAIT`); 0 = none.
+        wait_replicas: u32,
+        /// Bound on that `WAIT`.
+        wait_timeout_ms: u64,
     },
 }
 

@@ -102,6 +102,19 @@ pub struct StoreSection {
     pub url: Option<Pos<String>>,
     /// Prefix of every Redis key, so several deployments can share one server.
     pub key_prefix: Option<String>,
+    /// Redis only: an event leased by an instance and idle this long (ms) in the queue's
+    /// consumer group is taken over by another instance (a crashed instance's deliveries).
+    /// Must exceed the longest rule `timeout_ms` by at least 1000. Default: the larger of
+    /// 30000 and the longest timeout + 5000.
+    #[schemars(with = "Option<u64>")]
+    pub claim_idle_ms: Option<Pos<i64>>,
+    /// Redis only: replicas that must acknowledge an accepted event (`WAIT`) before the 202.
+    /// Default 0 (the primary's acknowledgement is enough).
+    #[schemars(with = "Option<u32>")]
+    pub wait_replicas: Option<Pos<i64>>,
+    /// Redis only: how long to wait for `wait_replicas` before answering 503. Default 1000.
+    #[schemars(with = "Option<u64>")]
+    pub wait_timeout_ms: Option<Pos<i64>>,
     /// SQLite only: fsync each group commit (default true). Turning it off is for benchmarks.
     pub fsync: Option<bool>,
     /// SQLite only: cap on the database file in MiB. When reached, ingress answers 503 instead

@@ -13,6 +13,8 @@
 //!   millisecond;
 //! - times are passed in by the caller (`now_ms`), so tests drive the clock.
 
+pub mod redis;
+mod redis_lua;
 pub mod sqlite;
 
 use std::future::Future;

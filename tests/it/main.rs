@@ -8,6 +8,7 @@ mod admin;
 mod async_path;
 mod config_check;
 mod crash;
+mod redis;
 mod reload;
 mod sync_path;
 mod tls;

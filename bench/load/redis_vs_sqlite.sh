@@ -1,0 +1,146 @@
+#!/usr/bin/env bash
+# Durable accepts/s on Redis vs SQLite (1 KiB bodies, 64 connections, wrk), and deliveries/s
+# with one vs two hookyard instances sharing one Redis.
+#
+#   cargo build --release --bin hookyard && bench/load/redis_vs_sqlite.sh
+#
+# Env: HOOKYARD_BIN (default target/release/hookyard), DURATION (wrk, default 10s),
+# APPENDFSYNC (redis, default always), DRAIN_EVENTS (deliveries phase, default 20000).
+# Needs redis-server, wrk and curl on PATH. Everything runs on loopback in a temp dir.
+set -euo pipefail
+
+BIN=${HOOKYARD_BIN:-target/release/hookyard}
+DURATION=${DURATION:-10s}
+APPENDFSYNC=${APPENDFSYNC:-always}
+DRAIN_EVENTS=${DRAIN_EVENTS:-20000}
+SECRET='whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw'
+work=$(mktemp -d)
+pids=()
+
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  [ -n "${KEEP_LOG:-}" ] && tail -20 "$work/log" >&2
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+wait_http() { # url
+  for _ in $(seq 1 200); do curl -fs -o /dev/null "$1" && return 0; sleep 0.05; done
+  echo "timeout waiting for $1" >&2; return 1
+}
+
+start_bg() { "$@" >>"$work/log" 2>&1 & pids+=($!); }
+
+# One receiver for the whole run; accepts anything, answers 200 at once.
+RX=$(free_port)
+start_bg "$BIN" receive --listen "127.0.0.1:$RX"
+wait_http "http://127.0.0.1:$RX/stats"
+
+REDIS=$(free_port)
+mkdir -p "$work/redis"
+start_bg redis-server --port "$REDIS" --bind 127.0.0.1 --dir "$work/redis" \
+  --appendonly yes --appendfsync "$APPENDFSYNC" --save ''
+until redis-cli -p "$REDIS" ping >/dev/null 2>&1; do sleep 0.05; done
+
+config() { # name store-yaml concurrency target-port -> path
+  local ingress admin
+  ingress=$(free_port); admin=$(free_port)
+  cat >"$work/$1.yaml" <<YAML
+listen: 127.0.0.1:$ingress
+admin_listen: 127.0.0.1:$admin
+store:
+$2
+signing:
+  secrets: ["$SECRET"]
+hosts:
+  default:
+    max_connections: 256
+    circuit_breaker: { consecutive_failures: 1000000, recovery_ms: 100 }
+queues:
+  default: { concurrency: $3 }
+routing_rules:
+  - event_type: bench.event
+    mode: async
+    target: http://127.0.0.1:$4/hook
+    timeout_ms: 2000
+    retry_matrix: [100]
+YAML
+  echo "$work/$1.yaml"
+}
+ports_of() { sed -n 's/^listen: 127.0.0.1:\([0-9]*\)$/\1/p;s/^admin_listen: 127.0.0.1:\([0-9]*\)$/\1/p' "$1"; }
+
+head -c 1024 /dev/zero | tr '\0' 'x' >"$work/body"
+cat >"$work/post.lua" <<LUA
+wrk.method = "POST"
+wrk.body = io.open("$work/body"):read("*a")
+wrk.headers["Content-Type"] = "application/octet-stream"
+done = function(summary, latency, requests)
+  io.write(string.format("non-2xx: %d\n", summary.errors.status))
+end
+LUA
+
+accepts() { # name store-yaml
+  local cfg pid ports
+  # Delivery throttled to one worker so the measurement is the accept path, not delivery.
+  cfg=$(config "$1" "$2" 1 "$RX")
+  mapfile -t ports < <(ports_of "$cfg")
+  "$BIN" serve --config "$cfg" >>"$work/log" 2>&1 & pid=$!; pids+=($pid)
+  wait_http "http://127.0.0.1:${ports[1]}/readyz"
+  echo "== durable accepts/s, $1 (1 KiB bodies, 64 connections, $DURATION)"
+  wrk -t2 -c64 -d"$DURATION" --latency -s "$work/post.lua" \
+    "http://127.0.0.1:${ports[0]}/v1/events/bench.event" | grep -E "Requests/sec|non-2xx|50%|99%"
+  kill "$pid"; wait "$pid" 2>/dev/null || true
+}
+
+[ -n "${SKIP_ACCEPTS:-}" ] || accepts sqlite "  kind: sqlite
+  path: $work/sqlite/hookyard.db"
+[ -n "${SKIP_ACCEPTS:-}" ] || accepts redis "  kind: redis
+  url: redis://127.0.0.1:$REDIS
+  key_prefix: accepts"
+
+# Deliveries: fill a dead-letter queue (the receiver on DEAD answers 400, a permanent
+# failure), then replay it all at once and time how fast 1 or 2 instances drain it.
+deliveries() { # instances
+  local n=$1 prefix="drain$1" cfgs=() ports stats t0 t1 want
+  local store="  kind: redis
+  url: redis://127.0.0.1:$REDIS
+  key_prefix: $prefix"
+  local dead; dead=$(free_port)
+  "$BIN" receive --listen "127.0.0.1:$dead" --status 400 >>"$work/log" 2>&1 & local dead_pid=$!
+  wait_http "http://127.0.0.1:$dead/stats"
+  local fill; fill=$(config "fill$n" "$store" 64 "$dead")
+  mapfile -t ports < <(ports_of "$fill")
+  "$BIN" serve --config "$fill" >>"$work/log" 2>&1 & local fill_pid=$!
+  wait_http "http://127.0.0.1:${ports[1]}/readyz"
+  seq 1 "$DRAIN_EVENTS" | xargs -P 64 -I{} curl -fs -o /dev/null -X POST \
+    --data-binary @"$work/body" "http://127.0.0.1:${ports[0]}/v1/events/bench.event"
+  until [ "$(curl -fs "http://127.0.0.1:$dead/stats" | python3 -c 'import json,sys; print(json.load(sys.stdin)["received"])')" -ge "$DRAIN_EVENTS" ]; do sleep 0.2; done
+  kill "$fill_pid" "$dead_pid"; wait "$fill_pid" "$dead_pid" 2>/dev/null || true
+  # Events keep the target they were accepted with: the healthy receiver takes over its port.
+  local live=$dead
+  start_bg "$BIN" receive --listen "127.0.0.1:$live"
+  wait_http "http://127.0.0.1:$live/stats"
+
+  local admins=()
+  for i in $(seq 1 "$n"); do
+    local cfg; cfg=$(config "drain$n-$i" "$store" 64 "$RX")
+    mapfile -t ports < <(ports_of "$cfg")
+    RUST_LOG=warn "$BIN" serve --config "$cfg" >>"$work/log" 2>&1 & pids+=($!); cfgs+=($!)
+    wait_http "http://127.0.0.1:${ports[1]}/readyz"
+    admins+=("${ports[1]}")
+  done
+  stats() { curl -fs "http://127.0.0.1:$live/stats" | python3 -c 'import json,sys; print(json.load(sys.stdin)["delivered_ok"])'; }
+  want=$DRAIN_EVENTS
+  t0=$(date +%s.%N)
+  curl -fsS -X POST -d '{"all":true}' "http://127.0.0.1:${admins[0]}/v1/dlq/replay" >/dev/null
+  until [ "$(stats)" -ge "$want" ]; do sleep 0.05; done
+  t1=$(date +%s.%N)
+  python3 -c "print('== deliveries/s, $n instance(s) on redis: %.0f ($DRAIN_EVENTS events in %.2f s, replay included)' % ($DRAIN_EVENTS/($t1-$t0), $t1-$t0))"
+  for p in "${cfgs[@]}"; do kill "$p"; wait "$p" 2>/dev/null || true; done
+}
+
+deliveries 1
+deliveries 2

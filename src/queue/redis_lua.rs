@@ -1,0 +1,385 @@
+//! The Lua scripts of the Redis store, one per state transition.
+//!
+//! Every transition of an event (enqueue, claim, complete, release, replay, purge) is one
+//! script, so Redis runs it atomically: no other client sees an event half-moved between the
+//! delayed set, the ready stream and the lease set, and the per-queue depth counter changes in
+//! the same step as the event it counts.
+//!
+//! `ARGV[1]` is always the key prefix (with its hash tag); per-event and per-queue keys are
+//! derived from it inside the script. All keys share the hash tag, so on a cluster they live
+//! in one slot and the scripts never cross slots. Timestamps are handed to Redis as the
+//! decimal strings the caller sent, never as Lua numbers, because Lua formats numbers with
+//! `%.14g` and would round large values.
+
+/// Helpers prepended to every script.
+const PRELUDE: &str = r#"
+local P = ARGV[1]
+local G = 'hookyard'
+local function ev(id) return P .. ':ev:' .. id end
+local function qk(q, s) return P .. ':q:' .. q .. ':' .. s end
+local function to_ready(id, q)
+  local sid = redis.call('XADD', qk(q, 'ready'), '*', 'id', id)
+  redis.call('HSET', ev(id), 'state', 'r', 'sid', sid)
+end
+local function drop_entry(stream, sid)
+  redis.pcall('XACK', stream, G, sid)
+  redis.call('XDEL', stream, sid)
+end
+"#;
+
+/// `ARGV`: prefix, id, queue, max_depth, received_at, due_at, idempotency key ('' for none),
+/// idempotency expiry, idempotency ttl ms, fallback flag ('' or '1'), then hash field/value
+/// pairs. Returns `{'ok'}`, `{'dup', event_id}`, `{'full'}` or `{'exists'}`.
+const ENQUEUE: &str = r#"
+local id, q = ARGV[2], ARGV[3]
+local recv, due = tonumber(ARGV[5]), tonumber(ARGV[6])
+local ik = ARGV[7]
+-- Dedupe before the depth check: a retried request whose first copy was accepted should learn
+-- its event id, not be told to back off. The expiry inside the value is authoritative; the
+-- key's TTL only garbage-collects it.
+if ik ~= '' then
+  local cur = redis.call('GET', ik)
+  if cur then
+    local bar = string.find(cur, '|', 1, true)
+    if bar and tonumber(string.sub(cur, 1, bar - 1)) > recv then
+      return {'dup', string.sub(cur, bar + 1)}
+    end
+  end
+end
+local depth = tonumber(redis.call('GET', qk(q, 'depth')) or '0')
+if depth >= tonumber(ARGV[4]) then return {'full'} end
+local key = ev(id)
+if redis.call('EXISTS', key) == 1 then return {'exists'} end
+redis.call('HSET', key, unpack(ARGV, 11))
+redis.call('INCR', qk(q, 'depth'))
+if due <= recv then
+  to_ready(id, q)
+else
+  redis.call('HSET', key, 'state', 'p')
+  redis.call('ZADD', qk(q, 'delayed'), ARGV[6], id)
+end
+if ik ~= '' then
+  redis.call('SET', ik, ARGV[8] .. '|' .. id, 'PX', ARGV[9])
+end
+if ARGV[10] ~= '' then
+  redis.call('ZADD', P .. ':fallbacks', ARGV[5], id)
+end
+return {'ok'}
+"#;
+
+/// `ARGV`: prefix, queue, now, limit, lease_until, consumer, claim_idle_ms, token base.
+/// Returns one array per leased event: id, token, due (or expired lease) time, then the
+/// fields of [`CLAIM_FIELDS`](super::redis::CLAIM_FIELDS) in order.
+const CLAIM: &str = r#"
+local q, now, limit = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
+local until_s, consumer, idle, base = ARGV[5], ARGV[6], ARGV[7], ARGV[8]
+local stream, delayed, leased = qk(q, 'ready'), qk(q, 'delayed'), qk(q, 'leased')
+local out = {}
+local n = 0
+local function lease_it(id, due)
+  n = n + 1
+  local tok = base .. ':' .. n
+  local key = ev(id)
+  redis.call('HSET', key, 'state', 'f', 'tok', tok, 'until', until_s)
+  redis.call('ZADD', leased, until_s, id)
+  local f = redis.call('HMGET', key, 'type', 'queue', 'target', 'ct', 'trace', 'ikey', 'sig',
+    'timeout', 'delays', 'jitter', 'made', 'body')
+  local entry = {id, tok, due}
+  for i = 1, 12 do entry[#entry + 1] = f[i] end
+  out[#out + 1] = entry
+end
+if limit <= 0 then return out end
+-- '0': a group created after entries exist still reads them all. Acknowledged entries are
+-- deleted, so what it re-reads is only what is live, and the state checks below skip entries
+-- that are no longer ready.
+local function create_group() redis.pcall('XGROUP', 'CREATE', stream, G, '0', 'MKSTREAM') end
+if redis.call('EXISTS', stream) == 0 then create_group() end
+
+-- 1. Leases that ran out by the caller's clock (the lease length the worker asked for).
+local exp = redis.call('ZRANGEBYSCORE', leased, '-inf', ARGV[3], 'WITHSCORES', 'LIMIT', 0, limit)
+for i = 1, #exp, 2 do
+  local id = exp[i]
+  local st = redis.call('HMGET', ev(id), 'state', 'sid')
+  if st[1] == 'f' then
+    if st[2] then redis.pcall('XCLAIM', stream, G, consumer, 0, st[2], 'JUSTID') end
+    lease_it(id, exp[i + 1])
+  else
+    redis.call('ZREM', leased, id)
+  end
+end
+
+-- 2. Entries another consumer has held longer than claim_idle_ms on Redis's own clock: its
+-- instance crashed, or its clock is wrong. Immune to clock skew between instances.
+if n < limit then
+  local r = redis.pcall('XAUTOCLAIM', stream, G, consumer, idle, '0-0', 'COUNT', limit - n)
+  if type(r) == 'table' and not r.err and r[2] then
+    for _, e in ipairs(r[2]) do
+      local sid, fields = e[1], e[2]
+      local id = fields and fields[2]
+      local st = {}
+      if id then st = redis.call('HMGET', ev(id), 'state', 'sid', 'until') end
+      if st[1] == 'f' and st[2] == sid then
+        lease_it(id, st[3])
+      elseif sid then
+        drop_entry(stream, sid)
+      end
+    end
+  end
+end
+
+-- 3. Delayed events now due move to the stream, oldest due first, in this same script: a
+-- crash between ZREM and XADD cannot lose or duplicate one.
+if n < limit then
+  local due = redis.call('ZRANGEBYSCORE', delayed, '-inf', ARGV[3], 'LIMIT', 0, limit - n)
+  for _, id in ipairs(due) do
+    redis.call('ZREM', delayed, id)
+    to_ready(id, q)
+  end
+end
+
+-- 4. New entries for this consumer.
+if n < limit then
+  local function read()
+    return redis.pcall('XREADGROUP', 'GROUP', G, consumer, 'COUNT', limit - n, 'STREAMS', stream, '>')
+  end
+  local r = read()
+  if type(r) == 'table' and r.err then
+    -- NOGROUP: Redis lost the consumer group (a restart that lost the stream's metadata, a
+    -- failover, manual cleanup). Recreate it and retry; steps 1 and 2 above were no-ops
+    -- without it, and the next claim runs them again.
+    if not string.find(r.err, 'NOGROUP', 1, true) then return redis.error_reply(r.err) end
+    create_group()
+    r = read()
+    if type(r) == 'table' and r.err then return redis.error_reply(r.err) end
+  end
+  if r and r[1] then
+    for _, e in ipairs(r[1][2]) do
+      local sid, fields = e[1], e[2]
+      local id = fields and fields[2]
+      local st = {}
+      if id then st = redis.call('HMGET', ev(id), 'state', 'sid', 'due') end
+      if st[1] == 'r' and st[2] == sid then
+        if tonumber(st[3]) > now then
+          -- Enqueued by an instance whose clock runs ahead: not due yet by ours.
+          drop_entry(stream, sid)
+          redis.call('HSET', ev(id), 'state', 'p')
+          redis.call('HDEL', ev(id), 'sid')
+          redis.call('ZADD', delayed, st[3], id)
+        else
+          lease_it(id, st[3])
+        end
+      elseif st[1] == 'f' and st[2] == sid then
+        -- Re-read after the group was recreated: still leased; the lease decides.
+      else
+        drop_entry(stream, sid)
+      end
+    end
+  end
+end
+return out
+"#;
+
+/// `ARGV`: prefix, id, token, kind (`delivered` | `retry` | `defer` | `dead`), due_at, now,
+/// dead-letter reason, dlq member, attempt JSON ('' for none). Returns 1, or 0 when the token
+/// no longer holds the lease.
+const COMPLETE: &str = r#"
+local id, tok, kind = ARGV[2], ARGV[3], ARGV[4]
+local key = ev(id)
+local st = redis.call('HMGET', key, 'state', 'tok', 'sid', 'queue', 'made')
+if st[1] ~= 'f' or st[2] ~= tok then return 0 end
+local q = st[4]
+if st[3] then drop_entry(qk(q, 'ready'), st[3]) end
+redis.call('ZREM', qk(q, 'leased'), id)
+redis.call('HDEL', key, 'tok', 'until', 'sid')
+if kind ~= 'defer' then
+  local made = tonumber(st[5] or '0') + 1
+  redis.call('HSET', key, 'made', made)
+  if ARGV[9] ~= '' then
+    -- The store's count is authoritative: the token check proved this is the attempt it
+    -- handed out.
+    redis.call('RPUSH', P .. ':att:' .. id, made .. '|' .. ARGV[9])
+    redis.call('HSET', key, 'last', ARGV[9])
+  end
+end
+if kind == 'delivered' then
+  redis.call('HSET', key, 'state', 'd', 'dlv', ARGV[6])
+  redis.call('HDEL', key, 'due')
+  redis.call('DECR', qk(q, 'depth'))
+  redis.call('ZADD', P .. ':delivered', ARGV[6], id)
+elseif kind == 'dead' then
+  redis.call('HSET', key, 'state', 'x', 'dla', ARGV[6], 'dlr', ARGV[7], 'dlm', ARGV[8])
+  redis.call('HDEL', key, 'due')
+  redis.call('DECR', qk(q, 'depth'))
+  redis.call('INCR', qk(q, 'dead'))
+  redis.call('ZADD', P .. ':dlq', 0, ARGV[8])
+else
+  redis.call('HSET', key, 'state', 'p', 'due', ARGV[5])
+  redis.call('ZADD', qk(q, 'delayed'), ARGV[5], id)
+end
+return 1
+"#;
+
+/// `ARGV`: prefix, now, then (id, token) pairs. Returns how many leases were handed back.
+const RELEASE: &str = r#"
+local n = 0
+for i = 3, #ARGV, 2 do
+  local id, tok = ARGV[i], ARGV[i + 1]
+  local key = ev(id)
+  local st = redis.call('HMGET', key, 'state', 'tok', 'sid', 'queue')
+  if st[1] == 'f' and st[2] == tok then
+    local q = st[4]
+    if st[3] then drop_entry(qk(q, 'ready'), st[3]) end
+    redis.call('ZREM', qk(q, 'leased'), id)
+    redis.call('HDEL', key, 'tok', 'until', 'sid')
+    redis.call('HSET', key, 'state', 'p', 'due', ARGV[2])
+    redis.call('ZADD', qk(q, 'delayed'), ARGV[2], id)
+    n = n + 1
+  end
+end
+return n
+"#;
+
+/// `ARGV`: prefix, now, then event ids. Returns the ids replayed.
+const REPLAY: &str = r#"
+local out = {}
+for i = 3, #ARGV do
+  local id = ARGV[i]
+  local key = ev(id)
+  local st = redis.call('HMGET', key, 'state', 'queue', 'dlm')
+  if st[1] == 'x' then
+    local q = st[2]
+    if st[3] then redis.call('ZREM', P .. ':dlq', st[3]) end
+    redis.call('HDEL', key, 'dla', 'dlr', 'dlm')
+    -- A new round: the attempt count restarts; the old attempts stay as history.
+    redis.call('HSET', key, 'state', 'p', 'due', ARGV[2], 'made', 0)
+    redis.call('ZADD', qk(q, 'delayed'), ARGV[2], id)
+    -- Replay is an operator's decision and is not refused at max_depth.
+    redis.call('INCR', qk(q, 'depth'))
+    redis.call('DECR', qk(q, 'dead'))
+    out[#out + 1] = id
+  end
+end
+return out
+"#;
+
+/// `ARGV`: prefix, before (delivered), chunk, dlq upper bound (exclusive lex). Deletes up to
+/// `chunk` old dead letters and `chunk` old delivered events with their history and fallback
+/// records. Returns `{dead_letters_removed, delivered_removed}`.
+const PURGE: &str = r#"
+local chunk = tonumber(ARGV[3])
+local function drop(id)
+  local q = redis.call('HGET', ev(id), 'queue')
+  redis.call('DEL', ev(id), P .. ':att:' .. id)
+  redis.call('ZREM', P .. ':fallbacks', id)
+  return q
+end
+local dl = redis.call('ZRANGEBYLEX', P .. ':dlq', '-', ARGV[4], 'LIMIT', 0, chunk)
+for _, m in ipairs(dl) do
+  local colon = string.find(m, ':', 1, true)
+  local q = drop(string.sub(m, colon + 1))
+  if q then redis.call('DECR', qk(q, 'dead')) end
+  redis.call('ZREM', P .. ':dlq', m)
+end
+local dv = redis.call('ZRANGEBYSCORE', P .. ':delivered', '-inf', '(' .. ARGV[2], 'LIMIT', 0, chunk)
+for _, id in ipairs(dv) do
+  drop(id)
+  redis.call('ZREM', P .. ':delivered', id)
+end
+return {#dl, #dv}
+"#;
+
+/// Helper for the gauge scripts: how many stream entries no consumer has read yet, and the
+/// due time of the oldest of them.
+const UNREAD: &str = r#"
+local function unread(stream)
+  local len = redis.call('XLEN', stream)
+  if len == 0 then return 0, nil end
+  local last, pending = nil, 0
+  local g = redis.pcall('XINFO', 'GROUPS', stream)
+  if type(g) == 'table' and not g.err then
+    for _, grp in ipairs(g) do
+      local name, ld, pe
+      for i = 1, #grp, 2 do
+        if grp[i] == 'name' then name = grp[i + 1]
+        elseif grp[i] == 'last-delivered-id' then ld = grp[i + 1]
+        elseif grp[i] == 'pending' then pe = grp[i + 1] end
+      end
+      if name == G then last, pending = ld, pe end
+    end
+  end
+  local count = len - pending
+  if count <= 0 then return 0, nil end
+  local e
+  if last then
+    e = redis.call('XRANGE', stream, '(' .. last, '+', 'COUNT', 1)
+  else
+    e = redis.call('XRANGE', stream, '-', '+', 'COUNT', 1)
+  end
+  local due = nil
+  if e[1] and e[1][2] then due = tonumber(redis.call('HGET', ev(e[1][2][2]), 'due')) end
+  return count, due
+end
+"#;
+
+/// `ARGV`: prefix, queue, now. Returns `{ready, delayed, in_flight, dead, oldest_ready_due}`
+/// with -1 for "no ready event".
+const STATS: &str = r#"
+local q, now = ARGV[2], ARGV[3]
+local delayed = qk(q, 'delayed')
+local count, oldest = unread(qk(q, 'ready'))
+local due_ready = redis.call('ZCOUNT', delayed, '-inf', now)
+local waiting = redis.call('ZCOUNT', delayed, '(' .. now, '+inf')
+if due_ready > 0 then
+  local first = redis.call('ZRANGE', delayed, 0, 0, 'WITHSCORES')
+  local s = tonumber(first[2])
+  if not oldest or s < oldest then oldest = s end
+end
+local inflight = redis.call('ZCARD', qk(q, 'leased'))
+local dead = tonumber(redis.call('GET', qk(q, 'dead')) or '0')
+return {count + due_ready, waiting, inflight, dead, oldest or -1}
+"#;
+
+/// `ARGV`: prefix, queue. Returns the earliest due time (ready, delayed or lease expiry), or
+/// nil when the queue is empty.
+const NEXT_DUE: &str = r#"
+local q = ARGV[2]
+local best = nil
+local function consider(v) if v and (not best or v < best) then best = v end end
+local _, oldest = unread(qk(q, 'ready'))
+consider(oldest)
+local d = redis.call('ZRANGE', qk(q, 'delayed'), 0, 0, 'WITHSCORES')
+if d[2] then consider(tonumber(d[2])) end
+local l = redis.call('ZRANGE', qk(q, 'leased'), 0, 0, 'WITHSCORES')
+if l[2] then consider(tonumber(l[2])) end
+return best
+"#;
+
+/// The compiled scripts (SHA computed once; `EVALSHA`, falling back to loading them after a
+/// Redis restart emptied its script cache).
+pub(super) struct Scripts {
+    pub enqueue: redis::Script,
+    pub claim: redis::Script,
+    pub complete: redis::Script,
+    pub release: redis::Script,
+    pub replay: redis::Script,
+    pub purge: redis::Script,
+    pub stats: redis::Script,
+    pub next_due: redis::Script,
+}
+
+impl Scripts {
+    pub fn new() -> Self {
+        let with = |body: &str| redis::Script::new(&format!("{PRELUDE}{body}"));
+        let gauge = |body: &str| redis::Script::new(&format!("{PRELUDE}{UNREAD}{body}"));
+        Self {
+            enqueue: with(ENQUEUE),
+            claim: with(CLAIM),
+            complete: with(COMPLETE),
+            release: with(RELEASE),
+            replay: with(REPLAY),
+            purge: with(PURGE),
+            stats: gauge(STATS),
+            next_due: gauge(NEXT_DUE),
+        }
+    }
+}
