@@ -43,9 +43,26 @@ fn redis_yaml(
 
 /// An in-process sidecar on Redis (the `util::Sidecar` helpers work on it unchanged).
 async fn start_on_redis(server: &RedisServer, prefix: &str, rest: &str) -> Sidecar {
+    start_on_redis_with_claim_idle(server, prefix, 1500, rest).await
+}
+
+/// [`start_on_redis`] with a chosen `claim_idle_ms`.
+async fn start_on_redis_with_claim_idle(
+    server: &RedisServer,
+    prefix: &str,
+    claim_idle_ms: u64,
+    rest: &str,
+) -> Sidecar {
     let dir = tempfile::tempdir().unwrap();
     let config_path = dir.path().join("dispatcher-config.yaml");
-    let yaml = redis_yaml(server, prefix, 1500, "127.0.0.1:0", "127.0.0.1:0", rest);
+    let yaml = redis_yaml(
+        server,
+        prefix,
+        claim_idle_ms,
+        "127.0.0.1:0",
+        "127.0.0.1:0",
+        rest,
+    );
     std::fs::write(&config_path, yaml).unwrap();
     let settings = hookyard::config::load(&config_path).unwrap_or_else(|e| panic!("{e}"));
     let running = hookyard::server::start(config_path.clone(), settings)
@@ -101,10 +118,13 @@ async fn two_instances_one_killed_mid_delivery_survivor_delivers_everything_once
     .await;
     let rest = format!(
         "hosts:\n  default:\n    circuit_breaker: {{ consecutive_failures: 1000, recovery_ms: 100 }}\nqueues:\n  default: {{ concurrency: 32 }}\n{}",
+        // A generous deadline: a delivery that times out on a loaded machine after the receiver
+        // answered 2xx would be an honest at-least-once duplicate, not the bug looked for here.
         async_rule(
             &format!("http://{}/u", rx.local_addr()),
             "[50, 100, 200, 200, 200, 200, 200, 200, 200, 200, 200, 200]"
         )
+        .replace("timeout_ms: 500", "timeout_ms: 2500")
     );
     // The instance to be killed runs as a child process: SIGKILL, no graceful anything.
     let dir = tempfile::tempdir().unwrap();
@@ -115,7 +135,7 @@ async fn two_instances_one_killed_mid_delivery_survivor_delivers_everything_once
         redis_yaml(
             &redis,
             "two",
-            1500,
+            3500,
             &ingress_a.to_string(),
             &admin_a.to_string(),
             &rest,
@@ -132,7 +152,7 @@ async fn two_instances_one_killed_mid_delivery_survivor_delivers_everything_once
             .spawn()
             .unwrap(),
     );
-    let b = start_on_redis(&redis, "two", &rest).await;
+    let b = start_on_redis_with_claim_idle(&redis, "two", 3500, &rest).await;
     let client = http_client();
     wait_status(
         &client,
