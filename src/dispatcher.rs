@@ -105,9 +105,14 @@ pub enum StartError {
 /// Opens the store the settings name.
 pub async fn open_store(settings: &StoreSettings) -> Result<Arc<dyn Store>, StartError> {
     match settings {
-        StoreSettings::Sqlite { path, fsync } => {
+        StoreSettings::Sqlite {
+            path,
+            fsync,
+            max_size_bytes,
+        } => {
             let options = crate::queue::sqlite::SqliteOptions {
                 fsync: *fsync,
+                max_size_bytes: *max_size_bytes,
                 ..Default::default()
             };
             let path = path.clone();

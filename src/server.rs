@@ -84,24 +84,25 @@ pub async fn start(config_path: PathBuf, settings: Settings) -> Result<RunningSe
         }
     };
     let sync_drain = max_sync_timeout(&dispatcher) + Duration::from_millis(500);
-    let mut tasks = Vec::new();
-    tasks.push(tokio::spawn(crate::httpserver::serve(
-        ingress_listener,
-        Ingress::new(dispatcher.clone()),
-        stop(&shutdown_rx),
-        sync_drain,
-    )));
-    tasks.push(tokio::spawn(crate::httpserver::serve(
-        admin_listener,
-        Admin::new(dispatcher.clone(), reloader.clone(), metrics),
-        stop(&shutdown_rx),
-        Duration::from_secs(2),
-    )));
-    tasks.push(tokio::spawn(crate::delivery::run(
-        dispatcher.clone(),
-        shutdown_rx.clone(),
-    )));
-    tasks.push(tokio::spawn(purge(dispatcher.clone(), shutdown_rx)));
+    let tasks = vec![
+        tokio::spawn(crate::httpserver::serve(
+            ingress_listener,
+            Ingress::new(dispatcher.clone()),
+            stop(&shutdown_rx),
+            sync_drain,
+        )),
+        tokio::spawn(crate::httpserver::serve(
+            admin_listener,
+            Admin::new(dispatcher.clone(), reloader.clone(), metrics),
+            stop(&shutdown_rx),
+            Duration::from_secs(2),
+        )),
+        tokio::spawn(crate::delivery::run(
+            dispatcher.clone(),
+            shutdown_rx.clone(),
+        )),
+        tokio::spawn(purge(dispatcher.clone(), shutdown_rx)),
+    ];
     tracing::info!(%ingress_addr, %admin_addr, "hookyard is serving");
     Ok(RunningServer {
         ingress_addr,

@@ -230,9 +230,14 @@ impl Compiler<'_> {
                         path = dir.join(path);
                     }
                 }
+                let max_size_bytes = s
+                    .max_size_mb
+                    .as_ref()
+                    .map(|_| self.positive(&s.max_size_mb, 0, "max_size_mb", 1 << 30) << 20);
                 Some(StoreSettings::Sqlite {
                     path,
                     fsync: s.fsync.unwrap_or(true),
+                    max_size_bytes,
                 })
             }
             StoreKind::Redis => {
@@ -279,7 +284,7 @@ impl Compiler<'_> {
             match Secret::parse(&text) {
                 Ok(secret) => parsed.push(secret),
                 // The error names the format, never the secret's value.
-                Err(e) => self.problem(Problem::spanned(s, format!("invalid signing secret: {e}"))),
+                Err(e) => self.problem(Problem::secret(s, format!("invalid signing secret: {e}"))),
             }
         }
         if parsed.len() != secrets.value.len() {

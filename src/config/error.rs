@@ -11,6 +11,9 @@ pub struct Problem {
     /// 1-based; 0 when the position is unknown.
     pub column: u64,
     pub message: String,
+    /// The line holds a secret: show the position but not the snippet.
+    #[serde(skip)]
+    pub hide_snippet: bool,
 }
 
 impl Problem {
@@ -20,6 +23,15 @@ impl Problem {
             line,
             column,
             message: message.into(),
+            hide_snippet: false,
+        }
+    }
+
+    /// A problem about a secret: its line is never printed.
+    pub fn secret<T>(value: &serde_saphyr::Spanned<T>, message: impl Into<String>) -> Self {
+        Self {
+            hide_snippet: true,
+            ..Self::spanned(value, message)
         }
     }
 
@@ -117,6 +129,9 @@ impl fmt::Display for ConfigError {
                 writeln!(f)?;
             }
             writeln!(f, "error: {}", self.header(p))?;
+            if p.hide_snippet {
+                continue;
+            }
             let Some(line_text) = (p.line as usize)
                 .checked_sub(1)
                 .and_then(|i| self.source_text.lines().nth(i))

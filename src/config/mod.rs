@@ -58,8 +58,15 @@ pub struct Settings {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(tag = "kind", rename_all = "lowercase")]
 pub enum StoreSettings {
-    Sqlite { path: PathBuf, fsync: bool },
-    Redis { url: String, key_prefix: String },
+    Sqlite {
+        path: PathBuf,
+        fsync: bool,
+        max_size_bytes: Option<u64>,
+    },
+    Redis {
+        url: String,
+        key_prefix: String,
+    },
 }
 
 /// Connection and breaker policy of one host.

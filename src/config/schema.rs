@@ -90,6 +90,10 @@ pub struct StoreSection {
     pub key_prefix: Option<String>,
     /// SQLite only: fsync each group commit (default true). Turning it off is for benchmarks.
     pub fsync: Option<bool>,
+    /// SQLite only: cap on the database file in MiB. When reached, ingress answers 503 instead
+    /// of filling the disk the service beside the sidecar also needs. Default: no cap.
+    #[schemars(with = "Option<u64>")]
+    pub max_size_mb: Option<Pos<i64>>,
 }
 
 /// Which store backend to use.

@@ -111,9 +111,11 @@ async fn run_queue(
                 tokio::task::yield_now().await;
                 continue;
             }
+            // A finished delivery may have scheduled a retry sooner than `wait`: re-plan then.
             tokio::select! {
                 _ = dispatcher.enqueued.notified() => {}
                 _ = tokio::time::sleep(wait) => {}
+                Some(_) = deliveries.join_next(), if !deliveries.is_empty() => {}
                 _ = shutdown.changed() => {}
             }
             continue;

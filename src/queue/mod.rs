@@ -48,6 +48,7 @@ pub enum StoreError {
 #[serde(rename_all = "snake_case")]
 pub enum FallbackReason {
     Timeout,
+    #[serde(rename = "upstream_5xx")]
     Upstream5xx,
     CircuitOpen,
     Shed,

@@ -1,95 +1,1529 @@
-//! TEMPORARY placeholder replaced by the wt-queue branch.
-use super::*;
-/// Options.
-#[derive(Debug, Clone, Default)]
+//! The embedded default [`Store`]: one SQLite file in WAL mode.
+//!
+//! # Shape
+//!
+//! - **One writer thread** (`hookyard-sqlite-writer`) owns the only write connection. Every
+//!   mutation (enqueue, claim, complete, release, replay, purge) is a job sent to it over a
+//!   channel and answered through a `tokio::sync::oneshot`. The writer takes whatever is queued
+//!   (up to [`SqliteOptions::max_batch`]) and runs it in **one transaction with one fsync**
+//!   (group commit), each job inside its own savepoint so one failing job does not fail its
+//!   neighbours.
+//! - **Reads** (`event`, `list_dead_letters`, `fallbacks`, `stats`, `find_idempotent`,
+//!   `next_due_at`, `ping`) run on a small pool of read-only connections via
+//!   `tokio::task::spawn_blocking`; WAL lets them run while the writer commits, so a slow admin
+//!   query never delays an enqueue.
+//!
+//! # Invariants
+//!
+//! - A job's reply is sent only after the transaction holding it has committed (with
+//!   `synchronous=FULL`, after the WAL is fsynced). A reply of `Accepted` therefore means
+//!   durable, and a `Duplicate` never points at an event whose commit later failed.
+//! - If the commit fails, every job of the batch is answered `Unavailable` and the writer's
+//!   in-memory state (queue depth counters) is rolled back with it.
+//! - The channel is unbounded but each caller has at most one job outstanding (it awaits the
+//!   reply), so its length is bounded by the number of concurrent callers.
+//! - `events.due_at` is the time the event next becomes claimable: the retry/first-attempt time
+//!   while `pending`, the lease expiry while `in_flight`, NULL once finished. Claiming is then
+//!   two range scans of the `(queue, state, due_at)` index, never a table scan.
+//! - The per-queue depth counter (pending + in flight) lives only in the writer thread, is
+//!   loaded at open, and changes only with committed transactions.
+//! - Nothing here panics on I/O trouble: SQLite errors become [`StoreError::Unavailable`],
+//!   undecodable rows [`StoreError::Corrupt`], and calls after [`Store::close`]
+//!   [`StoreError::Closed`].
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use bytes::Bytes;
+use rusqlite::types::Type;
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension, Row, TransactionBehavior};
+use tokio::sync::oneshot;
+
+use super::{
+    AttemptRecord, ClaimedEvent, DeadLetter, Disposition, DlqFilter, EnqueueOutcome, EventRecord,
+    EventState, FallbackReason, FallbackRecord, IdempotencyClaim, NewEvent, Page, QueueStats,
+    Reconciliation, SignatureScheme, Store, StoreError, StoreFuture, UnixMillis,
+};
+
+/// Histogram of how many enqueues shared one transaction (one fsync).
+pub const ENQUEUE_BATCH_SIZE_METRIC: &str = "hookyard_enqueue_batch_size";
+
+/// Bumped whenever the schema changes; stored in `PRAGMA user_version`.
+const SCHEMA_VERSION: i64 = 1;
+
+// `events.state` values. Integers keep the claim index small.
+const PENDING: i64 = 0;
+const IN_FLIGHT: i64 = 1;
+const DELIVERED: i64 = 2;
+const DEAD_LETTERED: i64 = 3;
+
+/// Rows handled per purge / replay step, so a large purge is many short transactions that
+/// enqueues can interleave with instead of one long one that stalls ingress.
+const MAINTENANCE_CHUNK: usize = 1000;
+
+const SCHEMA: &str = "
+CREATE TABLE events (
+    rid                INTEGER PRIMARY KEY,
+    id                 TEXT NOT NULL UNIQUE,
+    event_type         TEXT NOT NULL,
+    queue              TEXT NOT NULL,
+    target             TEXT NOT NULL,
+    content_type       TEXT,
+    trace_id           TEXT NOT NULL,
+    idempotency_key    TEXT,
+    signature          TEXT NOT NULL,
+    timeout_ms         INTEGER NOT NULL,
+    retry_delays_ms    TEXT NOT NULL,
+    jitter             REAL NOT NULL,
+    received_at        INTEGER NOT NULL,
+    fallback           TEXT,
+    state              INTEGER NOT NULL,
+    due_at             INTEGER,
+    lease_token        TEXT,
+    attempts_made      INTEGER NOT NULL DEFAULT 0,
+    round              INTEGER NOT NULL DEFAULT 1,
+    delivered_at       INTEGER,
+    dead_lettered_at   INTEGER,
+    dead_letter_reason TEXT,
+    -- Last on purpose: a large body spills into overflow pages, and SQLite must walk them to
+    -- reach any column stored after it.
+    body               BLOB NOT NULL
+);
+CREATE INDEX events_claim ON events(queue, state, due_at);
+CREATE INDEX events_dlq ON events(dead_lettered_at, id) WHERE state = 3;
+CREATE INDEX events_delivered ON events(delivered_at) WHERE state = 2;
+
+CREATE TABLE attempts (
+    seq         INTEGER PRIMARY KEY,
+    event_id    TEXT NOT NULL,
+    round       INTEGER NOT NULL,
+    attempt     INTEGER NOT NULL,
+    started_at  INTEGER NOT NULL,
+    latency_ms  INTEGER NOT NULL,
+    status      INTEGER,
+    error       TEXT
+);
+CREATE INDEX attempts_event ON attempts(event_id);
+
+CREATE TABLE idempotency (
+    event_type  TEXT NOT NULL,
+    key         TEXT NOT NULL,
+    event_id    TEXT NOT NULL,
+    expires_at  INTEGER NOT NULL,
+    PRIMARY KEY (event_type, key)
+) WITHOUT ROWID;
+CREATE INDEX idempotency_expiry ON idempotency(expires_at);
+
+CREATE TABLE fallbacks (
+    seq         INTEGER PRIMARY KEY,
+    at_ms       INTEGER NOT NULL,
+    event_id    TEXT NOT NULL,
+    trace_id    TEXT NOT NULL,
+    event_type  TEXT NOT NULL,
+    reason      TEXT NOT NULL,
+    target      TEXT NOT NULL
+);
+CREATE INDEX fallbacks_at ON fallbacks(at_ms);
+CREATE INDEX fallbacks_event ON fallbacks(event_id);
+";
+
+/// Columns read into a [`ClaimedEvent`], in the order [`claimed_from_row`] expects.
+const CLAIM_COLUMNS: &str = "id, event_type, queue, target, body, content_type, trace_id, \
+     idempotency_key, signature, timeout_ms, retry_delays_ms, jitter, attempts_made";
+
+/// Due events of one queue, oldest due first. Each half is a range scan of `events_claim`
+/// stopped at `limit`, so at most `2 * limit` rows are sorted whatever the backlog.
+const CLAIM_PICK: &str = "
+SELECT rid FROM (
+    SELECT * FROM (SELECT rid, due_at FROM events
+                   WHERE queue = ?1 AND state = 0 AND due_at <= ?2 ORDER BY due_at LIMIT ?3)
+    UNION ALL
+    SELECT * FROM (SELECT rid, due_at FROM events
+                   WHERE queue = ?1 AND state = 1 AND due_at <= ?2 ORDER BY due_at LIMIT ?3)
+) ORDER BY due_at, rid LIMIT ?3";
+
+/// Tuning for [`SqliteStore::open`].
+#[derive(Debug, Clone)]
 pub struct SqliteOptions {
+    /// fsync every commit (`synchronous=FULL`), so an acknowledged enqueue survives power loss.
+    /// `false` sets `synchronous=OFF`: only for measuring what fsync costs, never in production.
     pub fsync: bool,
+    /// Most write jobs folded into one transaction.
+    pub max_batch: usize,
+    /// Read connections kept open between reads (more are opened under load, then dropped).
+    pub read_pool: usize,
+    /// How long a statement waits for a lock held by another connection before failing.
+    pub busy_timeout: Duration,
+    /// Upper bound on the database size. Writes that would grow the file past it fail with
+    /// [`StoreError::Unavailable`] (ingress answers 503) instead of filling the disk that the
+    /// service next to the sidecar also needs. `None`: bounded only by the disk.
+    pub max_size_bytes: Option<u64>,
 }
-/// Store.
-#[derive(Debug)]
-pub struct SqliteStore;
-impl SqliteStore {
-    /// Open.
-    pub fn open(_p: &std::path::Path, _o: SqliteOptions) -> Result<Self, StoreError> {
-        Err(StoreError::Closed)
+
+impl Default for SqliteOptions {
+    fn default() -> Self {
+        Self {
+            fsync: true,
+            max_batch: 512,
+            read_pool: 4,
+            busy_timeout: Duration::from_secs(5),
+            max_size_bytes: None,
+        }
     }
 }
+
+impl SqliteOptions {
+    /// The same options with fsync turned off (`synchronous=OFF`); for benchmarks only.
+    pub fn without_fsync(mut self) -> Self {
+        self.fsync = false;
+        self
+    }
+}
+
+/// The SQLite-backed [`Store`]. Cheap to clone: clones share one writer thread and read pool.
+#[derive(Clone)]
+pub struct SqliteStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    path: PathBuf,
+    options: SqliteOptions,
+    closed: AtomicBool,
+    /// Taken (dropped) by `close`; the writer exits once it has drained the channel.
+    writer_tx: Mutex<Option<mpsc::Sender<Box<dyn Job>>>>,
+    writer_thread: Mutex<Option<JoinHandle<()>>>,
+    readers: Mutex<Vec<Connection>>,
+    commits: Arc<AtomicU64>,
+}
+
+impl std::fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteStore")
+            .field("path", &self.inner.path)
+            .field("options", &self.inner.options)
+            .field("closed", &self.inner.closed.load(Ordering::Relaxed))
+            .finish()
+    }
+}
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(e: rusqlite::Error) -> Self {
+        match e {
+            // A value that does not decode means the file holds something this code did not
+            // write: report corruption rather than a transient outage.
+            rusqlite::Error::FromSqlConversionFailure(..)
+            | rusqlite::Error::InvalidColumnType(..)
+            | rusqlite::Error::IntegralValueOutOfRange(..) => StoreError::Corrupt(e.to_string()),
+            other => StoreError::Unavailable(other.to_string()),
+        }
+    }
+}
+
+fn io_unavailable(what: &str, path: &Path, e: std::io::Error) -> StoreError {
+    StoreError::Unavailable(format!("{what} {}: {e}", path.display()))
+}
+
+fn lock<T>(m: &Mutex<T>) -> Result<MutexGuard<'_, T>, StoreError> {
+    m.lock()
+        .map_err(|_| StoreError::Unavailable("sqlite store lock poisoned".into()))
+}
+
+fn to_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+fn limit_i64(v: usize) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+fn corrupt_col(idx: usize, msg: String) -> rusqlite::Error {
+    rusqlite::Error::FromSqlConversionFailure(idx, Type::Text, msg.into())
+}
+
+fn get_u64(row: &Row<'_>, idx: usize) -> rusqlite::Result<u64> {
+    let v: i64 = row.get(idx)?;
+    u64::try_from(v).map_err(|_| rusqlite::Error::IntegralValueOutOfRange(idx, v))
+}
+
+fn get_u32(row: &Row<'_>, idx: usize) -> rusqlite::Result<u32> {
+    let v: i64 = row.get(idx)?;
+    u32::try_from(v).map_err(|_| rusqlite::Error::IntegralValueOutOfRange(idx, v))
+}
+
+fn get_status(row: &Row<'_>, idx: usize) -> rusqlite::Result<Option<u16>> {
+    let v: Option<i64> = row.get(idx)?;
+    v.map(|v| u16::try_from(v).map_err(|_| rusqlite::Error::IntegralValueOutOfRange(idx, v)))
+        .transpose()
+}
+
+fn get_fallback(row: &Row<'_>, idx: usize) -> rusqlite::Result<Option<FallbackReason>> {
+    let v: Option<String> = row.get(idx)?;
+    v.map(|s| {
+        FallbackReason::parse(&s)
+            .ok_or_else(|| corrupt_col(idx, format!("unknown fallback reason {s:?}")))
+    })
+    .transpose()
+}
+
+fn get_state(row: &Row<'_>, idx: usize) -> rusqlite::Result<EventState> {
+    match row.get::<_, i64>(idx)? {
+        PENDING => Ok(EventState::Pending),
+        IN_FLIGHT => Ok(EventState::InFlight),
+        DELIVERED => Ok(EventState::Delivered),
+        DEAD_LETTERED => Ok(EventState::DeadLettered),
+        other => Err(corrupt_col(idx, format!("unknown event state {other}"))),
+    }
+}
+
+fn new_lease_token() -> String {
+    // 128 random bits: unique for all practical purposes, and unguessable so a worker cannot
+    // complete a lease it was not given.
+    format!("{:032x}", rand::random::<u128>())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Opening
+
+fn apply_common_pragmas(conn: &Connection, options: &SqliteOptions) -> Result<(), StoreError> {
+    conn.busy_timeout(options.busy_timeout)?;
+    Ok(())
+}
+
+/// Opens the write connection; also returns the page count at which enqueues stop when a
+/// size cap is configured.
+fn open_writer(
+    path: &Path,
+    options: &SqliteOptions,
+) -> Result<(Connection, Option<i64>), StoreError> {
+    let conn = Connection::open(path)?;
+    apply_common_pragmas(&conn, options)?;
+    let mode: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(StoreError::Unavailable(format!(
+            "{}: WAL mode unavailable (journal_mode is {mode})",
+            path.display()
+        )));
+    }
+    let sync = if options.fsync { "FULL" } else { "OFF" };
+    conn.pragma_update(None, "synchronous", sync)?;
+    let mut enqueue_page_limit = None;
+    if let Some(max) = options.max_size_bytes {
+        let page_size: i64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0))?;
+        let pages = (to_i64(max) / page_size.max(1)).max(1);
+        // The hard cap for every write; SQLite never sets it below the current size, so
+        // reopening a larger file still works.
+        conn.query_row(&format!("PRAGMA max_page_count = {pages}"), [], |r| {
+            r.get::<_, i64>(0)
+        })?;
+        enqueue_page_limit = Some(pages - pages / 10);
+    }
+    Ok((conn, enqueue_page_limit))
+}
+
+fn open_reader(path: &Path, options: &SqliteOptions) -> Result<Connection, StoreError> {
+    let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
+        | OpenFlags::SQLITE_OPEN_NO_MUTEX
+        | OpenFlags::SQLITE_OPEN_URI;
+    let conn = Connection::open_with_flags(path, flags)?;
+    apply_common_pragmas(&conn, options)?;
+    // Read-write open (WAL readers need the shm file) but refuse writes: only the writer
+    // thread writes, which is what makes group commit and the depth counters correct.
+    conn.pragma_update(None, "query_only", "ON")?;
+    Ok(conn)
+}
+
+fn ensure_schema(conn: &mut Connection) -> Result<(), StoreError> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let version: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    match version {
+        0 => {
+            tx.execute_batch(SCHEMA)?;
+            tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+        }
+        SCHEMA_VERSION => {}
+        other => {
+            return Err(StoreError::Corrupt(format!(
+                "schema version {other} is not supported (this build knows {SCHEMA_VERSION})"
+            )))
+        }
+    }
+    tx.commit()?;
+    Ok(())
+}
+
+fn load_depths(conn: &Connection) -> Result<HashMap<String, u64>, StoreError> {
+    let mut stmt =
+        conn.prepare("SELECT queue, COUNT(*) FROM events WHERE state IN (0, 1) GROUP BY queue")?;
+    let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, get_u64(r, 1)?)))?;
+    let mut depths = HashMap::new();
+    for row in rows {
+        let (queue, n) = row?;
+        depths.insert(queue, n);
+    }
+    Ok(depths)
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database at `path`, its parent directories and schema,
+    /// and starts the writer thread.
+    ///
+    /// Fails with [`StoreError::Unavailable`] when the file cannot be created or opened, and
+    /// [`StoreError::Corrupt`] when it holds a schema version this build does not know.
+    pub fn open(path: &Path, options: SqliteOptions) -> Result<SqliteStore, StoreError> {
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent)
+                .map_err(|e| io_unavailable("cannot create directory", parent, e))?;
+        }
+        let (mut writer, enqueue_page_limit) = open_writer(path, &options)?;
+        ensure_schema(&mut writer)?;
+        let depths = load_depths(&writer)?;
+        // Open one reader now so a broken read path shows up at startup, not on first use.
+        let reader = open_reader(path, &options)?;
+
+        let (tx, rx) = mpsc::channel::<Box<dyn Job>>();
+        let commits = Arc::new(AtomicU64::new(0));
+        let max_batch = options.max_batch.max(1);
+        let thread_commits = Arc::clone(&commits);
+        let handle = std::thread::Builder::new()
+            .name("hookyard-sqlite-writer".into())
+            .spawn(move || {
+                writer_loop(
+                    writer,
+                    rx,
+                    WriterState::new(depths, enqueue_page_limit),
+                    max_batch,
+                    &thread_commits,
+                )
+            })
+            .map_err(|e| StoreError::Unavailable(format!("cannot start writer thread: {e}")))?;
+
+        Ok(SqliteStore {
+            inner: Arc::new(Inner {
+                path: path.to_path_buf(),
+                options,
+                closed: AtomicBool::new(false),
+                writer_tx: Mutex::new(Some(tx)),
+                writer_thread: Mutex::new(Some(handle)),
+                readers: Mutex::new(vec![reader]),
+                commits,
+            }),
+        })
+    }
+
+    /// The database file this store was opened on.
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    /// The options this store was opened with.
+    pub fn options(&self) -> &SqliteOptions {
+        &self.inner.options
+    }
+
+    /// Number of write transactions committed since open. With group commit this grows more
+    /// slowly than the number of writes; tests and benchmarks use it to see batching happen.
+    pub fn commits(&self) -> u64 {
+        self.inner.commits.load(Ordering::Relaxed)
+    }
+
+    fn check_open(&self) -> Result<(), StoreError> {
+        if self.inner.closed.load(Ordering::Acquire) {
+            Err(StoreError::Closed)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// The error for a job whose reply never came: closed if we are shutting down, otherwise
+    /// the writer thread died (which it should not: it never panics on SQLite errors).
+    fn writer_gone(&self) -> StoreError {
+        if self.inner.closed.load(Ordering::Acquire) {
+            StoreError::Closed
+        } else {
+            StoreError::Unavailable("sqlite writer thread stopped".into())
+        }
+    }
+
+    /// Runs `f` on the writer thread inside the current batch transaction.
+    async fn write<T, F>(&self, enqueue: bool, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection, &mut WriterState) -> Result<T, StoreError> + Send + 'static,
+    {
+        self.check_open()?;
+        let (reply, rx) = oneshot::channel();
+        {
+            let guard = lock(&self.inner.writer_tx)?;
+            let sender = guard.as_ref().ok_or(StoreError::Closed)?;
+            sender
+                .send(Box::new(WriteJob { f, reply, enqueue }))
+                .map_err(|_| self.writer_gone())?;
+        }
+        rx.await.map_err(|_| self.writer_gone())?
+    }
+
+    /// Runs `f` on a pooled read connection on the blocking thread pool.
+    async fn read<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
+    {
+        self.check_open()?;
+        let inner = Arc::clone(&self.inner);
+        tokio::task::spawn_blocking(move || {
+            let pooled = lock(&inner.readers)?.pop();
+            let mut conn = match pooled {
+                Some(c) => c,
+                None => open_reader(&inner.path, &inner.options)?,
+            };
+            let result = f(&mut conn);
+            // A connection that just failed with an I/O-class error is not trusted again; a
+            // fresh one is opened next time. After close, connections are not pooled.
+            let healthy = !matches!(result, Err(StoreError::Unavailable(_)));
+            if healthy && !inner.closed.load(Ordering::Acquire) {
+                let mut pool = lock(&inner.readers)?;
+                if pool.len() < inner.options.read_pool {
+                    pool.push(conn);
+                }
+            }
+            result
+        })
+        .await
+        .map_err(|e| StoreError::Unavailable(format!("sqlite read task failed: {e}")))?
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Writer thread
+
+/// What the writer thread keeps between jobs.
+///
+/// Queue depth (pending + in flight) per queue is the committed count plus the uncommitted
+/// changes of the current batch and of the job running now, so a failed job or batch is
+/// forgotten exactly as SQLite forgets its rows.
+struct WriterState {
+    committed: HashMap<String, u64>,
+    batch: HashMap<String, i64>,
+    job: HashMap<String, i64>,
+    /// Pages in use above which enqueues are refused (see [`SqliteOptions::max_size_bytes`]).
+    enqueue_page_limit: Option<i64>,
+}
+
+impl WriterState {
+    fn new(committed: HashMap<String, u64>, enqueue_page_limit: Option<i64>) -> Self {
+        Self {
+            committed,
+            batch: HashMap::new(),
+            job: HashMap::new(),
+            enqueue_page_limit,
+        }
+    }
+
+    /// Refuses an enqueue once the database is near its size cap. The last tenth of the cap is
+    /// kept for claims, completions and purges: without it a full store could not even record
+    /// the deliveries that would let it drain.
+    fn check_room(&self, conn: &Connection) -> Result<(), StoreError> {
+        let Some(limit) = self.enqueue_page_limit else {
+            return Ok(());
+        };
+        // Both pragmas read the header as seen by this transaction: cheap, and they include
+        // this batch's growth. Free-list pages are reused before the file grows.
+        let used: i64 = conn.query_row(
+            "SELECT (SELECT page_count FROM pragma_page_count()) \
+                  - (SELECT freelist_count FROM pragma_freelist_count())",
+            [],
+            |r| r.get(0),
+        )?;
+        if used >= limit {
+            return Err(StoreError::Unavailable(
+                "database size limit reached (max_size_bytes)".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    fn current(&self, queue: &str) -> u64 {
+        let base = self.committed.get(queue).copied().unwrap_or(0);
+        let delta =
+            self.batch.get(queue).copied().unwrap_or(0) + self.job.get(queue).copied().unwrap_or(0);
+        base.saturating_add_signed(delta)
+    }
+
+    fn adjust(&mut self, queue: &str, delta: i64) {
+        match self.job.get_mut(queue) {
+            Some(d) => *d += delta,
+            None => {
+                self.job.insert(queue.to_owned(), delta);
+            }
+        }
+    }
+
+    fn keep_job(&mut self) {
+        for (queue, delta) in self.job.drain() {
+            *self.batch.entry(queue).or_insert(0) += delta;
+        }
+    }
+
+    fn drop_job(&mut self) {
+        self.job.clear();
+    }
+
+    fn keep_batch(&mut self) {
+        for (queue, delta) in self.batch.drain() {
+            let n = self.committed.entry(queue).or_insert(0);
+            *n = n.saturating_add_signed(delta);
+        }
+    }
+
+    fn drop_batch(&mut self) {
+        self.job.clear();
+        self.batch.clear();
+    }
+}
+
+/// Sends a job's reply once the fate of its transaction is known: `None` if it committed,
+/// `Some(message)` if the commit failed.
+type Finish = Box<dyn FnOnce(Option<&str>) + Send>;
+
+/// A type-erased write job.
+trait Job: Send {
+    fn is_enqueue(&self) -> bool;
+    /// Runs the job; `true` if it succeeded (its savepoint is kept).
+    fn run(self: Box<Self>, conn: &Connection, ws: &mut WriterState) -> (bool, Finish);
+    /// Answers without running (the batch was aborted before reaching it).
+    fn fail(self: Box<Self>, err: StoreError);
+}
+
+struct WriteJob<T, F> {
+    f: F,
+    reply: oneshot::Sender<Result<T, StoreError>>,
+    enqueue: bool,
+}
+
+impl<T, F> Job for WriteJob<T, F>
+where
+    T: Send + 'static,
+    F: FnOnce(&Connection, &mut WriterState) -> Result<T, StoreError> + Send,
+{
+    fn is_enqueue(&self) -> bool {
+        self.enqueue
+    }
+
+    fn run(self: Box<Self>, conn: &Connection, ws: &mut WriterState) -> (bool, Finish) {
+        let WriteJob { f, reply, .. } = *self;
+        match f(conn, ws) {
+            Ok(value) => (
+                true,
+                Box::new(move |commit_err: Option<&str>| {
+                    let answer = match commit_err {
+                        None => Ok(value),
+                        Some(msg) => Err(StoreError::Unavailable(msg.to_owned())),
+                    };
+                    // The caller may have given up waiting; nothing to do then.
+                    let _ = reply.send(answer);
+                }),
+            ),
+            Err(e) => (
+                false,
+                Box::new(move |_: Option<&str>| {
+                    let _ = reply.send(Err(e));
+                }),
+            ),
+        }
+    }
+
+    fn fail(self: Box<Self>, err: StoreError) {
+        let _ = self.reply.send(Err(err));
+    }
+}
+
+fn writer_loop(
+    mut conn: Connection,
+    rx: mpsc::Receiver<Box<dyn Job>>,
+    mut ws: WriterState,
+    max_batch: usize,
+    commits: &AtomicU64,
+) {
+    let mut batch: Vec<Box<dyn Job>> = Vec::with_capacity(max_batch);
+    loop {
+        // `recv` fails only once every sender is gone *and* the channel is empty, so on close
+        // the jobs already queued are still executed and answered.
+        if batch.is_empty() {
+            match rx.recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        while batch.len() < max_batch {
+            match rx.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        // Jobs an aborted batch never reached come back and lead the next batch. Every batch
+        // consumes at least one job, so this cannot spin.
+        batch = run_batch(&mut conn, std::mem::take(&mut batch), &mut ws, commits);
+    }
+    if let Err((_, e)) = conn.close() {
+        tracing::warn!(error = %e, "closing the sqlite write connection failed");
+    }
+}
+
+/// Runs `jobs` in one transaction and answers them once it has committed (or failed). Returns
+/// the jobs not yet run when SQLite aborted the transaction part-way, for the next batch.
+fn run_batch(
+    conn: &mut Connection,
+    jobs: Vec<Box<dyn Job>>,
+    ws: &mut WriterState,
+    commits: &AtomicU64,
+) -> Vec<Box<dyn Job>> {
+    let mut jobs = jobs.into_iter();
+    let mut tx = match conn.transaction_with_behavior(TransactionBehavior::Immediate) {
+        Ok(tx) => tx,
+        Err(e) => {
+            // Nothing can be written at all: answer everyone rather than retry in a loop.
+            let msg = e.to_string();
+            for job in jobs {
+                job.fail(StoreError::Unavailable(msg.clone()));
+            }
+            return Vec::new();
+        }
+    };
+    let mut finishes: Vec<Finish> = Vec::with_capacity(jobs.len());
+    let mut enqueues = 0usize;
+    let mut aborted: Option<String> = None;
+    for job in jobs.by_ref() {
+        let enqueue = job.is_enqueue();
+        let sp = match tx.savepoint() {
+            Ok(sp) => sp,
+            Err(e) => {
+                aborted = Some(e.to_string());
+                job.fail(StoreError::from(e));
+                break;
+            }
+        };
+        let (ok, finish) = job.run(&sp, ws);
+        finishes.push(finish);
+        if ok {
+            if let Err(e) = sp.commit() {
+                aborted = Some(e.to_string());
+                break;
+            }
+            ws.keep_job();
+            enqueues += usize::from(enqueue);
+        } else {
+            ws.drop_job();
+            // Rolls back to and releases the savepoint: the job leaves no trace.
+            drop(sp);
+            // Some errors (disk full, I/O) make SQLite roll back the whole transaction; the
+            // jobs after it would then run in autocommit mode, outside the group commit.
+            if tx.is_autocommit() {
+                aborted = Some("transaction rolled back by SQLite after an error".into());
+                break;
+            }
+        }
+    }
+
+    let outcome = match aborted {
+        Some(msg) => {
+            drop(tx);
+            Err(msg)
+        }
+        None => tx.commit().map_err(|e| e.to_string()),
+    };
+    match outcome {
+        Ok(()) => {
+            ws.keep_batch();
+            commits.fetch_add(1, Ordering::Relaxed);
+            if enqueues > 0 {
+                metrics::histogram!(ENQUEUE_BATCH_SIZE_METRIC).record(enqueues as f64);
+            }
+            for finish in finishes {
+                finish(None);
+            }
+        }
+        Err(msg) => {
+            ws.drop_batch();
+            tracing::error!(error = %msg, "sqlite write batch failed");
+            for finish in finishes {
+                finish(Some(&msg));
+            }
+            return jobs.collect();
+        }
+    }
+    Vec::new()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Write jobs (run on the writer thread, inside the batch transaction)
+
+fn tx_enqueue(
+    conn: &Connection,
+    ws: &mut WriterState,
+    ev: &NewEvent,
+    idem: Option<&IdempotencyClaim>,
+    max_depth: u64,
+) -> Result<EnqueueOutcome, StoreError> {
+    // Dedupe before the depth check: a retried request whose first copy was accepted should
+    // learn its event id, not be told to back off.
+    if let Some(claim) = idem {
+        let existing: Option<(String, i64)> = conn
+            .prepare_cached(
+                "SELECT event_id, expires_at FROM idempotency WHERE event_type = ?1 AND key = ?2",
+            )?
+            .query_row(params![claim.event_type, claim.key], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .optional()?;
+        if let Some((event_id, expires_at)) = existing {
+            if expires_at > ev.received_at_ms {
+                return Ok(EnqueueOutcome::Duplicate { event_id });
+            }
+        }
+    }
+    if ws.current(&ev.queue) >= max_depth {
+        return Ok(EnqueueOutcome::QueueFull);
+    }
+    ws.check_room(conn)?;
+    let delays = serde_json::to_string(&ev.retry_delays_ms)
+        .map_err(|e| StoreError::Corrupt(format!("cannot encode retry delays: {e}")))?;
+    conn.prepare_cached(
+        "INSERT INTO events (id, event_type, queue, target, content_type, trace_id,
+             idempotency_key, signature, timeout_ms, retry_delays_ms, jitter, received_at,
+             fallback, state, due_at, body)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, 0, ?14, ?15)",
+    )?
+    .execute(params![
+        ev.id,
+        ev.event_type,
+        ev.queue,
+        ev.target,
+        ev.content_type,
+        ev.trace_id,
+        ev.idempotency_key,
+        ev.signature.as_str(),
+        to_i64(ev.timeout_ms),
+        delays,
+        ev.jitter,
+        ev.received_at_ms,
+        ev.fallback.map(FallbackReason::as_str),
+        ev.due_at_ms,
+        &ev.body[..],
+    ])?;
+    if let Some(claim) = idem {
+        // An expired claim for the same key is replaced in place.
+        conn.prepare_cached(
+            "INSERT INTO idempotency (event_type, key, event_id, expires_at) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT (event_type, key)
+             DO UPDATE SET event_id = excluded.event_id, expires_at = excluded.expires_at",
+        )?
+        .execute(params![claim.event_type, claim.key, ev.id, claim.expires_at_ms])?;
+    }
+    if let Some(reason) = ev.fallback {
+        conn.prepare_cached(
+            "INSERT INTO fallbacks (at_ms, event_id, trace_id, event_type, reason, target)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        )?
+        .execute(params![
+            ev.received_at_ms,
+            ev.id,
+            ev.trace_id,
+            ev.event_type,
+            reason.as_str(),
+            ev.target
+        ])?;
+    }
+    ws.adjust(&ev.queue, 1);
+    Ok(EnqueueOutcome::Accepted)
+}
+
+fn claimed_from_row(
+    row: &Row<'_>,
+    lease_token: String,
+    lease_until_ms: UnixMillis,
+) -> rusqlite::Result<ClaimedEvent> {
+    let signature: String = row.get(8)?;
+    let delays: String = row.get(10)?;
+    let body: Vec<u8> = row.get(4)?;
+    let attempts_made = get_u32(row, 12)?;
+    Ok(ClaimedEvent {
+        id: row.get(0)?,
+        event_type: row.get(1)?,
+        queue: row.get(2)?,
+        target: row.get(3)?,
+        body: Bytes::from(body),
+        content_type: row.get(5)?,
+        trace_id: row.get(6)?,
+        idempotency_key: row.get(7)?,
+        signature: SignatureScheme::parse(&signature)
+            .ok_or_else(|| corrupt_col(8, format!("unknown signature scheme {signature:?}")))?,
+        timeout_ms: get_u64(row, 9)?,
+        retry_delays_ms: serde_json::from_str(&delays)
+            .map_err(|e| corrupt_col(10, format!("bad retry delays {delays:?}: {e}")))?,
+        jitter: row.get(11)?,
+        attempt: attempts_made.saturating_add(1),
+        lease_token,
+        lease_until_ms,
+    })
+}
+
+fn tx_claim(
+    conn: &Connection,
+    queue: &str,
+    now_ms: UnixMillis,
+    limit: usize,
+    lease_ms: u64,
+) -> Result<Vec<ClaimedEvent>, StoreError> {
+    if limit == 0 {
+        return Ok(Vec::new());
+    }
+    let rids = conn
+        .prepare_cached(CLAIM_PICK)?
+        .query_map(params![queue, now_ms, limit_i64(limit)], |r| {
+            r.get::<_, i64>(0)
+        })?
+        .collect::<Result<Vec<_>, _>>()?;
+    let lease_until = now_ms.saturating_add(to_i64(lease_ms));
+    // While in flight, due_at holds the lease expiry: that is when the event is due again.
+    let mut update = conn.prepare_cached(&format!(
+        "UPDATE events SET state = 1, lease_token = ?1, due_at = ?2 WHERE rid = ?3
+         RETURNING {CLAIM_COLUMNS}"
+    ))?;
+    let mut claimed = Vec::with_capacity(rids.len());
+    for rid in rids {
+        let token = new_lease_token();
+        let ev = update.query_row(params![token, lease_until, rid], |row| {
+            claimed_from_row(row, token.clone(), lease_until)
+        })?;
+        claimed.push(ev);
+    }
+    Ok(claimed)
+}
+
+fn tx_complete(
+    conn: &Connection,
+    ws: &mut WriterState,
+    event_id: &str,
+    lease_token: &str,
+    attempt: Option<AttemptRecord>,
+    disposition: Disposition,
+    now_ms: UnixMillis,
+) -> Result<bool, StoreError> {
+    let row: Option<(i64, i64, Option<String>, String, i64, i64)> = conn
+        .prepare_cached(
+            "SELECT rid, state, lease_token, queue, attempts_made, round FROM events WHERE id = ?1",
+        )?
+        .query_row(params![event_id], |r| {
+            Ok((
+                r.get(0)?,
+                r.get(1)?,
+                r.get(2)?,
+                r.get(3)?,
+                r.get(4)?,
+                r.get(5)?,
+            ))
+        })
+        .optional()?;
+    let Some((rid, state, token, queue, attempts_made, round)) = row else {
+        return Ok(false);
+    };
+    // A lease that expired and was claimed by another worker has a new token: the stale
+    // worker's result is ignored. An expired lease nobody re-claimed still counts.
+    if state != IN_FLIGHT || token.as_deref() != Some(lease_token) {
+        return Ok(false);
+    }
+    let counts = !matches!(disposition, Disposition::Defer { .. });
+    let attempts_made = if counts {
+        attempts_made + 1
+    } else {
+        attempts_made
+    };
+    if counts {
+        if let Some(a) = attempt {
+            conn.prepare_cached(
+                "INSERT INTO attempts (event_id, round, attempt, started_at, latency_ms, status, error)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            )?
+            .execute(params![
+                event_id,
+                round,
+                // The store's count is authoritative: the lease check proved this is the
+                // attempt it handed out.
+                attempts_made,
+                a.started_at_ms,
+                to_i64(a.latency_ms),
+                a.status,
+                a.error
+            ])?;
+        }
+    }
+    let (state, due_at, delivered_at, dead_at, reason) = match disposition {
+        Disposition::Delivered => (DELIVERED, None, Some(now_ms), None, None),
+        Disposition::Retry { due_at_ms } | Disposition::Defer { due_at_ms } => {
+            (PENDING, Some(due_at_ms), None, None, None)
+        }
+        Disposition::DeadLetter { reason } => {
+            (DEAD_LETTERED, None, None, Some(now_ms), Some(reason))
+        }
+    };
+    conn.prepare_cached(
+        "UPDATE events SET state = ?1, due_at = ?2, lease_token = NULL, attempts_made = ?3,
+             delivered_at = ?4, dead_lettered_at = ?5, dead_letter_reason = ?6
+         WHERE rid = ?7",
+    )?
+    .execute(params![
+        state,
+        due_at,
+        attempts_made,
+        delivered_at,
+        dead_at,
+        reason,
+        rid
+    ])?;
+    if state == DELIVERED || state == DEAD_LETTERED {
+        ws.adjust(&queue, -1);
+    }
+    Ok(true)
+}
+
+fn tx_release(
+    conn: &Connection,
+    leases: &[(String, String)],
+    now_ms: UnixMillis,
+) -> Result<(), StoreError> {
+    let mut stmt = conn.prepare_cached(
+        "UPDATE events SET state = 0, due_at = ?1, lease_token = NULL
+         WHERE id = ?2 AND state = 1 AND lease_token = ?3",
+    )?;
+    for (id, token) in leases {
+        stmt.execute(params![now_ms, id, token])?;
+    }
+    Ok(())
+}
+
+fn tx_replay(
+    conn: &Connection,
+    ws: &mut WriterState,
+    ids: &[String],
+    now_ms: UnixMillis,
+) -> Result<Vec<String>, StoreError> {
+    // A new round: attempts_made restarts so the retry schedule and X-Delivery-Attempt count
+    // from 1 again; the old round's attempt rows stay as history.
+    let mut stmt = conn.prepare_cached(
+        "UPDATE events SET state = 0, due_at = ?1, lease_token = NULL, attempts_made = 0,
+             round = round + 1, dead_lettered_at = NULL, dead_letter_reason = NULL
+         WHERE id = ?2 AND state = 3
+         RETURNING queue",
+    )?;
+    let mut replayed = Vec::new();
+    for id in ids {
+        let queue: Option<String> = stmt
+            .query_row(params![now_ms, id], |r| r.get(0))
+            .optional()?;
+        if let Some(queue) = queue {
+            // Replay is an operator's decision and is not refused at max_depth.
+            ws.adjust(&queue, 1);
+            replayed.push(id.clone());
+        }
+    }
+    Ok(replayed)
+}
+
+/// Deletes up to `chunk` finished events (with their attempts and fallback records) and up to
+/// `chunk` expired idempotency keys. Returns (events, keys) removed.
+fn tx_purge_chunk(
+    conn: &Connection,
+    before_ms: UnixMillis,
+    now_ms: UnixMillis,
+    chunk: usize,
+) -> Result<(u64, u64), StoreError> {
+    let victims = conn
+        .prepare_cached(
+            "SELECT rid, id FROM (SELECT rid, id FROM events
+                                  WHERE state = 3 AND dead_lettered_at < ?1 LIMIT ?2)
+             UNION ALL
+             SELECT rid, id FROM (SELECT rid, id FROM events
+                                  WHERE state = 2 AND delivered_at < ?1 LIMIT ?2)",
+        )?
+        .query_map(params![before_ms, limit_i64(chunk)], |r| {
+            Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?))
+        })?
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut del_attempts = conn.prepare_cached("DELETE FROM attempts WHERE event_id = ?1")?;
+    let mut del_fallbacks = conn.prepare_cached("DELETE FROM fallbacks WHERE event_id = ?1")?;
+    let mut del_event = conn.prepare_cached("DELETE FROM events WHERE rid = ?1")?;
+    for (rid, id) in &victims {
+        del_attempts.execute(params![id])?;
+        del_fallbacks.execute(params![id])?;
+        del_event.execute(params![rid])?;
+    }
+    let keys = conn
+        .prepare_cached(
+            "DELETE FROM idempotency WHERE (event_type, key) IN
+                 (SELECT event_type, key FROM idempotency WHERE expires_at <= ?1 LIMIT ?2)",
+        )?
+        .execute(params![now_ms, limit_i64(chunk)])?;
+    Ok((victims.len() as u64, keys as u64))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Reads (run on a pooled read connection)
+
+fn read_event(conn: &mut Connection, id: &str) -> Result<Option<EventRecord>, StoreError> {
+    // One read transaction, so the event and its attempts come from the same snapshot.
+    let tx = conn.transaction()?;
+    let record = tx
+        .prepare_cached(
+            "SELECT id, event_type, queue, target, trace_id, state, received_at, due_at,
+                    delivered_at, dead_lettered_at, dead_letter_reason, fallback
+             FROM events WHERE id = ?1",
+        )?
+        .query_row(params![id], |r| {
+            let state = get_state(r, 5)?;
+            Ok(EventRecord {
+                id: r.get(0)?,
+                event_type: r.get(1)?,
+                queue: r.get(2)?,
+                target: r.get(3)?,
+                trace_id: r.get(4)?,
+                state,
+                received_at_ms: r.get(6)?,
+                // While in flight due_at is the lease expiry, not a due time: not reported.
+                due_at_ms: if state == EventState::Pending {
+                    r.get(7)?
+                } else {
+                    None
+                },
+                delivered_at_ms: r.get(8)?,
+                dead_lettered_at_ms: r.get(9)?,
+                dead_letter_reason: r.get(10)?,
+                fallback: get_fallback(r, 11)?,
+                attempts: Vec::new(),
+            })
+        })
+        .optional()?;
+    let Some(mut record) = record else {
+        return Ok(None);
+    };
+    record.attempts = tx
+        .prepare_cached(
+            "SELECT attempt, started_at, latency_ms, status, error
+             FROM attempts WHERE event_id = ?1 ORDER BY seq",
+        )?
+        .query_map(params![id], |r| {
+            Ok(AttemptRecord {
+                attempt: get_u32(r, 0)?,
+                started_at_ms: r.get(1)?,
+                latency_ms: get_u64(r, 2)?,
+                status: get_status(r, 3)?,
+                error: r.get(4)?,
+            })
+        })?
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Some(record))
+}
+
+fn encode_cursor(at_ms: UnixMillis, id: &str) -> String {
+    format!("{at_ms}:{id}")
+}
+
+fn decode_cursor(cursor: &str) -> Result<(UnixMillis, String), StoreError> {
+    cursor
+        .split_once(':')
+        .and_then(|(at, id)| Some((at.parse().ok()?, id.to_owned())))
+        .ok_or_else(|| StoreError::Corrupt(format!("invalid dead-letter cursor {cursor:?}")))
+}
+
+fn read_dead_letters(
+    conn: &mut Connection,
+    filter: &DlqFilter,
+    cursor: Option<&str>,
+    limit: usize,
+) -> Result<Page<DeadLetter>, StoreError> {
+    if limit == 0 {
+        return Ok(Page {
+            items: Vec::new(),
+            next_cursor: None,
+        });
+    }
+    let (after_at, after_id) = match cursor {
+        Some(c) => {
+            let (at, id) = decode_cursor(c)?;
+            (Some(at), Some(id))
+        }
+        None => (None, None),
+    };
+    // Newest first, keyset-paged on (dead_lettered_at, id): stable while dead letters come and
+    // go, and each page is an index range scan however deep the page.
+    let mut items = conn
+        .prepare_cached(
+            "SELECT e.id, e.event_type, e.queue, e.target, e.trace_id, e.dead_letter_reason,
+                    e.attempts_made, a.status, a.error, e.received_at, e.dead_lettered_at
+             FROM events e
+             LEFT JOIN attempts a
+                    ON a.seq = (SELECT MAX(seq) FROM attempts WHERE event_id = e.id)
+             WHERE e.state = 3
+               AND (?1 IS NULL OR e.event_type = ?1)
+               AND (?2 IS NULL OR e.queue = ?2)
+               AND (?3 IS NULL OR e.dead_lettered_at >= ?3)
+               AND (?4 IS NULL OR e.dead_lettered_at < ?4)
+               AND (?5 IS NULL OR (e.dead_lettered_at, e.id) < (?5, ?6))
+             ORDER BY e.dead_lettered_at DESC, e.id DESC
+             LIMIT ?7",
+        )?
+        .query_map(
+            params![
+                filter.event_type,
+                filter.queue,
+                filter.since_ms,
+                filter.until_ms,
+                after_at,
+                after_id,
+                limit_i64(limit.saturating_add(1)),
+            ],
+            |r| {
+                Ok(DeadLetter {
+                    id: r.get(0)?,
+                    event_type: r.get(1)?,
+                    queue: r.get(2)?,
+                    target: r.get(3)?,
+                    trace_id: r.get(4)?,
+                    reason: r.get::<_, Option<String>>(5)?.unwrap_or_default(),
+                    attempts: get_u32(r, 6)?,
+                    last_status: get_status(r, 7)?,
+                    last_error: r.get(8)?,
+                    received_at_ms: r.get(9)?,
+                    dead_lettered_at_ms: r.get(10)?,
+                })
+            },
+        )?
+        .collect::<Result<Vec<_>, _>>()?;
+    // One extra row was fetched only to learn whether another page exists.
+    let next_cursor = if items.len() > limit {
+        items.truncate(limit);
+        items
+            .last()
+            .map(|d| encode_cursor(d.dead_lettered_at_ms, &d.id))
+    } else {
+        None
+    };
+    Ok(Page { items, next_cursor })
+}
+
+fn read_fallbacks(
+    conn: &mut Connection,
+    since_ms: UnixMillis,
+    limit: usize,
+) -> Result<Vec<FallbackRecord>, StoreError> {
+    let rows = conn
+        .prepare_cached(
+            "SELECT f.event_id, f.trace_id, f.event_type, f.reason, f.target, f.at_ms,
+                    e.state, e.delivered_at
+             FROM fallbacks f LEFT JOIN events e ON e.id = f.event_id
+             WHERE f.at_ms >= ?1
+             ORDER BY f.at_ms, f.seq
+             LIMIT ?2",
+        )?
+        .query_map(params![since_ms, limit_i64(limit)], |r| {
+            let reason: String = r.get(3)?;
+            let state = match r.get::<_, Option<i64>>(6)? {
+                Some(DELIVERED) => Reconciliation::Delivered,
+                Some(DEAD_LETTERED) => Reconciliation::DeadLettered,
+                _ => Reconciliation::Pending,
+            };
+            Ok(FallbackRecord {
+                event_id: r.get(0)?,
+                trace_id: r.get(1)?,
+                event_type: r.get(2)?,
+                reason: FallbackReason::parse(&reason)
+                    .ok_or_else(|| corrupt_col(3, format!("unknown fallback reason {reason:?}")))?,
+                target: r.get(4)?,
+                at_ms: r.get(5)?,
+                state,
+                delivered_at_ms: if state == Reconciliation::Delivered {
+                    r.get(7)?
+                } else {
+                    None
+                },
+            })
+        })?
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(rows)
+}
+
+fn read_stats(
+    conn: &mut Connection,
+    queue: &str,
+    now_ms: UnixMillis,
+) -> Result<QueueStats, StoreError> {
+    let tx = conn.transaction()?;
+    // All four are counts over ranges of the (queue, state, due_at) index.
+    let (ready, oldest): (u64, Option<i64>) = tx
+        .prepare_cached(
+            "SELECT COUNT(*), MIN(due_at) FROM events WHERE queue = ?1 AND state = 0 AND due_at <= ?2",
+        )?
+        .query_row(params![queue, now_ms], |r| Ok((get_u64(r, 0)?, r.get(1)?)))?;
+    let delayed = tx
+        .prepare_cached(
+            "SELECT COUNT(*) FROM events WHERE queue = ?1 AND state = 0 AND due_at > ?2",
+        )?
+        .query_row(params![queue, now_ms], |r| get_u64(r, 0))?;
+    let mut by_state =
+        tx.prepare_cached("SELECT COUNT(*) FROM events WHERE queue = ?1 AND state = ?2")?;
+    let in_flight = by_state.query_row(params![queue, IN_FLIGHT], |r| get_u64(r, 0))?;
+    let dead_lettered = by_state.query_row(params![queue, DEAD_LETTERED], |r| get_u64(r, 0))?;
+    let oldest_ready_age_ms = oldest
+        .map(|due| u64::try_from(now_ms.saturating_sub(due)).unwrap_or(0))
+        .unwrap_or(0);
+    Ok(QueueStats {
+        ready,
+        delayed,
+        in_flight,
+        dead_lettered,
+        oldest_ready_age_ms,
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// The trait
+
 impl Store for SqliteStore {
     fn enqueue(
         &self,
-        _event: NewEvent,
-        _idempotency: Option<IdempotencyClaim>,
-        _max_depth: u64,
+        event: NewEvent,
+        idempotency: Option<IdempotencyClaim>,
+        max_depth: u64,
     ) -> StoreFuture<'_, EnqueueOutcome> {
-        Box::pin(async { Err(StoreError::Closed) })
+        Box::pin(self.write(true, move |conn, ws| {
+            tx_enqueue(conn, ws, &event, idempotency.as_ref(), max_depth)
+        }))
     }
+
     fn find_idempotent(
         &self,
-        _event_type: &str,
-        _key: &str,
-        _now_ms: UnixMillis,
+        event_type: &str,
+        key: &str,
+        now_ms: UnixMillis,
     ) -> StoreFuture<'_, Option<String>> {
-        Box::pin(async { Err(StoreError::Closed) })
+        let (event_type, key) = (event_type.to_owned(), key.to_owned());
+        Box::pin(self.read(move |conn| {
+            Ok(conn
+                .prepare_cached(
+                    "SELECT event_id FROM idempotency
+                     WHERE event_type = ?1 AND key = ?2 AND expires_at > ?3",
+                )?
+                .query_row(params![event_type, key, now_ms], |r| r.get(0))
+                .optional()?)
+        }))
     }
+
     fn claim_due(
         &self,
-        _queue: &str,
-        _now_ms: UnixMillis,
-        _limit: usize,
-        _lease_ms: u64,
+        queue: &str,
+        now_ms: UnixMillis,
+        limit: usize,
+        lease_ms: u64,
     ) -> StoreFuture<'_, Vec<ClaimedEvent>> {
-        Box::pin(async { Err(StoreError::Closed) })
+        let queue = queue.to_owned();
+        Box::pin(self.write(false, move |conn, _| {
+            tx_claim(conn, &queue, now_ms, limit, lease_ms)
+        }))
     }
-    fn next_due_at(&self, _queue: &str) -> StoreFuture<'_, Option<UnixMillis>> {
-        Box::pin(async { Err(StoreError::Closed) })
+
+    fn next_due_at(&self, queue: &str) -> StoreFuture<'_, Option<UnixMillis>> {
+        let queue = queue.to_owned();
+        Box::pin(self.read(move |conn| {
+            // Two index seeks (pending, in flight) rather than one MIN over `state IN (..)`,
+            // which SQLite would answer by scanning.
+            Ok(conn
+                .prepare_cached(
+                    "SELECT MIN(m) FROM (
+                         SELECT MIN(due_at) AS m FROM events WHERE queue = ?1 AND state = 0
+                         UNION ALL
+                         SELECT MIN(due_at) AS m FROM events WHERE queue = ?1 AND state = 1)",
+                )?
+                .query_row(params![queue], |r| r.get(0))?)
+        }))
     }
+
     fn complete(
         &self,
-        _event_id: &str,
-        _lease_token: &str,
-        _attempt: Option<AttemptRecord>,
-        _disposition: Disposition,
-        _now_ms: UnixMillis,
+        event_id: &str,
+        lease_token: &str,
+        attempt: Option<AttemptRecord>,
+        disposition: Disposition,
+        now_ms: UnixMillis,
     ) -> StoreFuture<'_, bool> {
-        Box::pin(async { Err(StoreError::Closed) })
+        let (event_id, lease_token) = (event_id.to_owned(), lease_token.to_owned());
+        Box::pin(self.write(false, move |conn, ws| {
+            tx_complete(
+                conn,
+                ws,
+                &event_id,
+                &lease_token,
+                attempt,
+                disposition,
+                now_ms,
+            )
+        }))
     }
-    fn release(&self, _leases: Vec<(String, String)>, _now_ms: UnixMillis) -> StoreFuture<'_, ()> {
-        Box::pin(async { Err(StoreError::Closed) })
+
+    fn release(&self, leases: Vec<(String, String)>, now_ms: UnixMillis) -> StoreFuture<'_, ()> {
+        Box::pin(self.write(false, move |conn, _| tx_release(conn, &leases, now_ms)))
     }
-    fn event(&self, _event_id: &str) -> StoreFuture<'_, Option<EventRecord>> {
-        Box::pin(async { Err(StoreError::Closed) })
+
+    fn event(&self, event_id: &str) -> StoreFuture<'_, Option<EventRecord>> {
+        let event_id = event_id.to_owned();
+        Box::pin(self.read(move |conn| read_event(conn, &event_id)))
     }
+
     fn list_dead_letters(
         &self,
-        _filter: DlqFilter,
-        _cursor: Option<String>,
-        _limit: usize,
+        filter: DlqFilter,
+        cursor: Option<String>,
+        limit: usize,
     ) -> StoreFuture<'_, Page<DeadLetter>> {
-        Box::pin(async { Err(StoreError::Closed) })
+        Box::pin(self.read(move |conn| read_dead_letters(conn, &filter, cursor.as_deref(), limit)))
     }
-    fn replay(&self, _event_ids: Vec<String>, _now_ms: UnixMillis) -> StoreFuture<'_, Vec<String>> {
-        Box::pin(async { Err(StoreError::Closed) })
+
+    fn replay(&self, event_ids: Vec<String>, now_ms: UnixMillis) -> StoreFuture<'_, Vec<String>> {
+        Box::pin(self.write(false, move |conn, ws| {
+            tx_replay(conn, ws, &event_ids, now_ms)
+        }))
     }
-    fn replay_matching(&self, _filter: DlqFilter, _now_ms: UnixMillis) -> StoreFuture<'_, u64> {
-        Box::pin(async { Err(StoreError::Closed) })
+
+    fn replay_matching(&self, filter: DlqFilter, now_ms: UnixMillis) -> StoreFuture<'_, u64> {
+        Box::pin(async move {
+            // Walk the matching dead letters newest first in chunks, replaying each chunk in
+            // its own write. The keyset cursor only moves towards older entries, so an event
+            // that is replayed, fails again and is re-dead-lettered meanwhile (newer) is not
+            // picked up twice, and ingress is never stalled behind one huge transaction.
+            let mut cursor = None;
+            let mut total = 0u64;
+            loop {
+                let page = self
+                    .list_dead_letters(filter.clone(), cursor, MAINTENANCE_CHUNK)
+                    .await?;
+                let ids: Vec<String> = page.items.into_iter().map(|d| d.id).collect();
+                if !ids.is_empty() {
+                    total += self.replay(ids, now_ms).await?.len() as u64;
+                }
+                match page.next_cursor {
+                    Some(next) => cursor = Some(next),
+                    None => return Ok(total),
+                }
+            }
+        })
     }
+
     fn fallbacks(
         &self,
-        _since_ms: UnixMillis,
-        _limit: usize,
+        since_ms: UnixMillis,
+        limit: usize,
     ) -> StoreFuture<'_, Vec<FallbackRecord>> {
-        Box::pin(async { Err(StoreError::Closed) })
+        Box::pin(self.read(move |conn| read_fallbacks(conn, since_ms, limit)))
     }
-    fn purge(&self, _before_ms: UnixMillis, _now_ms: UnixMillis) -> StoreFuture<'_, u64> {
-        Box::pin(async { Err(StoreError::Closed) })
+
+    fn purge(&self, before_ms: UnixMillis, now_ms: UnixMillis) -> StoreFuture<'_, u64> {
+        Box::pin(async move {
+            // Chunked for the same reason as replay_matching: many short writes, not one long one.
+            let mut total = 0u64;
+            loop {
+                let (events, keys) = self
+                    .write(false, move |conn, _| {
+                        tx_purge_chunk(conn, before_ms, now_ms, MAINTENANCE_CHUNK)
+                    })
+                    .await?;
+                total += events;
+                // Each half of a chunk takes at most 2 * chunk events / chunk keys; fewer
+                // than a full chunk of both means nothing is left.
+                if events < MAINTENANCE_CHUNK as u64 && keys < MAINTENANCE_CHUNK as u64 {
+                    return Ok(total);
+                }
+            }
+        })
     }
-    fn stats(&self, _queue: &str, _now_ms: UnixMillis) -> StoreFuture<'_, QueueStats> {
-        Box::pin(async { Err(StoreError::Closed) })
+
+    fn stats(&self, queue: &str, now_ms: UnixMillis) -> StoreFuture<'_, QueueStats> {
+        let queue = queue.to_owned();
+        Box::pin(self.read(move |conn| read_stats(conn, &queue, now_ms)))
     }
+
     fn ping(&self) -> StoreFuture<'_, ()> {
-        Box::pin(async { Err(StoreError::Closed) })
+        Box::pin(async move {
+            let writer_alive = lock(&self.inner.writer_thread)?
+                .as_ref()
+                .is_some_and(|h| !h.is_finished());
+            if !writer_alive {
+                return Err(self.writer_gone());
+            }
+            self.read(|conn| {
+                conn.query_row("SELECT 1", [], |r| r.get::<_, i64>(0))?;
+                Ok(())
+            })
+            .await
+        })
     }
+
     fn close(&self) -> StoreFuture<'_, ()> {
-        Box::pin(async { Err(StoreError::Closed) })
+        Box::pin(async move {
+            // Refuse new work first, then drop the only sender: the writer finishes the jobs
+            // already queued (they were accepted before close) and exits.
+            self.inner.closed.store(true, Ordering::Release);
+            drop(lock(&self.inner.writer_tx)?.take());
+            let handle = lock(&self.inner.writer_thread)?.take();
+            if let Some(handle) = handle {
+                tokio::task::spawn_blocking(move || handle.join())
+                    .await
+                    .map_err(|e| StoreError::Unavailable(format!("joining writer failed: {e}")))?
+                    .map_err(|_| StoreError::Unavailable("sqlite writer thread panicked".into()))?;
+            }
+            lock(&self.inner.readers)?.clear();
+            Ok(())
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Claiming must stay a range scan of the claim index as the backlog grows.
+    #[test]
+    fn claim_and_next_due_use_the_index() {
+        let conn = Connection::open_in_memory().unwrap();
+        conn.execute_batch(SCHEMA).unwrap();
+        for sql in [
+            CLAIM_PICK.to_owned(),
+            "SELECT MIN(due_at) FROM events WHERE queue = ?1 AND state = 0".to_owned(),
+        ] {
+            let mut stmt = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
+            let args: Vec<Box<dyn rusqlite::ToSql>> =
+                vec![Box::new("q"), Box::new(0i64), Box::new(10i64)];
+            let n = stmt.parameter_count();
+            let plan: Vec<String> = stmt
+                .query_map(rusqlite::params_from_iter(args.iter().take(n)), |r| {
+                    r.get::<_, String>(3)
+                })
+                .unwrap()
+                .collect::<Result<_, _>>()
+                .unwrap();
+            let plan = plan.join("\n");
+            assert!(plan.contains("events_claim"), "{sql}\n{plan}");
+            assert!(!plan.contains("SCAN events"), "{sql}\n{plan}");
+        }
+    }
+
+    #[test]
+    fn cursor_round_trips() {
+        let c = encode_cursor(1234, "evt_a:b");
+        assert_eq!(decode_cursor(&c).unwrap(), (1234, "evt_a:b".to_owned()));
+        assert!(decode_cursor("nonsense").is_err());
     }
 }

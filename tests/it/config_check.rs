@@ -1,0 +1,227 @@
+//! `hookyard check` and the config validator: every kind of mistake names file, line, column.
+
+use std::process::Command;
+
+fn check(yaml: &str) -> (i32, String, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("cfg.yaml");
+    std::fs::write(&path, yaml).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_hookyard"))
+        .args(["check", "--config"])
+        .arg(&path)
+        .env_remove("HOOKYARD_SECRET")
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).replace(&path.display().to_string(), "cfg.yaml"),
+    )
+}
+
+const HEAD: &str = "signing:\n  secrets: [\"whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\"]\n";
+
+fn rules(body: &str) -> String {
+    format!("{HEAD}routing_rules:\n{body}")
+}
+
+/// Asserts a rejected config reports `message` at `line:column` with a snippet.
+fn rejects(yaml: &str, line_col: &str, message: &str) {
+    let (code, _, err) = check(yaml);
+    assert_eq!(code, 1, "expected exit 1 for:\n{yaml}\nstderr:\n{err}");
+    let header = format!("cfg.yaml:{line_col}: ");
+    let found = err
+        .lines()
+        .any(|l| l.contains(&header) && l.contains(message));
+    assert!(found, "expected `{header}...{message}` in:\n{err}");
+    assert!(err.contains(" | "), "snippet missing:\n{err}");
+}
+
+#[test]
+fn shipped_config_checks_and_prints_the_rule_table() {
+    let out = Command::new(env!("CARGO_BIN_EXE_hookyard"))
+        .args([
+            "check",
+            "--config",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/dispatcher-config.yaml"),
+        ])
+        .env_remove("HOOKYARD_SECRET")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(table.contains("EVENT TYPE"));
+    let row = table
+        .lines()
+        .find(|l| l.starts_with("payment.authorize"))
+        .unwrap();
+    for cell in ["sync", "127.0.0.1:9000", "1500ms", "async_dlq"] {
+        assert!(row.contains(cell), "{cell} missing from {row}");
+    }
+    assert!(table.lines().any(|l| l.starts_with("user.profile.updated")
+        && l.contains("profile_events_v2")
+        && l.contains(" 6")));
+}
+
+#[test]
+fn unknown_keys_are_errors() {
+    rejects(
+        &rules("  - event_type: a\n    mode: async\n    target: http://h:1/\n    colour: blue\n"),
+        "7:5",
+        "unknown field `colour`",
+    );
+    rejects(
+        &format!("{HEAD}listn: 1\nrouting_rules: []\n"),
+        "3:1",
+        "unknown field `listn`",
+    );
+}
+
+#[test]
+fn bad_urls_are_errors() {
+    rejects(
+        &rules("  - event_type: a\n    mode: async\n    target: ftp://h/x\n"),
+        "6:13",
+        "scheme must be http or https",
+    );
+    rejects(
+        &rules("  - event_type: a\n    mode: async\n    target: not a url\n"),
+        "6:13",
+        "target must be an absolute",
+    );
+    rejects(
+        &rules("  - event_type: a\n    mode: async\n    target: /relative\n"),
+        "6:13",
+        "target must be an absolute",
+    );
+}
+
+#[test]
+fn zero_or_negative_timeouts_are_errors() {
+    rejects(
+        &rules("  - event_type: a\n    mode: sync\n    target: http://h:1/\n    timeout_ms: 0\n"),
+        "7:17",
+        "timeout_ms must be greater than 0",
+    );
+    rejects(
+        &rules("  - event_type: a\n    mode: sync\n    target: http://h:1/\n    timeout_ms: -5\n"),
+        "7:17",
+        "timeout_ms must be greater than 0",
+    );
+    rejects(
+        &format!("{HEAD}hosts:\n  default:\n    connect_timeout_ms: 0\nrouting_rules:\n  - event_type: a\n    mode: async\n    target: http://h:1/\n"),
+        "5:25",
+        "connect_timeout_ms must be greater than 0",
+    );
+}
+
+#[test]
+fn empty_retry_matrices_are_errors() {
+    rejects(
+        &rules(
+            "  - event_type: a\n    mode: async\n    target: http://h:1/\n    retry_matrix: []\n",
+        ),
+        "7:19",
+        "retry_matrix must list at least one delay",
+    );
+    rejects(&rules("  - event_type: a\n    mode: async\n    target: http://h:1/\n    retry_matrix: [100, -1]\n"), "7:25", "must not be negative");
+    rejects(&rules("  - event_type: a\n    mode: async\n    target: http://h:1/\n    retry_matrix: [\"5 parsecs\"]\n"), "7:20", "invalid duration");
+}
+
+#[test]
+fn duplicate_event_types_are_errors() {
+    rejects(
+        &rules("  - event_type: a.b\n    mode: async\n    target: http://h:1/\n  - event_type: a.b\n    mode: async\n    target: http://h:2/\n"),
+        "7:17",
+        "duplicate event_type \"a.b\" (first defined on line 4)",
+    );
+}
+
+#[test]
+fn a_sync_rule_without_timeout_is_an_error() {
+    rejects(
+        &rules("  - event_type: a\n    mode: sync\n    target: http://h:1/\n"),
+        "5:11",
+        "a sync rule needs timeout_ms",
+    );
+}
+
+#[test]
+fn shed_at_outside_zero_one_is_an_error() {
+    for bad in ["0", "1.5", "-0.1"] {
+        rejects(
+            &format!("{HEAD}hosts:\n  default:\n    shed_at: {bad}\nrouting_rules:\n  - event_type: a\n    mode: async\n    target: http://h:1/\n"),
+            "5:14",
+            "shed_at must be in (0, 1]",
+        );
+    }
+}
+
+#[test]
+fn syntax_errors_and_bad_patterns_name_their_position() {
+    rejects(
+        &format!("{HEAD}routing_rules:\n  - event_type: [unclosed\n"),
+        "4:17",
+        "",
+    );
+    rejects(
+        &rules("  - event_type: a.*.b\n    mode: async\n    target: http://h:1/\n"),
+        "4:17",
+        "invalid event_type",
+    );
+    rejects(
+        &rules("  - event_type: a\n    mode: teleport\n    target: http://h:1/\n"),
+        "5:11",
+        "teleport",
+    );
+}
+
+#[test]
+fn every_problem_is_reported_in_one_run() {
+    let (code, _, err) = check(&rules(
+        "  - event_type: a\n    mode: sync\n    target: http://h:1/\n  - event_type: b\n    mode: async\n    target: ftp://x/\n    retry_matrix: []\n",
+    ));
+    assert_eq!(code, 1);
+    assert_eq!(err.matches("error: cfg.yaml:").count(), 3, "{err}");
+}
+
+#[test]
+fn env_expansion_reports_unset_variables_and_secrets_are_never_printed() {
+    let (code, _, err) = check(
+        "signing:\n  secrets: [\"${HOOKYARD_TEST_UNSET_VAR}\"]\nrouting_rules:\n  - event_type: a\n    mode: async\n    target: http://h:1/\n",
+    );
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("cfg.yaml:2:13: environment variable HOOKYARD_TEST_UNSET_VAR is not set"),
+        "{err}"
+    );
+    let (code, _, err) = check(
+        "signing:\n  secrets: [\"whsec_not*base64*supersecretvalue\"]\nrouting_rules:\n  - event_type: a\n    mode: async\n    target: http://h:1/\n",
+    );
+    assert_eq!(code, 1);
+    assert!(err.contains("invalid signing secret"), "{err}");
+    assert!(err.contains("cfg.yaml:2:13"), "{err}");
+    assert!(!err.contains("supersecretvalue"), "secret echoed: {err}");
+}
+
+#[test]
+fn the_shipped_json_schema_matches_the_config_types() {
+    let shipped: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/dispatcher-config.schema.json"
+        ))
+        .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        shipped,
+        hookyard::config::json_schema(),
+        "regenerate with: hookyard schema > dispatcher-config.schema.json"
+    );
+    assert!(shipped["properties"]["routing_rules"].is_object());
+}

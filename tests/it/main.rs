@@ -1,0 +1,12 @@
+//! hookyard's integration tests: one binary, real sockets, real SQLite files.
+//!
+//! Every test starts its own sidecar on free loopback ports (`util::Sidecar`) and its own
+//! receivers: the verifying `hookyard::receive::Receiver`, or one of the misbehaving
+//! upstreams in `util::upstream` (stalls, resets, refuses, counts).
+
+mod admin;
+mod async_path;
+mod config_check;
+mod crash;
+mod sync_path;
+mod util;

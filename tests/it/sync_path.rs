@@ -1,0 +1,323 @@
+//! The sync path over real sockets: relay, deadline, resets, refusals, breaker, shedding, limits.
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use hookyard::receive::ReceiverConfig;
+
+use crate::util::{self, eventually, metric_value, receiver, receiver_with, upstream, Sidecar};
+
+fn sync_rule(target: &str, extra: &str) -> String {
+    format!(
+        "routing_rules:\n  - event_type: pay.authorize\n    mode: sync\n    target: {target}\n    timeout_ms: 300\n{extra}"
+    )
+}
+
+#[tokio::test]
+async fn sync_2xx_is_relayed_signed_and_traced() {
+    let rx = receiver().await;
+    let hy = Sidecar::start(&sync_rule(&format!("http://{}/hook", rx.local_addr()), "")).await;
+    let answer = hy
+        .post(
+            "pay.authorize",
+            r#"{"amount":42}"#,
+            &[
+                ("content-type", "application/json"),
+                ("x-trace-id", "trace-abc"),
+                ("idempotency-key", "key-1"),
+            ],
+        )
+        .await;
+    assert_eq!(answer.status, 200);
+    assert_eq!(answer.json(), serde_json::json!({"ok": true}));
+    assert_eq!(answer.header("x-dispatch-mode"), Some("sync"));
+    assert_eq!(answer.header("x-trace-id"), Some("trace-abc"));
+    assert_eq!(answer.header("content-type"), Some("application/json"));
+
+    let stats = rx.stats();
+    assert_eq!((stats.received, stats.invalid_signature), (1, 0));
+    let got = &rx.requests()[0];
+    assert_eq!(
+        &got.body[..],
+        br#"{"amount":42}"#,
+        "body delivered unchanged"
+    );
+    assert_eq!(got.trace_id.as_deref(), Some("trace-abc"));
+    assert_eq!(got.idempotency_key.as_deref(), Some("key-1"));
+    assert_eq!(got.callback_mode.as_deref(), Some("sync"));
+    assert_eq!(got.delivery_attempt.as_deref(), Some("1"));
+    assert_eq!(got.event_type.as_deref(), Some("pay.authorize"));
+    assert!(got.webhook_id.as_deref().unwrap().starts_with("evt_"));
+}
+
+#[tokio::test]
+async fn traceparent_supplies_the_trace_id_and_one_is_generated_otherwise() {
+    let rx = receiver().await;
+    let hy = Sidecar::start(&sync_rule(&format!("http://{}/hook", rx.local_addr()), "")).await;
+    let a = hy
+        .post(
+            "pay.authorize",
+            "{}",
+            &[(
+                "traceparent",
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            )],
+        )
+        .await;
+    assert_eq!(
+        a.header("x-trace-id"),
+        Some("4bf92f3577b34da6a3ce929d0e0e4736")
+    );
+    let b = hy.post("pay.authorize", "{}", &[]).await;
+    let generated = b.header("x-trace-id").unwrap().to_string();
+    assert_eq!(generated.len(), 32);
+    assert_eq!(
+        rx.requests()[1].trace_id.as_deref(),
+        Some(generated.as_str())
+    );
+}
+
+#[tokio::test]
+async fn sync_4xx_is_relayed_and_not_retried() {
+    let rx = receiver_with(ReceiverConfig {
+        force_status: Some(422),
+        ..Default::default()
+    })
+    .await;
+    let hy = Sidecar::start(&sync_rule(
+        &format!("http://{}/hook", rx.local_addr()),
+        "    fallback: async_dlq\n",
+    ))
+    .await;
+    let answer = hy.post("pay.authorize", "{}", &[]).await;
+    assert_eq!(answer.status, 422);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(rx.stats().received, 1, "a 4xx is never retried nor queued");
+}
+
+#[tokio::test]
+async fn stalled_target_times_out_with_504_at_the_deadline() {
+    let (addr, accepted) = upstream::stalling().await;
+    let hy = Sidecar::start(&sync_rule(&format!("http://{addr}/"), "")).await;
+    let started = Instant::now();
+    let answer = hy
+        .post("pay.authorize", "{}", &[("x-trace-id", "t-stall")])
+        .await;
+    let took = started.elapsed();
+    assert_eq!(answer.status, 504);
+    let body = answer.json();
+    assert_eq!(body["reason"], "timeout");
+    assert_eq!(body["trace_id"], "t-stall");
+    assert!(
+        took >= Duration::from_millis(300),
+        "answered before the deadline: {took:?}"
+    );
+    assert!(
+        took < Duration::from_millis(1500),
+        "deadline not enforced: {took:?}"
+    );
+    assert_eq!(accepted.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn reset_mid_body_is_a_502() {
+    let addr = upstream::resetting_mid_body().await;
+    let hy = Sidecar::start(&sync_rule(&format!("http://{addr}/"), "")).await;
+    let answer = hy.post("pay.authorize", "{}", &[]).await;
+    assert_eq!(answer.status, 502);
+    assert_eq!(answer.json()["reason"], "connect");
+}
+
+#[tokio::test]
+async fn target_not_listening_is_a_502_connect() {
+    let addr = upstream::closed_port();
+    let hy = Sidecar::start(&sync_rule(&format!("http://{addr}/"), "")).await;
+    let answer = hy.post("pay.authorize", "{}", &[]).await;
+    assert_eq!(answer.status, 502);
+    let body = answer.json();
+    assert_eq!(body["reason"], "connect");
+    assert!(body["error"].as_str().unwrap().contains("connect"));
+}
+
+#[tokio::test]
+async fn breaker_opens_after_five_500s_blocks_the_sixth_and_probes_after_recovery() {
+    let rx = receiver_with(ReceiverConfig {
+        force_status: Some(500),
+        ..Default::default()
+    })
+    .await;
+    let host = rx.local_addr().to_string();
+    let hy = Sidecar::start(&format!(
+        "hosts:\n  default:\n    circuit_breaker: {{ consecutive_failures: 5, recovery_ms: 250 }}\n{}",
+        sync_rule(&format!("http://{host}/hook"), "")
+    ))
+    .await;
+    for i in 0..5 {
+        let a = hy.post("pay.authorize", "{}", &[]).await;
+        assert_eq!(a.status, 502, "call {i}");
+        assert_eq!(a.json()["reason"], "upstream_5xx");
+    }
+    assert_eq!(rx.stats().received, 5);
+
+    let sixth = hy.post("pay.authorize", "{}", &[]).await;
+    assert_eq!(sixth.status, 503);
+    assert_eq!(sixth.json()["reason"], "circuit_open");
+    assert!(sixth.header("retry-after").is_some());
+    assert_eq!(
+        rx.stats().received,
+        5,
+        "the sixth call never reaches the host"
+    );
+    let circuits = hy.admin_get("/v1/circuits").await.json();
+    assert_eq!(circuits["hosts"][0]["breaker"]["state"], "open");
+
+    rx.set_status(None);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let probe = hy.post("pay.authorize", "{}", &[]).await;
+    assert_eq!(
+        probe.status, 200,
+        "after recovery_ms one probe goes through"
+    );
+    assert_eq!(rx.stats().received, 6);
+    let circuits = hy.admin_get("/v1/circuits").await.json();
+    assert_eq!(circuits["hosts"][0]["breaker"]["state"], "closed");
+
+    let metrics = hy.metrics().await;
+    let opened = format!("hookyard_circuit_transitions_total{{host=\"{host}\",to=\"open\"}}");
+    assert_eq!(metric_value(&metrics, &opened), Some(1.0), "{metrics}");
+}
+
+#[tokio::test]
+async fn fifty_slow_calls_against_four_connections_never_exceed_four_and_the_rest_are_shed() {
+    let rx = receiver_with(ReceiverConfig {
+        delay: Duration::from_millis(400),
+        ..Default::default()
+    })
+    .await;
+    let host = rx.local_addr().to_string();
+    let hy = Sidecar::start(&format!(
+        "hosts:\n  default:\n    max_connections: 4\n    shed_at: 1.0\n{}",
+        sync_rule(&format!("http://{host}/hook"), "")
+            .replace("timeout_ms: 300", "timeout_ms: 2000")
+    ))
+    .await;
+    let calls = (0..50).map(|_| hy.post("pay.authorize", "{}", &[]));
+    let answers = futures::future::join_all(calls).await;
+    let ok = answers.iter().filter(|a| a.status == 200).count();
+    let shed: Vec<_> = answers.iter().filter(|a| a.status == 503).collect();
+    assert_eq!(
+        ok + shed.len(),
+        50,
+        "only 200 or 503: {:?}",
+        answers.iter().map(|a| a.status).collect::<Vec<_>>()
+    );
+    assert!(
+        rx.stats().max_concurrent <= 4,
+        "max concurrent at host: {}",
+        rx.stats().max_concurrent
+    );
+    assert!(ok >= 4, "the host got its four: {ok}");
+    for a in &shed {
+        assert_eq!(a.json()["reason"], "shed");
+        assert!(a.header("retry-after").is_some());
+    }
+    let metrics = hy.metrics().await;
+    let series = format!("hookyard_shed_total{{host=\"{host}\"}}");
+    assert_eq!(metric_value(&metrics, &series), Some(shed.len() as f64));
+}
+
+#[tokio::test]
+async fn body_limit_is_two_mib_exactly() {
+    let rx = receiver().await;
+    let hy = Sidecar::start(&sync_rule(&format!("http://{}/hook", rx.local_addr()), "")).await;
+    let limit = 2 * 1024 * 1024;
+    let over = util::send(
+        &hy.client,
+        "POST",
+        &format!("{}/v1/events/pay.authorize", hy.ingress()),
+        &[],
+        vec![b'a'; limit + 1],
+    )
+    .await;
+    assert_eq!(over.status, 413);
+    assert_eq!(over.json()["error"], "payload_too_large");
+    let at = util::send(
+        &hy.client,
+        "POST",
+        &format!("{}/v1/events/pay.authorize", hy.ingress()),
+        &[],
+        vec![b'a'; limit],
+    )
+    .await;
+    assert_eq!(at.status, 200);
+    assert_eq!(rx.stats().received, 1);
+    assert_eq!(rx.requests()[0].body.len(), limit);
+}
+
+#[tokio::test]
+async fn bad_requests_get_documented_statuses_and_json_reasons() {
+    let rx = receiver().await;
+    let hy = Sidecar::start(&sync_rule(&format!("http://{}/hook", rx.local_addr()), "")).await;
+    let get = util::send(
+        &hy.client,
+        "GET",
+        &format!("{}/v1/events/pay.authorize", hy.ingress()),
+        &[],
+        "",
+    )
+    .await;
+    assert_eq!(get.status, 405);
+    assert_eq!(get.header("allow"), Some("POST"));
+    let none = hy.post("order.created", "{}", &[]).await;
+    assert_eq!(none.status, 404);
+    assert_eq!(none.json()["error"], "no_route");
+    assert_eq!(none.json()["event_type"], "order.created");
+    let empty = util::send(
+        &hy.client,
+        "POST",
+        &format!("{}/v1/events/", hy.ingress()),
+        &[],
+        "",
+    )
+    .await;
+    assert_eq!(empty.status, 400);
+    assert_eq!(empty.json()["error"], "invalid_event_type");
+    let bad = hy.post("a..b", "{}", &[]).await;
+    assert_eq!(bad.status, 400);
+    let other = util::send(
+        &hy.client,
+        "POST",
+        &format!("{}/elsewhere", hy.ingress()),
+        &[],
+        "",
+    )
+    .await;
+    assert_eq!(other.status, 404);
+    assert_eq!(rx.stats().received, 0);
+}
+
+#[tokio::test]
+async fn graceful_shutdown_lets_a_sync_call_in_flight_finish() {
+    let rx = receiver_with(ReceiverConfig {
+        delay: Duration::from_millis(300),
+        ..Default::default()
+    })
+    .await;
+    let mut hy = Sidecar::start(
+        &sync_rule(&format!("http://{}/hook", rx.local_addr()), "")
+            .replace("timeout_ms: 300", "timeout_ms: 2000"),
+    )
+    .await;
+    let url = format!("{}/v1/events/pay.authorize", hy.ingress());
+    let client = hy.client.clone();
+    let call = tokio::spawn(async move { util::send(&client, "POST", &url, &[], "{}").await });
+    eventually(
+        Duration::from_secs(2),
+        "the call to reach the receiver",
+        async || rx.stats().in_flight == 1,
+    )
+    .await;
+    hy.stop().await;
+    let answer = call.await.unwrap();
+    assert_eq!(answer.status, 200);
+}

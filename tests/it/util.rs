@@ -1,0 +1,311 @@
+//! Shared helpers: start hookyard with a config, send events, misbehaving upstreams.
+
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use hookyard::receive::{Receiver, ReceiverConfig};
+use hookyard::server::RunningServer;
+use hookyard::signing::Secret;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use serde_json::Value;
+
+/// The secret every test config signs with.
+pub const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+
+/// A running sidecar with its temp directory (SQLite file inside).
+pub struct Sidecar {
+    pub server: Option<RunningServer>,
+    pub dir: tempfile::TempDir,
+    pub config_path: PathBuf,
+    pub client: HttpClient,
+}
+
+/// A test's HTTP client.
+pub type HttpClient = Client<HttpConnector, Full<Bytes>>;
+
+/// A client with a pool big enough for the concurrency tests.
+pub fn http_client() -> HttpClient {
+    Client::builder(TokioExecutor::new())
+        .pool_max_idle_per_host(256)
+        .build_http()
+}
+
+/// An answer read completely.
+#[derive(Debug)]
+pub struct Answer {
+    pub status: u16,
+    pub headers: http::HeaderMap,
+    pub body: Bytes,
+}
+
+impl Answer {
+    /// The body as JSON (panics with the body text if it is not JSON).
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
+    }
+
+    /// A header as a string.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+}
+
+/// Sends a request and reads the whole answer.
+pub async fn send(
+    client: &HttpClient,
+    method: &str,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: impl Into<Bytes>,
+) -> Answer {
+    let mut builder = http::Request::builder().method(method).uri(url);
+    for (k, v) in headers {
+        builder = builder.header(*k, *v);
+    }
+    let response = client
+        .request(builder.body(Full::new(body.into())).unwrap())
+        .await
+        .unwrap_or_else(|e| panic!("{method} {url}: {e}"));
+    let (parts, body) = response.into_parts();
+    Answer {
+        status: parts.status.as_u16(),
+        headers: parts.headers,
+        body: body.collect().await.unwrap().to_bytes(),
+    }
+}
+
+/// A config: listeners on free ports, a SQLite file in `dir`, the test secret, and `rest`
+/// (hosts, queues and routing_rules sections) appended.
+pub fn config_yaml(dir: &std::path::Path, rest: &str) -> String {
+    format!(
+        "listen: 127.0.0.1:0\nadmin_listen: 127.0.0.1:0\nstore:\n  kind: sqlite\n  path: {}\nsigning:\n  secrets: [\"{SECRET}\"]\n{rest}",
+        dir.join("hookyard.db").display()
+    )
+}
+
+impl Sidecar {
+    /// Starts a sidecar on `rest` (see [`config_yaml`]).
+    pub async fn start(rest: &str) -> Sidecar {
+        let dir = tempfile::tempdir().unwrap();
+        Self::start_in(dir, rest).await
+    }
+
+    /// Starts a sidecar whose data lives in `dir`.
+    pub async fn start_in(dir: tempfile::TempDir, rest: &str) -> Sidecar {
+        let config_path = dir.path().join("dispatcher-config.yaml");
+        std::fs::write(&config_path, config_yaml(dir.path(), rest)).unwrap();
+        let settings = hookyard::config::load(&config_path).unwrap_or_else(|e| panic!("{e}"));
+        let server = hookyard::server::start(config_path.clone(), settings)
+            .await
+            .unwrap();
+        Sidecar {
+            server: Some(server),
+            dir,
+            config_path,
+            client: http_client(),
+        }
+    }
+
+    pub fn server(&self) -> &RunningServer {
+        self.server.as_ref().unwrap()
+    }
+
+    /// `http://127.0.0.1:port` of the ingress.
+    pub fn ingress(&self) -> String {
+        format!("http://{}", self.server().ingress_addr)
+    }
+
+    /// `http://127.0.0.1:port` of the admin API.
+    pub fn admin(&self) -> String {
+        format!("http://{}", self.server().admin_addr)
+    }
+
+    /// POSTs an event.
+    pub async fn post(
+        &self,
+        event_type: &str,
+        body: impl Into<Bytes>,
+        headers: &[(&str, &str)],
+    ) -> Answer {
+        send(
+            &self.client,
+            "POST",
+            &format!("{}/v1/events/{event_type}", self.ingress()),
+            headers,
+            body,
+        )
+        .await
+    }
+
+    /// GETs an admin path as JSON.
+    pub async fn admin_get(&self, path: &str) -> Answer {
+        send(
+            &self.client,
+            "GET",
+            &format!("{}{path}", self.admin()),
+            &[],
+            "",
+        )
+        .await
+    }
+
+    /// POSTs to an admin path.
+    pub async fn admin_post(&self, path: &str, body: &str) -> Answer {
+        send(
+            &self.client,
+            "POST",
+            &format!("{}{path}", self.admin()),
+            &[],
+            body.to_string(),
+        )
+        .await
+    }
+
+    /// The Prometheus text.
+    pub async fn metrics(&self) -> String {
+        String::from_utf8(self.admin_get("/metrics").await.body.to_vec()).unwrap()
+    }
+
+    /// Stops the sidecar gracefully.
+    pub async fn stop(&mut self) {
+        if let Some(s) = self.server.take() {
+            s.shutdown().await;
+        }
+    }
+}
+
+/// A verifying receiver with the test secret.
+pub async fn receiver() -> Receiver {
+    receiver_with(ReceiverConfig::default()).await
+}
+
+/// A verifying receiver with the test secret and `config`'s fault injection.
+pub async fn receiver_with(mut config: ReceiverConfig) -> Receiver {
+    config.secrets = vec![Secret::parse(SECRET).unwrap()];
+    Receiver::bind("127.0.0.1:0".parse().unwrap(), config)
+        .await
+        .unwrap()
+}
+
+/// Polls `check` every 10 ms until it returns true or `within` passes.
+pub async fn eventually(within: Duration, what: &str, mut check: impl AsyncFnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if check().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("timed out after {within:?} waiting for {what}");
+}
+
+/// The value of one sample in Prometheus text, e.g. `hookyard_shed_total{host="127.0.0.1:1"}`.
+pub fn metric_value(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// Misbehaving upstreams built on raw TCP, for failures a well-behaved server never shows.
+pub mod upstream {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    /// A port on which nothing listens (bound once, then released).
+    pub fn closed_port() -> SocketAddr {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        drop(l);
+        addr
+    }
+
+    /// Accepts connections and reads requests but never answers. Returns the address and a
+    /// counter of accepted connections.
+    pub async fn stalling() -> (SocketAddr, Arc<AtomicUsize>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut s, _)) = listener.accept().await else {
+                    return;
+                };
+                count.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 4096];
+                    while let Ok(n) = s.read(&mut buf).await {
+                        if n == 0 {
+                            break;
+                        }
+                    }
+                });
+            }
+        });
+        (addr, accepted)
+    }
+
+    /// Answers each request with headers promising 1000 bytes, sends 10, then resets the
+    /// connection (SO_LINGER 0 makes close send RST).
+    pub async fn resetting_mid_body() -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut s, _)) = listener.accept().await else {
+                    return;
+                };
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 65536];
+                    let mut seen = Vec::new();
+                    // Read until the end of the request headers and its body have arrived.
+                    loop {
+                        let Ok(n) = s.read(&mut buf).await else {
+                            return;
+                        };
+                        if n == 0 {
+                            return;
+                        }
+                        seen.extend_from_slice(&buf[..n]);
+                        if let Some(end) = find(&seen, b"\r\n\r\n") {
+                            let head = String::from_utf8_lossy(&seen[..end]).to_lowercase();
+                            let len: usize = head
+                                .lines()
+                                .find_map(|l| l.strip_prefix("content-length:"))
+                                .and_then(|v| v.trim().parse().ok())
+                                .unwrap_or(0);
+                            if seen.len() >= end + 4 + len {
+                                break;
+                            }
+                        }
+                    }
+                    let _ = s
+                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 1000\r\n\r\n0123456789")
+                        .await;
+                    let _ = s.flush().await;
+                    // Zero linger never blocks (the deprecation is about non-zero linger).
+                    #[allow(deprecated)]
+                    let _ = s.set_linger(Some(Duration::ZERO));
+                    drop(s);
+                });
+            }
+        });
+        addr
+    }
+
+    fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+        hay.windows(needle.len()).position(|w| w == needle)
+    }
+}
