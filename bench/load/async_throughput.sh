@@ -137,8 +137,19 @@ run_wrk() {
 }
 ms() { awk -v us="$1" 'BEGIN {printf "%.2f", us / 1000}'; }
 
+# After a part, with hookyard stopped: how many pending events an open breaker made the workers
+# claim and push back (due_at moved > 1 s past arrival), and how many attempts were made.
+# Each such event cost the single SQLite writer two extra row writes (claim + defer).
+store_note() {
+    command -v sqlite3 >/dev/null 2>&1 || return 0
+    local db=$1/hookyard.db
+    sqlite3 -readonly "$db" "SELECT count(*), coalesce(sum(due_at > received_at + 1000), 0) FROM events WHERE state = 0; SELECT count(*) FROM attempts;" 2>/dev/null |
+        paste -sd'|' | awk -F'|' '{printf "%d pending events, %d of them claimed and deferred by the open breaker; %d delivery attempts recorded", $1, $2, $3}'
+}
+
 # --- (a) durable accepts/s, fsync on and off --------------------------------------------------
 declare -A ACC
+NOTES=()
 if [[ $PARTS == *a* ]]; then
     say "## (a) durable accepts/s (receiver down, $CONNS clients, 1 KiB bodies, ${A_DURATION}s after ${WARMUP}s warm-up)"
     say ""
@@ -159,7 +170,10 @@ if [[ $PARTS == *a* ]]; then
         depth=$(queue_depth)
         say "| $fsync | ${ACC[$fsync]} | $(ms "${R[p50_us]}") | $(ms "${R[p99_us]}") | ${R[non2xx]} | ${R[sockerr]} | $depth |"
         stop_hookyard
+        NOTES+=("fsync $fsync: $(store_note "$dir")")
     done
+    say ""
+    for n in "${NOTES[@]}"; do say "- store after the run, $n"; done
     say ""
     say "fsync off / fsync on: **$(awk -v a="${ACC[false]}" -v b="${ACC[true]}" 'BEGIN {printf "%.2f", a / b}')x**"
     say ""
@@ -276,6 +290,8 @@ if [[ $PARTS == *c* ]]; then
     say "Peak RSS (VmHWM): $hwm MiB. wrk: ${line#RESULT }"
     say ""
     stop_hookyard
+    say "Store after the run: $(store_note "$dir")."
+    say ""
 fi
 
 cat "$REPORT" >&2

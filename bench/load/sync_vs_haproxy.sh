@@ -9,7 +9,7 @@
 #
 # Environment knobs (defaults in brackets):
 #   CONNS [64]  DURATION [10]  WARMUP [2]  WRK_THREADS [2]  ROUNDS [1]
-#   HAPROXY_NBTHREAD [1]  UPSTREAM [receive|haproxy]  HOOKYARD [target/release/hookyard]
+#   HAPROXY_NBTHREAD [2]  UPSTREAM [receive|haproxy]  HOOKYARD [target/release/hookyard]
 #   NO_REPORT=1 to skip writing the markdown file.
 # ROUNDS > 1 repeats the three measurements in turn (direct, haproxy, hookyard, direct, ...)
 # and takes the median of each, which evens out load drift from other work on the machine.
@@ -21,7 +21,7 @@ DURATION=${DURATION:-10}
 WARMUP=${WARMUP:-2}
 WRK_THREADS=${WRK_THREADS:-2}
 ROUNDS=${ROUNDS:-1}
-HAPROXY_NBTHREAD=${HAPROXY_NBTHREAD:-1}
+HAPROXY_NBTHREAD=${HAPROXY_NBTHREAD:-2}
 UPSTREAM=${UPSTREAM:-receive}
 BODY_BYTES=1024
 
@@ -69,7 +69,7 @@ esac
 wait_http "http://127.0.0.1:$UP_PORT/" 15 "$UP_PID"
 
 # --- HAProxy ----------------------------------------------------------------------------------
-# nbthread $HAPROXY_NBTHREAD: see bench/README.md for why 1 is the default on 2 shared cores.
+# nbthread $HAPROXY_NBTHREAD: one thread per core like hookyard's runtime; see bench/README.md.
 cat >"$WORK/haproxy.cfg" <<EOF
 global
   nbthread $HAPROXY_NBTHREAD
@@ -145,6 +145,8 @@ declare -A URL=(
 )
 declare -A PROXY_PID=([direct]="" [haproxy]=$HAP_PID [hookyard]=$HY_PID)
 for path in direct haproxy hookyard; do probe "${URL[$path]}"; done
+HY_RSS0=$(rss_kib "$HY_PID")
+HY_REQS=0
 
 RAW="$WORK/raw.txt"
 : >"$RAW"
@@ -173,6 +175,7 @@ for round in $(seq "$ROUNDS"); do
         P50[$path]+="${r[p50_us]} "
         P99[$path]+="${r[p99_us]} "
         ERRS[$path]=$(( ${ERRS[$path]:-0} + r[non2xx] + r[sockerr] ))
+        [[ $path == hookyard ]] && HY_REQS=$((HY_REQS + r[requests]))
         # CPU milliseconds per 1000 requests, of the proxy and of the upstream.
         PCPU[$path]+="$(awk -v c=$((pp1 - pp0)) -v n="${r[requests]}" 'BEGIN {printf "%.0f", c * 1000 / n}') "
         UCPU[$path]+="$(awk -v c=$((up1 - up0)) -v n="${r[requests]}" 'BEGIN {printf "%.0f", c * 1000 / n}') "
@@ -209,6 +212,8 @@ table=$(
     echo "| **hookyard / HAProxy p99** | **$(ratio "${M99[hookyard]}" "${M99[haproxy]}")** | <= 1.5 |"
     echo "| hookyard / direct p99 | $(ratio "${M99[hookyard]}" "${M99[direct]}") | |"
 )
+HY_RSS1=$(rss_kib "$HY_PID")
+rss_note="hookyard RSS: $((HY_RSS0 / 1024)) MiB before the load, $((HY_RSS1 / 1024)) MiB after ~$HY_REQS measured requests (plus warm-ups), with no /metrics scrape in between."
 verdict="MEETS"
 awk -v t="$(ratio "${MRPS[hookyard]}" "${MRPS[haproxy]}")" -v p="$(ratio "${M99[hookyard]}" "${M99[haproxy]}")" \
     'BEGIN {exit !(t >= 0.80 && p <= 1.5)}' || verdict="MISSES"
@@ -217,6 +222,7 @@ echo
 echo "$table"
 echo
 echo "hookyard $verdict the target (>= 80% of HAProxy throughput, p99 <= 1.5x HAProxy)."
+echo "$rss_note"
 
 if [[ -z ${NO_REPORT:-} ]]; then
     mkdir -p "$RESULTS_DIR"
@@ -234,6 +240,8 @@ if [[ -z ${NO_REPORT:-} ]]; then
         echo "$table"
         echo
         echo "Verdict: hookyard $verdict the target."
+        echo
+        echo "$rss_note"
         echo
         echo "<details><summary>raw wrk output</summary>"
         echo
