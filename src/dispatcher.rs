@@ -53,7 +53,7 @@ pub enum Outcome {
         failure: SyncFailure,
     },
     /// No rule matches and there is no `*` rule.
-    NoRoute,
+    NoRoute { event_type: String },
     /// The queue is at `max_depth`.
     QueueFull { queue: Arc<str> },
     /// The store could not make the event durable; nothing was accepted.
@@ -177,19 +177,20 @@ impl Dispatcher {
         }
         let snapshot = self.snapshot.load();
         let policy = snapshot.settings.hosts.for_host(key).clone();
+        let tls = &snapshot.settings.tls;
         let key: Arc<str> = key.into();
         let mut created = None;
         self.hosts.rcu(|map| {
             let mut map = HostMap::clone(map);
             let host = map
                 .entry(key.clone())
-                .or_insert_with(|| Host::new(key.clone(), &policy))
+                .or_insert_with(|| Host::new(key.clone(), &policy, tls))
                 .clone();
             created = Some(host);
             map
         });
         // rcu ran the closure at least once, so `created` is set.
-        created.unwrap_or_else(|| Host::new(key, &policy))
+        created.unwrap_or_else(|| Host::new(key, &policy, tls))
     }
 
     /// Replaces the running settings with `new` (already validated and compiled).
@@ -263,13 +264,20 @@ impl Dispatcher {
             .collect()
     }
 
-    /// Routes and delivers (sync) or enqueues (async) one event.
+    /// Routes and delivers (sync) or enqueues (async) one event under the rules in force.
     pub async fn dispatch(&self, event: Event) -> Outcome {
-        let snapshot = self.snapshot.load_full();
+        self.dispatch_under(&self.snapshot(), event).await
+    }
+
+    /// Like [`Dispatcher::dispatch`], under a snapshot the caller already holds (ingress takes
+    /// one per request, so body limit and routing come from the same rules).
+    pub async fn dispatch_under(&self, snapshot: &Snapshot, event: Event) -> Outcome {
         let settings = &snapshot.settings;
         let Some(rule) = settings.rules.route(&event.event_type).cloned() else {
             crate::metrics::event_unrouted();
-            return Outcome::NoRoute;
+            return Outcome::NoRoute {
+                event_type: event.event_type,
+            };
         };
         let outcome = match rule.mode {
             DeliveryMode::Async => {
@@ -403,7 +411,7 @@ fn outcome_label(outcome: &Outcome) -> &'static str {
         Outcome::Queued { .. } => "fallback",
         Outcome::Duplicate { .. } => "duplicate",
         Outcome::Failed { .. } => "failed",
-        Outcome::NoRoute => "no_route",
+        Outcome::NoRoute { .. } => "no_route",
         Outcome::QueueFull { .. } => "queue_full",
         Outcome::StoreUnavailable { .. } => "store_unavailable",
     }
@@ -416,8 +424,8 @@ fn build_hosts(settings: &Settings, old: &HostMap) -> HostMap {
         let key = &rule.target.host;
         let policy = settings.hosts.for_host(key);
         let host = match old.get(key) {
-            Some(existing) => existing.with_policy(policy),
-            None => Host::new(key.clone(), policy),
+            Some(existing) => existing.with_policy(policy, &settings.tls),
+            None => Host::new(key.clone(), policy, &settings.tls),
         };
         hosts.insert(key.clone(), host);
     }

@@ -289,7 +289,26 @@ async fn run(command: Command) -> Result<(), CliError> {
                         .call(http::Method::POST, "/v1/dlq/replay", Some(body))
                         .await?;
                     println!("replayed {}", result["replayed"]);
-                    Ok(())
+                    let replayed: Vec<&str> = result["ids"]
+                        .as_array()
+                        .map(|a| a.iter().filter_map(|v| v.as_str()).collect())
+                        .unwrap_or_default();
+                    let missing: Vec<&String> = ids
+                        .iter()
+                        .filter(|id| !replayed.contains(&id.as_str()))
+                        .collect();
+                    if missing.is_empty() {
+                        Ok(())
+                    } else {
+                        Err(CliError::Admin(format!(
+                            "not in the dead-letter queue: {}",
+                            missing
+                                .iter()
+                                .map(|s| s.as_str())
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        )))
+                    }
                 }
             }
         }

@@ -101,7 +101,13 @@ pub async fn start(config_path: PathBuf, settings: Settings) -> Result<RunningSe
             dispatcher.clone(),
             shutdown_rx.clone(),
         )),
-        tokio::spawn(purge(dispatcher.clone(), shutdown_rx)),
+        tokio::spawn(purge(dispatcher.clone(), shutdown_rx.clone())),
+        // The watch is registered before `start` returns, so no change after it is missed.
+        tokio::spawn(watch_config(
+            reloader.clone(),
+            crate::config::watch::watch(reloader.path()),
+            shutdown_rx,
+        )),
     ];
     tracing::info!(%ingress_addr, %admin_addr, "hookyard is serving");
     Ok(RunningServer {
@@ -124,6 +130,37 @@ fn max_sync_timeout(dispatcher: &Dispatcher) -> Duration {
         .map(|r| r.timeout)
         .max()
         .unwrap_or(Duration::ZERO)
+}
+
+/// Reloads on every debounced change of the config file. If the watch cannot be set up (an
+/// exotic filesystem), SIGHUP and the admin API still reload; the failure is logged.
+async fn watch_config(
+    reloader: Arc<Reloader>,
+    watch: notify::Result<(
+        crate::config::watch::ConfigWatch,
+        tokio::sync::mpsc::Receiver<()>,
+    )>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let (_watch, mut changes) = match watch {
+        Ok(w) => w,
+        Err(e) => {
+            tracing::warn!(error = %e, path = %reloader.path().display(), "cannot watch the config file; reload with SIGHUP or POST /v1/config/reload");
+            return;
+        }
+    };
+    loop {
+        tokio::select! {
+            change = changes.recv() => {
+                if change.is_none() {
+                    return;
+                }
+                // The outcome is logged, counted and shown on /v1/config by the reloader.
+                let _ = reloader.reload("file").await;
+            }
+            _ = shutdown.changed() => return,
+        }
+    }
 }
 
 async fn purge(dispatcher: Arc<Dispatcher>, mut shutdown: watch::Receiver<bool>) {

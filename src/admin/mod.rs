@@ -64,6 +64,9 @@ fn not_found(reason: impl Into<String>) -> Response<Full<Bytes>> {
 }
 
 fn store_error(e: crate::queue::StoreError) -> Response<Full<Bytes>> {
+    if let crate::queue::StoreError::InvalidInput(reason) = e {
+        return bad_request(reason);
+    }
     json(
         StatusCode::SERVICE_UNAVAILABLE,
         &json!({"error": "store_unavailable", "reason": e.to_string()}),

@@ -17,9 +17,9 @@ use super::schema::{
 };
 use super::{
     env, ConfigError, HostPolicies, HostPolicy, Problem, QueuePolicies, QueuePolicy, Settings,
-    StoreSettings, DEVELOPMENT_SECRET,
+    StoreSettings, TlsTrust, DEVELOPMENT_SECRET,
 };
-use crate::routing::{parse_pattern, DeliveryMode, Rule, RuleTable, Target};
+use crate::routing::{host_key, parse_pattern, DeliveryMode, Rule, RuleTable, Target};
 use crate::signing::{Secret, SignatureScheme, Signer};
 
 /// Default deadline of an async attempt when the rule sets none.
@@ -179,6 +179,7 @@ impl Compiler<'_> {
             .unwrap_or(Duration::from_secs(24 * 3600));
         let store = self.store(path, &file.store);
         let (signer, uses_development_secret) = self.signing(&file.signing.secrets);
+        let tls = self.tls(path, &file.tls);
         let hosts = self.hosts(&file.hosts);
         let queues = self.queues(&file.queues);
         let rules = self.rules(&file.routing_rules, &queues);
@@ -193,6 +194,7 @@ impl Compiler<'_> {
             idempotency_window,
             store: store?,
             signer: Arc::new(signer?),
+            tls: tls?,
             uses_development_secret,
             hosts,
             queues,
@@ -264,6 +266,47 @@ impl Compiler<'_> {
                     url: text,
                     key_prefix: s.key_prefix.clone().unwrap_or_else(|| "hookyard".into()),
                 })
+            }
+        }
+    }
+
+    fn tls(&mut self, config_path: &Path, s: &super::schema::TlsSection) -> Option<TlsTrust> {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::CertificateDer;
+        let mut extra = Vec::new();
+        for file in &s.ca_files {
+            let raw = self.expand(file)?;
+            let mut path = PathBuf::from(raw);
+            if path.is_relative() {
+                if let Some(dir) = config_path.parent() {
+                    path = dir.join(path);
+                }
+            }
+            let certs: Result<Vec<_>, _> = match CertificateDer::pem_file_iter(&path) {
+                Ok(iter) => iter.collect(),
+                Err(e) => {
+                    self.problem(Problem::spanned(
+                        file,
+                        format!("cannot read CA file {}: {e}", path.display()),
+                    ));
+                    continue;
+                }
+            };
+            match certs {
+                Ok(c) if !c.is_empty() => extra.extend(c),
+                Ok(_) => self.problem(Problem::spanned(
+                    file,
+                    format!("{} holds no PEM certificate", path.display()),
+                )),
+                Err(e) => self.problem(Problem::spanned(file, format!("{}: {e}", path.display()))),
+            }
+        }
+        match TlsTrust::new(extra) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                let at = s.ca_files.first()?;
+                self.problem(Problem::spanned(at, e));
+                None
             }
         }
     }
@@ -514,42 +557,18 @@ impl Compiler<'_> {
                 return None;
             }
         };
-        let default_port = match uri.scheme_str() {
-            Some("http") => 80,
-            Some("https") => 443,
-            _ => {
-                self.problem(Problem::spanned(v, bad("scheme must be http or https")));
-                return None;
-            }
-        };
-        let Some(authority) = uri.authority() else {
-            self.problem(Problem::spanned(v, bad("no host")));
+        if !matches!(uri.scheme_str(), Some("http") | Some("https")) {
+            self.problem(Problem::spanned(v, bad("scheme must be http or https")));
             return None;
-        };
-        if authority.host().is_empty() || authority.as_str().contains('@') {
+        }
+        let Some(host) = host_key(&uri) else {
             self.problem(Problem::spanned(
                 v,
                 bad("host missing, or credentials in the URL"),
             ));
             return None;
-        }
-        if uri.scheme_str() == Some("https") {
-            self.problem(Problem::spanned(
-                v,
-                "https targets are not supported by this build (no TLS client compiled in); use http:// behind a local TLS proxy",
-            ));
-            return None;
-        }
-        let host = format!(
-            "{}:{}",
-            authority.host(),
-            authority.port_u16().unwrap_or(default_port)
-        );
-        Some(Target {
-            url,
-            uri,
-            host: host.into(),
-        })
+        };
+        Some(Target { url, uri, host })
     }
 }
 

@@ -8,6 +8,7 @@ mod compile;
 mod env;
 mod error;
 pub mod schema;
+pub mod watch;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -47,11 +48,46 @@ pub struct Settings {
     pub idempotency_window: Duration,
     pub store: StoreSettings,
     pub signer: Arc<Signer>,
+    /// Trust roots for `https://` targets.
+    pub tls: TlsTrust,
     /// True while the shipped development secret is among the signing secrets.
     pub uses_development_secret: bool,
     pub hosts: HostPolicies,
     pub queues: QueuePolicies,
     pub rules: RuleTable,
+}
+
+/// The TLS client configuration every host's pool uses for `https://` targets.
+#[derive(Debug, Clone)]
+pub struct TlsTrust {
+    pub client_config: Arc<rustls::ClientConfig>,
+    /// SHA-256 over the extra CA files: a reload rebuilds pools only when it changes.
+    pub fingerprint: String,
+}
+
+impl TlsTrust {
+    /// The bundled Mozilla roots plus `extra` certificates.
+    pub fn new(extra: Vec<rustls::pki_types::CertificateDer<'static>>) -> Result<Self, String> {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+        let mut hasher = <sha2::Sha256 as sha2::Digest>::new();
+        for cert in extra {
+            sha2::Digest::update(&mut hasher, cert.as_ref());
+            roots
+                .add(cert)
+                .map_err(|e| format!("not a usable CA certificate: {e}"))?;
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let client_config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        Ok(Self {
+            client_config: Arc::new(client_config),
+            fingerprint: hex::encode(sha2::Digest::finalize(hasher)),
+        })
+    }
 }
 
 /// Where the async queue lives.

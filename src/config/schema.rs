@@ -40,6 +40,9 @@ pub struct ConfigFile {
     pub store: StoreSection,
     /// Secrets used to sign every delivery.
     pub signing: SigningSection,
+    /// Trust for `https://` targets.
+    #[serde(default)]
+    pub tls: TlsSection,
     /// Per-host connection and breaker policy: `default`, then overrides keyed `host:port`.
     #[serde(default)]
     pub hosts: BTreeMap<String, HostSection>,
@@ -71,6 +74,17 @@ pub struct IngressSection {
     /// How long an `Idempotency-Key` is remembered. Milliseconds or a duration ("24h"). Default 24h.
     #[schemars(with = "Option<DurationValue>")]
     pub idempotency_window: Option<Pos<DurationValue>>,
+}
+
+/// `tls:` section.
+#[derive(Debug, Default, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSection {
+    /// PEM files of extra CA certificates trusted for `https://` targets (a private CA), on top
+    /// of the bundled Mozilla roots. Relative paths are relative to the config file.
+    #[schemars(with = "Vec<String>")]
+    #[serde(default)]
+    pub ca_files: Vec<Pos<String>>,
 }
 
 /// `store:` section.

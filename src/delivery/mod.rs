@@ -21,7 +21,7 @@ use crate::clock::now_ms;
 use crate::dispatcher::{lease_for, Dispatcher};
 use crate::queue::{AttemptRecord, ClaimedEvent, Disposition};
 use crate::routing::DeliveryMode;
-use crate::sync::{call, request, CallError, Envelope};
+use crate::sync::{call, request, Envelope};
 
 /// Longest a worker sleeps without looking at the store, so events enqueued by another
 /// instance sharing the store (or leases expiring) are noticed.
@@ -204,16 +204,13 @@ async fn attempt(
             );
         }
     };
-    let host_key = match uri.authority() {
-        Some(a) => format!("{}:{}", a.host(), a.port_u16().unwrap_or(80)),
-        None => {
-            return (
-                None,
-                Disposition::DeadLetter {
-                    reason: "invalid_target".into(),
-                },
-            )
-        }
+    let Some(host_key) = crate::routing::host_key(&uri) else {
+        return (
+            None,
+            Disposition::DeadLetter {
+                reason: "invalid_target".into(),
+            },
+        );
     };
     let host = dispatcher.host(&host_key);
     let ticket = match host.breaker.admit() {
@@ -309,9 +306,4 @@ async fn attempt(
         }
     };
     (Some(record), disposition)
-}
-
-/// Shortcut used by tests and benches: the error of a call as the class an attempt records.
-pub fn error_class(e: &CallError) -> &'static str {
-    e.class()
 }

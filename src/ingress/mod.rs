@@ -104,7 +104,9 @@ impl Ingress {
             .get(CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .map(str::to_string);
-        let limit = self.dispatcher.snapshot().settings.max_body_bytes;
+        // One snapshot per request: the body limit and the route come from the same rules.
+        let snapshot = self.dispatcher.snapshot();
+        let limit = snapshot.settings.max_body_bytes;
         let too_large = || {
             error(
                 StatusCode::PAYLOAD_TOO_LARGE,
@@ -142,12 +144,14 @@ impl Ingress {
             trace_id: trace_id.to_string(),
             idempotency_key,
         };
-        let event_type = event.event_type.clone();
-        respond(self.dispatcher.dispatch(event).await, &event_type, trace_id)
+        respond(
+            self.dispatcher.dispatch_under(&snapshot, event).await,
+            trace_id,
+        )
     }
 }
 
-fn respond(outcome: Outcome, event_type: &str, trace_id: &str) -> Response<Full<Bytes>> {
+fn respond(outcome: Outcome, trace_id: &str) -> Response<Full<Bytes>> {
     match outcome {
         Outcome::Relayed { event_id, response } => {
             let mut r = Response::new(Full::new(response.body));
@@ -207,7 +211,7 @@ fn respond(outcome: Outcome, event_type: &str, trace_id: &str) -> Response<Full<
             }
             r
         }
-        Outcome::NoRoute => json(
+        Outcome::NoRoute { event_type } => json(
             StatusCode::NOT_FOUND,
             &json!({"error": "no_route", "event_type": event_type, "trace_id": trace_id}),
         ),

@@ -38,6 +38,9 @@ pub enum StoreError {
     /// Stored data could not be decoded; indicates corruption or a version mismatch.
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
+    /// The caller passed something malformed (a bad page cursor). The admin API answers 400.
+    #[error("invalid input: {0}")]
+    InvalidInput(String),
     /// The store has been closed by shutdown.
     #[error("store is closed")]
     Closed,

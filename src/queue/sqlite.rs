@@ -1137,7 +1137,7 @@ fn decode_cursor(cursor: &str) -> Result<(UnixMillis, String), StoreError> {
     cursor
         .split_once(':')
         .and_then(|(at, id)| Some((at.parse().ok()?, id.to_owned())))
-        .ok_or_else(|| StoreError::Corrupt(format!("invalid dead-letter cursor {cursor:?}")))
+        .ok_or_else(|| StoreError::InvalidInput(format!("invalid dead-letter cursor {cursor:?}")))
 }
 
 fn read_dead_letters(

@@ -66,6 +66,28 @@ pub struct Rule {
     pub signature: SignatureScheme,
 }
 
+/// The `host:port` key of a target URL (the port defaults by scheme), or `None` when the URL
+/// has no usable host (or carries credentials, which must never reach logs or metric labels).
+pub fn host_key(uri: &http::Uri) -> Option<Arc<str>> {
+    let authority = uri.authority()?;
+    if authority.host().is_empty() || authority.as_str().contains('@') {
+        return None;
+    }
+    let default_port = if uri.scheme_str() == Some("https") {
+        443
+    } else {
+        80
+    };
+    Some(
+        format!(
+            "{}:{}",
+            authority.host(),
+            authority.port_u16().unwrap_or(default_port)
+        )
+        .into(),
+    )
+}
+
 fn serialize_ms<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_u64(d.as_millis() as u64)
 }

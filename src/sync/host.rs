@@ -9,16 +9,18 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::Full;
+use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
+use rustls::ClientConfig;
 
 use super::breaker::Breaker;
 use super::gate::Gate;
-use crate::config::HostPolicy;
+use crate::config::{HostPolicy, TlsTrust};
 
-/// The pooled HTTP/1.1 client of one host.
-pub type PooledClient = Client<HttpConnector, Full<Bytes>>;
+/// The pooled HTTP/1.1 client of one host (plain or TLS, by the target's scheme).
+pub type PooledClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
 
 /// An upstream host and the machinery guarding it.
 #[derive(Debug)]
@@ -28,11 +30,13 @@ pub struct Host {
     pub gate: Arc<Gate>,
     pub breaker: Breaker,
     pub client: PooledClient,
+    /// Which trust roots the pool was built with.
+    tls_fingerprint: String,
 }
 
 impl Host {
     /// A host with a fresh pool, gate and breaker.
-    pub fn new(key: Arc<str>, policy: &HostPolicy) -> Arc<Self> {
+    pub fn new(key: Arc<str>, policy: &HostPolicy, tls: &TlsTrust) -> Arc<Self> {
         Arc::new(Self {
             gate: Gate::new(key.clone(), policy.max_connections, policy.shed_threshold()),
             breaker: Breaker::new(
@@ -40,7 +44,8 @@ impl Host {
                 policy.breaker_failures,
                 policy.breaker_recovery,
             ),
-            client: pooled_client(policy),
+            client: pooled_client(policy, tls),
+            tls_fingerprint: tls.fingerprint.clone(),
             policy: policy.clone(),
             key,
         })
@@ -49,8 +54,8 @@ impl Host {
     /// This host under a new policy, keeping whatever can be kept: the gate (its in-flight
     /// count) always; the pool and its open connections unless the connect timeout changed;
     /// the breaker and its state unless its thresholds changed.
-    pub fn with_policy(self: &Arc<Self>, policy: &HostPolicy) -> Arc<Self> {
-        if &self.policy == policy {
+    pub fn with_policy(self: &Arc<Self>, policy: &HostPolicy, tls: &TlsTrust) -> Arc<Self> {
+        if &self.policy == policy && self.tls_fingerprint == tls.fingerprint {
             return self.clone();
         }
         self.gate
@@ -69,10 +74,11 @@ impl Host {
         };
         let client = if self.policy.connect_timeout == policy.connect_timeout
             && self.policy.max_connections == policy.max_connections
+            && self.tls_fingerprint == tls.fingerprint
         {
             self.client.clone()
         } else {
-            pooled_client(policy)
+            pooled_client(policy, tls)
         };
         Arc::new(Self {
             key: self.key.clone(),
@@ -80,15 +86,22 @@ impl Host {
             gate: self.gate.clone(),
             breaker,
             client,
+            tls_fingerprint: tls.fingerprint.clone(),
         })
     }
 }
 
-fn pooled_client(policy: &HostPolicy) -> PooledClient {
+fn pooled_client(policy: &HostPolicy, tls: &TlsTrust) -> PooledClient {
     let mut connector = HttpConnector::new();
     connector.set_connect_timeout(Some(policy.connect_timeout));
     connector.set_nodelay(true);
-    connector.enforce_http(true);
+    // The TLS layer hands plain-http URLs through and wraps https ones.
+    connector.enforce_http(false);
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(ClientConfig::clone(&tls.client_config))
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(connector);
     Client::builder(TokioExecutor::new())
         .pool_idle_timeout(Duration::from_secs(90))
         .pool_max_idle_per_host(policy.max_connections as usize)
@@ -97,3 +110,57 @@ fn pooled_client(policy: &HostPolicy) -> PooledClient {
 
 /// Every host the rules deliver to, keyed `host:port`.
 pub type HostMap = HashMap<Arc<str>, Arc<Host>>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sync::breaker::BreakerState;
+
+    #[tokio::test]
+    async fn a_new_policy_keeps_the_gate_count_and_a_breaker_whose_thresholds_did_not_change() {
+        let policy = HostPolicy {
+            breaker_failures: 1,
+            ..HostPolicy::default()
+        };
+        let tls = TlsTrust::new(Vec::new()).unwrap();
+        let host = Host::new("h:1".into(), &policy, &tls);
+        host.breaker.admit().unwrap().failure();
+        assert_eq!(host.breaker.state(), BreakerState::Open);
+        let held = host.gate.try_enter().unwrap();
+
+        let wider = HostPolicy {
+            max_connections: 4,
+            shed_at: 0.5,
+            ..policy.clone()
+        };
+        let reloaded = host.with_policy(&wider, &tls);
+        assert_eq!(
+            reloaded.breaker.state(),
+            BreakerState::Open,
+            "breaker state survives"
+        );
+        assert_eq!(
+            reloaded.gate.in_flight(),
+            1,
+            "requests in flight keep their place"
+        );
+        assert_eq!(reloaded.gate.max_connections(), 4);
+        let _second = reloaded.gate.try_enter_sync().unwrap();
+        assert!(
+            reloaded.gate.try_enter_sync().is_none(),
+            "new shed threshold of 2 applies"
+        );
+        drop(held);
+
+        let stricter = HostPolicy {
+            breaker_failures: 3,
+            ..wider
+        };
+        let rebuilt = reloaded.with_policy(&stricter, &tls);
+        assert_eq!(
+            rebuilt.breaker.state(),
+            BreakerState::Closed,
+            "new thresholds, new breaker"
+        );
+    }
+}

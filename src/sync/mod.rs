@@ -82,7 +82,17 @@ pub async fn deliver(
         Ok(r) => crate::metrics::status_class(r.status.as_u16()),
         Err(e) => e.class(),
     };
-    crate::metrics::attempt(&host.key, DeliveryMode::Sync, class, started.elapsed());
+    let latency = started.elapsed();
+    crate::metrics::attempt(&host.key, DeliveryMode::Sync, class, latency);
+    tracing::debug!(
+        event_id = %envelope.event_id,
+        trace_id = %envelope.trace_id,
+        attempt = 1,
+        host = %host.key,
+        outcome = class,
+        latency_ms = latency.as_millis() as u64,
+        "sync delivery attempt"
+    );
     match result {
         Ok(response) if response.status.is_server_error() => {
             ticket.failure();

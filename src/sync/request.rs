@@ -63,6 +63,19 @@ pub fn build(
         }
     };
     put("x-trace-id", &envelope.trace_id);
+    if is_w3c_trace_id(&envelope.trace_id) {
+        // A child span per attempt, so a tracing backend shows each try under the caller's trace.
+        let span_id = loop {
+            let id: u64 = rand::random();
+            if id != 0 {
+                break id;
+            }
+        };
+        put(
+            "traceparent",
+            &format!("00-{}-{span_id:016x}-01", envelope.trace_id),
+        );
+    }
     put(
         "idempotency-key",
         envelope
@@ -72,10 +85,13 @@ pub fn build(
     );
     put("x-event-type", &envelope.event_type);
     put("x-callback-mode", mode.as_str());
-    put("x-delivery-attempt", itoa(attempt).as_str());
+    put("x-delivery-attempt", &attempt.to_string());
     request
 }
 
-fn itoa(n: u32) -> String {
-    n.to_string()
+/// 32 lowercase hex digits, not all zero: a trace id W3C `traceparent` can carry.
+fn is_w3c_trace_id(id: &str) -> bool {
+    id.len() == 32
+        && id.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+        && id.bytes().any(|b| b != b'0')
 }

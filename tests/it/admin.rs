@@ -80,6 +80,7 @@ async fn health_readiness_and_config_describe_the_running_sidecar() {
     assert_eq!(hy.admin_post("/v1/config", "").await.status, 405);
     assert_eq!(hy.admin_get("/v1/events/evt_missing").await.status, 404);
     assert_eq!(hy.admin_get("/v1/dlq?limit=0").await.status, 400);
+    assert_eq!(hy.admin_get("/v1/dlq?cursor=garbage").await.status, 400);
     assert_eq!(
         hy.admin_get("/v1/fallbacks?since=yesterday").await.status,
         400
@@ -178,4 +179,53 @@ async fn metrics_cover_the_contract_with_bounded_labels() {
     );
     assert!(!m.contains("trace-must-not-be-a-label"));
     assert!(!m.contains("evt_"), "event ids never become labels");
+}
+
+#[test]
+fn the_grafana_dashboard_only_uses_metric_names_hookyard_exports() {
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/dashboards/hookyard.json"
+    ))
+    .unwrap();
+    let dashboard: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let exported = [
+        hookyard::metrics::EVENTS_RECEIVED,
+        hookyard::metrics::DELIVERY_ATTEMPTS,
+        hookyard::metrics::DELIVERY_LATENCY,
+        hookyard::metrics::HOST_IN_FLIGHT,
+        hookyard::metrics::HOST_MAX_CONNECTIONS,
+        hookyard::metrics::SHED,
+        hookyard::metrics::CIRCUIT_STATE,
+        hookyard::metrics::CIRCUIT_TRANSITIONS,
+        hookyard::metrics::FALLBACKS,
+        hookyard::metrics::QUEUE_DEPTH,
+        hookyard::metrics::DLQ_DEPTH,
+        hookyard::metrics::OLDEST_READY_AGE,
+        hookyard::metrics::DELIVERIES,
+        hookyard::metrics::ENQUEUE_BATCH_SIZE,
+        hookyard::metrics::CONFIG_RELOADS,
+    ];
+    let mut used = std::collections::HashSet::new();
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().unwrap() {
+            let expr = target["expr"].as_str().unwrap();
+            for word in expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+                if let Some(name) = word.strip_prefix("hookyard_") {
+                    let name = format!("hookyard_{name}");
+                    let base = name.trim_end_matches("_bucket");
+                    assert!(
+                        exported.contains(&base),
+                        "dashboard uses unknown metric {name}"
+                    );
+                    used.insert(base.to_string());
+                }
+            }
+        }
+    }
+    assert_eq!(
+        used.len(),
+        exported.len(),
+        "every exported metric has a panel"
+    );
 }

@@ -68,8 +68,9 @@ async fn thousand_events_with_twenty_percent_5xx_are_all_delivered_once() {
     })
     .await;
     // Ten retries: the chance that one event fails all eleven attempts is 0.2^11, about 2e-8.
+    // Five 503s in a row happen by chance at this rate and open the breaker: keep recovery short.
     let hy = Sidecar::start(&format!(
-        "queues:\n  default: {{ concurrency: 32 }}\n{}",
+        "queues:\n  default: {{ concurrency: 32 }}\nhosts:\n  default:\n    circuit_breaker: {{ consecutive_failures: 5, recovery_ms: 100 }}\n{}",
         async_rule(
             &format!("http://{}/u", rx.local_addr()),
             "[10, 10, 20, 20, 40, 40, 80, 80, 80, 80]",
@@ -421,6 +422,12 @@ async fn an_open_breaker_delays_async_attempts_without_dropping_them() {
         Duration::from_secs(3),
         "delivered after recovery",
         async || rx.stats().delivered_ok == 1,
+    )
+    .await;
+    eventually(
+        Duration::from_secs(3),
+        "recorded as delivered",
+        async || event(&hy, &id).await["state"] == "delivered",
     )
     .await;
     let history = event(&hy, &id).await;

@@ -225,3 +225,17 @@ fn the_shipped_json_schema_matches_the_config_types() {
     );
     assert!(shipped["properties"]["routing_rules"].is_object());
 }
+
+#[test]
+fn https_targets_are_accepted_and_a_missing_ca_file_is_an_error() {
+    let (code, out, err) = check(&rules(
+        "  - event_type: a\n    mode: async\n    target: https://example.com/hook\n",
+    ));
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("example.com:443"), "{out}");
+    rejects(
+        &format!("{HEAD}tls:\n  ca_files: [\"/nonexistent/ca.pem\"]\nrouting_rules:\n  - event_type: a\n    mode: async\n    target: https://h/\n"),
+        "4:14",
+        "cannot read CA file /nonexistent/ca.pem",
+    );
+}

@@ -8,5 +8,7 @@ mod admin;
 mod async_path;
 mod config_check;
 mod crash;
+mod reload;
 mod sync_path;
+mod tls;
 mod util;
