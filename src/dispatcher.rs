@@ -302,7 +302,8 @@ impl Dispatcher {
             }
             DeliveryMode::Sync => self.dispatch_sync(&rule, settings, event).await,
         };
-        crate::metrics::event_received(&rule.pattern, rule.mode.as_str(), outcome_label(&outcome));
+        rule.metrics
+            .received(&rule.pattern, rule.mode.as_str(), outcome_label(&outcome));
         outcome
     }
 

@@ -7,7 +7,7 @@
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use metrics::{counter, gauge, histogram};
+use metrics::{counter, gauge, histogram, Counter, Histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 use crate::routing::DeliveryMode;
@@ -28,6 +28,9 @@ pub const OLDEST_READY_AGE: &str = "hookyard_queue_oldest_ready_age_seconds";
 pub const DELIVERIES: &str = "hookyard_deliveries_total";
 pub const ENQUEUE_BATCH_SIZE: &str = "hookyard_enqueue_batch_size";
 pub const CONFIG_RELOADS: &str = "hookyard_config_reload_total";
+
+/// How often histogram samples are folded into their buckets.
+const UPKEEP_EVERY: Duration = Duration::from_secs(5);
 
 /// Label used for event types that matched no rule.
 pub const UNROUTED: &str = "_unrouted";
@@ -57,6 +60,15 @@ pub fn install() -> PrometheusHandle {
                 Err(_) => PrometheusBuilder::new().build_recorder(),
             };
             let handle = recorder.handle();
+            // Histograms keep raw samples until upkeep folds them in; without it memory grows
+            // with every request whenever nobody scrapes /metrics.
+            let upkeep = handle.clone();
+            let _ = std::thread::Builder::new()
+                .name("hookyard-metrics-upkeep".into())
+                .spawn(move || loop {
+                    std::thread::sleep(UPKEEP_EVERY);
+                    upkeep.run_upkeep();
+                });
             // Another recorder may already be installed (an embedding program's own): then
             // hookyard's metrics go to it, and this handle renders only what it saw.
             let _ = metrics::set_global_recorder(recorder);
@@ -65,24 +77,88 @@ pub fn install() -> PrometheusHandle {
         .clone()
 }
 
-/// An event arrived at ingress and got `outcome`.
-pub fn event_received(event_type: &Arc<str>, mode: &'static str, outcome: &'static str) {
-    counter!(EVENTS_RECEIVED, "event_type" => event_type.clone(), "mode" => mode, "outcome" => outcome)
-        .increment(1);
-}
-
 /// An event type that matched no rule.
 pub fn event_unrouted() {
     counter!(EVENTS_RECEIVED, "event_type" => UNROUTED, "mode" => "none", "outcome" => "no_route")
         .increment(1);
 }
 
-/// One delivery attempt to `host` finished with `class` after `latency`.
-pub fn attempt(host: &Arc<str>, mode: DeliveryMode, class: &'static str, latency: Duration) {
-    counter!(DELIVERY_ATTEMPTS, "host" => host.clone(), "mode" => mode.as_str(), "class" => class)
-        .increment(1);
-    histogram!(DELIVERY_LATENCY, "host" => host.clone(), "mode" => mode.as_str())
-        .record(latency.as_secs_f64());
+/// Every attempt class a delivery can end in, in `HostMetrics` order.
+const ATTEMPT_CLASSES: [&str; 7] = ["2xx", "3xx", "4xx", "5xx", "timeout", "connect", "reset"];
+
+/// The per-request metric handles of one host, looked up once instead of per request (a
+/// registry lookup hashes the whole label set and allocates).
+#[derive(Debug)]
+pub struct HostMetrics {
+    /// `[mode][class]`, mode 0 = sync, 1 = async.
+    attempts: [[Counter; ATTEMPT_CLASSES.len()]; 2],
+    latency: [Histogram; 2],
+    shed: Counter,
+}
+
+impl HostMetrics {
+    /// Registers the series of `host`.
+    pub fn new(host: &Arc<str>) -> Self {
+        let per_mode = |mode: DeliveryMode| {
+            ATTEMPT_CLASSES.map(|class| {
+                counter!(DELIVERY_ATTEMPTS, "host" => host.clone(), "mode" => mode.as_str(), "class" => class)
+            })
+        };
+        let latency = |mode: DeliveryMode| histogram!(DELIVERY_LATENCY, "host" => host.clone(), "mode" => mode.as_str());
+        Self {
+            attempts: [per_mode(DeliveryMode::Sync), per_mode(DeliveryMode::Async)],
+            latency: [latency(DeliveryMode::Sync), latency(DeliveryMode::Async)],
+            shed: counter!(SHED, "host" => host.clone()),
+        }
+    }
+
+    /// One delivery attempt finished with `class` after `latency`.
+    pub fn attempt(&self, mode: DeliveryMode, class: &str, latency: Duration) {
+        let m = usize::from(mode == DeliveryMode::Async);
+        if let Some(i) = ATTEMPT_CLASSES.iter().position(|c| *c == class) {
+            self.attempts[m][i].increment(1);
+        }
+        self.latency[m].record(latency.as_secs_f64());
+    }
+
+    /// A sync request was shed.
+    pub fn shed(&self) {
+        self.shed.increment(1);
+    }
+}
+
+/// The `events_received` counters of one rule, one per outcome, registered on first use (rules
+/// are compiled before the recorder is installed, and handles taken then would be no-ops).
+#[derive(Debug, Default)]
+pub struct RuleMetrics {
+    counters: OnceLock<[Counter; OUTCOMES.len()]>,
+}
+
+/// Every ingress outcome label, in `RuleMetrics` order.
+pub const OUTCOMES: [&str; 9] = [
+    "delivered",
+    "relayed_error",
+    "accepted",
+    "fallback",
+    "duplicate",
+    "failed",
+    "no_route",
+    "queue_full",
+    "store_unavailable",
+];
+
+impl RuleMetrics {
+    /// Counts one event of the rule `pattern` (mode `mode`) that ended in `outcome`.
+    pub fn received(&self, pattern: &Arc<str>, mode: &'static str, outcome: &'static str) {
+        let counters = self.counters.get_or_init(|| {
+            OUTCOMES.map(|o| {
+                counter!(EVENTS_RECEIVED, "event_type" => pattern.clone(), "mode" => mode, "outcome" => o)
+            })
+        });
+        if let Some(i) = OUTCOMES.iter().position(|o| *o == outcome) {
+            counters[i].increment(1);
+        }
+    }
 }
 
 /// `2xx`, `3xx`, `4xx` or `5xx`.
@@ -95,19 +171,11 @@ pub fn status_class(status: u16) -> &'static str {
     }
 }
 
-/// Requests in flight to `host`.
-pub fn host_in_flight(host: &Arc<str>, n: u32) {
-    gauge!(HOST_IN_FLIGHT, "host" => host.clone()).set(f64::from(n));
-}
-
-/// The cap of `host`.
-pub fn host_max(host: &Arc<str>, n: u32) {
-    gauge!(HOST_MAX_CONNECTIONS, "host" => host.clone()).set(f64::from(n));
-}
-
-/// A sync request to `host` was shed.
-pub fn shed(host: &Arc<str>) {
-    counter!(SHED, "host" => host.clone()).increment(1);
+/// Pool gauges of one host, refreshed at scrape time from the gate's counters (so the request
+/// path never touches them).
+pub fn host_gauges(host: &Arc<str>, in_flight: u32, max_connections: u32) {
+    gauge!(HOST_IN_FLIGHT, "host" => host.clone()).set(f64::from(in_flight));
+    gauge!(HOST_MAX_CONNECTIONS, "host" => host.clone()).set(f64::from(max_connections));
 }
 
 /// The breaker of `host` moved to `state`.

@@ -281,6 +281,13 @@ impl Admin {
                 crate::metrics::queue_stats(q, &stats);
             }
         }
+        for host in self.dispatcher.hosts().values() {
+            crate::metrics::host_gauges(
+                &host.key,
+                host.gate.in_flight(),
+                host.gate.max_connections(),
+            );
+        }
         let mut r = Response::new(Full::new(Bytes::from(self.metrics.render())));
         r.headers_mut().insert(
             http::header::CONTENT_TYPE,

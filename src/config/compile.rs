@@ -639,6 +639,7 @@ impl Compiler<'_> {
             retry_delays_ms,
             jitter: policy.jitter,
             signature,
+            metrics: Default::default(),
         })
     }
 

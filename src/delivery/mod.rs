@@ -313,7 +313,7 @@ async fn attempt(
         Ok(r) => crate::metrics::status_class(r.status.as_u16()),
         Err(e) => e.class(),
     };
-    crate::metrics::attempt(&host.key, DeliveryMode::Async, class, latency);
+    host.metrics.attempt(DeliveryMode::Async, class, latency);
     let verdict = classify(&result);
     match verdict {
         Verdict::Delivered | Verdict::Permanent | Verdict::Gone => ticket.success(),

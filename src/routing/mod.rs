@@ -64,6 +64,9 @@ pub struct Rule {
     /// Fraction of each delay applied as +/- jitter.
     pub jitter: f64,
     pub signature: SignatureScheme,
+    /// This rule's `events_received` counters.
+    #[serde(skip)]
+    pub metrics: Arc<crate::metrics::RuleMetrics>,
 }
 
 /// The `host:port` key of a target URL (the port defaults by scheme), or `None` when the URL
@@ -258,6 +261,7 @@ mod tests {
             retry_delays_ms: Arc::from(vec![10u64]),
             jitter: 0.0,
             signature: SignatureScheme::StandardWebhooks,
+            metrics: Default::default(),
         }
     }
 

@@ -15,7 +15,6 @@ pub struct Gate {
     in_flight: AtomicU32,
     max_connections: AtomicU32,
     shed_threshold: AtomicU32,
-    host: Arc<str>,
 }
 
 /// Proof of a place in the gate; the place is given back on drop.
@@ -26,20 +25,17 @@ pub struct Permit {
 
 impl Drop for Permit {
     fn drop(&mut self) {
-        let now = self.gate.in_flight.fetch_sub(1, Ordering::AcqRel) - 1;
-        crate::metrics::host_in_flight(&self.gate.host, now);
+        self.gate.in_flight.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
 impl Gate {
-    /// A gate for `host` with the given cap and shed threshold.
-    pub fn new(host: Arc<str>, max_connections: u32, shed_threshold: u32) -> Arc<Self> {
-        crate::metrics::host_max(&host, max_connections);
+    /// A gate with the given cap and shed threshold.
+    pub fn new(max_connections: u32, shed_threshold: u32) -> Arc<Self> {
         Arc::new(Self {
             in_flight: AtomicU32::new(0),
             max_connections: AtomicU32::new(max_connections),
             shed_threshold: AtomicU32::new(shed_threshold.min(max_connections)),
-            host,
         })
     }
 
@@ -49,7 +45,6 @@ impl Gate {
             .store(max_connections, Ordering::Release);
         self.shed_threshold
             .store(shed_threshold.min(max_connections), Ordering::Release);
-        crate::metrics::host_max(&self.host, max_connections);
     }
 
     /// A place for a sync request, or `None` when the host is at its shed threshold.
@@ -76,10 +71,7 @@ impl Gate {
                 Ordering::AcqRel,
                 Ordering::Acquire,
             ) {
-                Ok(_) => {
-                    crate::metrics::host_in_flight(&self.host, current + 1);
-                    return Some(Permit { gate: self.clone() });
-                }
+                Ok(_) => return Some(Permit { gate: self.clone() }),
                 Err(actual) => current = actual,
             }
         }
@@ -102,7 +94,7 @@ mod tests {
 
     #[test]
     fn sync_is_shed_at_threshold_async_may_fill_to_max() {
-        let gate = Gate::new("h:1".into(), 4, 3);
+        let gate = Gate::new(4, 3);
         let a: Vec<_> = (0..3).map(|_| gate.try_enter_sync().unwrap()).collect();
         assert!(
             gate.try_enter_sync().is_none(),
@@ -118,7 +110,7 @@ mod tests {
 
     #[test]
     fn concurrent_entries_never_exceed_the_cap() {
-        let gate = Gate::new("h:2".into(), 8, 8);
+        let gate = Gate::new(8, 8);
         let peak = Arc::new(AtomicU32::new(0));
         std::thread::scope(|s| {
             for _ in 0..8 {

@@ -30,6 +30,8 @@ pub struct Host {
     pub gate: Arc<Gate>,
     pub breaker: Breaker,
     pub client: PooledClient,
+    /// Attempt, latency and shed series of this host.
+    pub metrics: Arc<crate::metrics::HostMetrics>,
     /// Which trust roots the pool was built with.
     tls_fingerprint: String,
 }
@@ -38,7 +40,8 @@ impl Host {
     /// A host with a fresh pool, gate and breaker.
     pub fn new(key: Arc<str>, policy: &HostPolicy, tls: &TlsTrust) -> Arc<Self> {
         Arc::new(Self {
-            gate: Gate::new(key.clone(), policy.max_connections, policy.shed_threshold()),
+            gate: Gate::new(policy.max_connections, policy.shed_threshold()),
+            metrics: Arc::new(crate::metrics::HostMetrics::new(&key)),
             breaker: Breaker::new(
                 key.clone(),
                 policy.breaker_failures,
@@ -86,6 +89,7 @@ impl Host {
             gate: self.gate.clone(),
             breaker,
             client,
+            metrics: self.metrics.clone(),
             tls_fingerprint: tls.fingerprint.clone(),
         })
     }

@@ -65,7 +65,7 @@ pub async fn deliver(
             retry_after: open.retry_after,
         })?;
     let Some(_permit) = host.gate.try_enter_sync() else {
-        crate::metrics::shed(&host.key);
+        host.metrics.shed();
         return Err(SyncFailure::Shed);
     };
     let request = request::build(
@@ -83,7 +83,7 @@ pub async fn deliver(
         Err(e) => e.class(),
     };
     let latency = started.elapsed();
-    crate::metrics::attempt(&host.key, DeliveryMode::Sync, class, latency);
+    host.metrics.attempt(DeliveryMode::Sync, class, latency);
     tracing::debug!(
         event_id = %envelope.event_id,
         trace_id = %envelope.trace_id,
