@@ -46,6 +46,73 @@ pub struct RunningServer {
     pub reloader: Arc<Reloader>,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
+    ingress_threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+/// `count` listening sockets on one address with SO_REUSEPORT, so the kernel spreads incoming
+/// connections over the ingress event loops. With port 0 the first socket picks the port and
+/// the others join it.
+fn bind_ingress(addr: SocketAddr, count: usize) -> Result<Vec<std::net::TcpListener>, ServeError> {
+    use socket2::{Domain, Socket, Type};
+    let fail = |source: std::io::Error| ServeError::Bind {
+        what: "listen",
+        addr,
+        source,
+    };
+    let mut sockets = Vec::with_capacity(count);
+    let mut bound = addr;
+    for _ in 0..count.max(1) {
+        let socket = Socket::new(Domain::for_address(bound), Type::STREAM, None).map_err(fail)?;
+        socket.set_reuse_address(true).map_err(fail)?;
+        socket.set_reuse_port(true).map_err(fail)?;
+        socket.set_nonblocking(true).map_err(fail)?;
+        socket.bind(&bound.into()).map_err(fail)?;
+        socket.listen(1024).map_err(fail)?;
+        let listener: std::net::TcpListener = socket.into();
+        bound = listener.local_addr().map_err(fail)?;
+        sockets.push(listener);
+    }
+    Ok(sockets)
+}
+
+/// Runs one ingress event loop on its own thread: a single-threaded runtime, so a sync request
+/// is received, forwarded through this loop's own upstream pool lane, and answered without
+/// crossing threads.
+fn spawn_ingress_thread(
+    lane: usize,
+    socket: std::net::TcpListener,
+    dispatcher: Arc<Dispatcher>,
+    mut stop: watch::Receiver<bool>,
+    drain: Duration,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name(format!("hookyard-ingress-{lane}"))
+        .spawn(move || {
+            crate::sync::host::set_lane(lane);
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    tracing::error!(error = %e, lane, "cannot start an ingress event loop");
+                    return;
+                }
+            };
+            runtime.block_on(async move {
+                let listener = match TcpListener::from_std(socket) {
+                    Ok(l) => l,
+                    Err(e) => {
+                        tracing::error!(error = %e, lane, "cannot register the ingress socket");
+                        return;
+                    }
+                };
+                let stopped = async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                };
+                crate::httpserver::serve(listener, Ingress::new(dispatcher), stopped, drain).await;
+            });
+        })
 }
 
 async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, ServeError> {
@@ -57,9 +124,9 @@ async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, Serve
 /// Opens the store, binds both listeners and starts every task.
 pub async fn start(config_path: PathBuf, settings: Settings) -> Result<RunningServer, ServeError> {
     let metrics = crate::metrics::install();
-    let ingress_listener = bind("listen", settings.listen).await?;
+    let ingress_sockets = bind_ingress(settings.listen, settings.ingress_threads)?;
     let admin_listener = bind("admin_listen", settings.admin_listen).await?;
-    let ingress_addr = ingress_listener
+    let ingress_addr = ingress_sockets[0]
         .local_addr()
         .map_err(|source| ServeError::Bind {
             what: "listen",
@@ -86,12 +153,6 @@ pub async fn start(config_path: PathBuf, settings: Settings) -> Result<RunningSe
     let sync_drain = max_sync_timeout(&dispatcher) + Duration::from_millis(500);
     let tasks = vec![
         tokio::spawn(crate::httpserver::serve(
-            ingress_listener,
-            Ingress::new(dispatcher.clone()),
-            stop(&shutdown_rx),
-            sync_drain,
-        )),
-        tokio::spawn(crate::httpserver::serve(
             admin_listener,
             Admin::new(dispatcher.clone(), reloader.clone(), metrics),
             stop(&shutdown_rx),
@@ -106,10 +167,26 @@ pub async fn start(config_path: PathBuf, settings: Settings) -> Result<RunningSe
         tokio::spawn(watch_config(
             reloader.clone(),
             crate::config::watch::watch(reloader.path()),
-            shutdown_rx,
+            shutdown_rx.clone(),
         )),
     ];
-    tracing::info!(%ingress_addr, %admin_addr, "hookyard is serving");
+    let mut ingress_threads = Vec::with_capacity(ingress_sockets.len());
+    for (i, socket) in ingress_sockets.into_iter().enumerate() {
+        let thread = spawn_ingress_thread(
+            i + 1,
+            socket,
+            dispatcher.clone(),
+            shutdown_rx.clone(),
+            sync_drain,
+        )
+        .map_err(|source| ServeError::Bind {
+            what: "listen",
+            addr: ingress_addr,
+            source,
+        })?;
+        ingress_threads.push(thread);
+    }
+    tracing::info!(%ingress_addr, %admin_addr, event_loops = ingress_threads.len(), "hookyard is serving");
     Ok(RunningServer {
         ingress_addr,
         admin_addr,
@@ -117,6 +194,7 @@ pub async fn start(config_path: PathBuf, settings: Settings) -> Result<RunningSe
         reloader,
         shutdown,
         tasks,
+        ingress_threads,
     })
 }
 
@@ -200,6 +278,13 @@ impl RunningServer {
     /// Stops accepting, drains, closes the store.
     pub async fn shutdown(self) {
         let _ = self.shutdown.send(true);
+        let threads = self.ingress_threads;
+        let _ = tokio::task::spawn_blocking(move || {
+            for thread in threads {
+                let _ = thread.join();
+            }
+        })
+        .await;
         for task in self.tasks {
             let _ = task.await;
         }

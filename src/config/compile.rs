@@ -181,6 +181,13 @@ impl Compiler<'_> {
             .and_then(|w| self.duration_ms(w, "idempotency_window"))
             .map(Duration::from_millis)
             .unwrap_or(Duration::from_secs(24 * 3600));
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let ingress_threads = self.positive(
+            &file.ingress.threads,
+            cores as u64,
+            "ingress.threads",
+            (crate::sync::host::MAX_LANES - 1) as i64,
+        ) as usize;
         let store = self.store(path, &file.store);
         let (signer, uses_development_secret) = self.signing(&file.signing.secrets);
         let tls = self.tls(path, &file.tls);
@@ -197,6 +204,7 @@ impl Compiler<'_> {
             admin_token,
             max_body_bytes,
             idempotency_window,
+            ingress_threads,
             store: store?,
             signer: Arc::new(signer?),
             tls: tls?,

@@ -46,6 +46,8 @@ pub struct Settings {
     pub admin_token: Option<String>,
     pub max_body_bytes: usize,
     pub idempotency_window: Duration,
+    /// Ingress event loops (threads); see `ingress.threads`.
+    pub ingress_threads: usize,
     pub store: StoreSettings,
     pub signer: Arc<Signer>,
     /// Trust roots for `https://` targets.

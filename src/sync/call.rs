@@ -53,7 +53,7 @@ pub async fn call(
     deadline: Duration,
 ) -> Result<UpstreamResponse, CallError> {
     let exchange = async {
-        let response = host.client.request(request).await.map_err(|e| {
+        let response = host.client().request(request).await.map_err(|e| {
             if e.is_connect() {
                 CallError::Connect(error_chain(&e))
             } else {

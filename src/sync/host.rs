@@ -22,6 +22,53 @@ use crate::config::{HostPolicy, TlsTrust};
 /// The pooled HTTP/1.1 client of one host (plain or TLS, by the target's scheme).
 pub type PooledClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
 
+/// Most pool lanes a host keeps: one per ingress runtime plus the main runtime.
+pub const MAX_LANES: usize = 64;
+
+thread_local! {
+    static LANE: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Binds the calling thread to pool lane `lane` (its runtime's own connections).
+///
+/// A pooled connection is driven by a task on the runtime that opened it. When every ingress
+/// runtime (one per core) has its own lane, a sync request is received, forwarded and answered
+/// on one thread, with no cross-thread wakeup; lane 0 serves the main runtime (async workers).
+pub fn set_lane(lane: usize) {
+    LANE.with(|l| l.set(lane.min(MAX_LANES - 1)));
+}
+
+/// One pool per lane, created on first use from that lane.
+struct Lanes {
+    pools: Box<[std::sync::OnceLock<PooledClient>]>,
+    connect_timeout: Duration,
+    max_connections: u32,
+    tls: Arc<ClientConfig>,
+}
+
+impl std::fmt::Debug for Lanes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Lanes").finish_non_exhaustive()
+    }
+}
+
+impl Lanes {
+    fn new(policy: &HostPolicy, tls: &TlsTrust) -> Arc<Self> {
+        Arc::new(Self {
+            pools: (0..MAX_LANES).map(|_| std::sync::OnceLock::new()).collect(),
+            connect_timeout: policy.connect_timeout,
+            max_connections: policy.max_connections,
+            tls: tls.client_config.clone(),
+        })
+    }
+
+    fn current(&self) -> &PooledClient {
+        let lane = LANE.with(|l| l.get());
+        self.pools[lane]
+            .get_or_init(|| pooled_client(self.connect_timeout, self.max_connections, &self.tls))
+    }
+}
+
 /// An upstream host and the machinery guarding it.
 #[derive(Debug)]
 pub struct Host {
@@ -29,7 +76,7 @@ pub struct Host {
     pub policy: HostPolicy,
     pub gate: Arc<Gate>,
     pub breaker: Breaker,
-    pub client: PooledClient,
+    lanes: Arc<Lanes>,
     /// Attempt, latency and shed series of this host.
     pub metrics: Arc<crate::metrics::HostMetrics>,
     /// Which trust roots the pool was built with.
@@ -37,6 +84,11 @@ pub struct Host {
 }
 
 impl Host {
+    /// The connection pool of the calling thread's runtime.
+    pub fn client(&self) -> &PooledClient {
+        self.lanes.current()
+    }
+
     /// A host with a fresh pool, gate and breaker.
     pub fn new(key: Arc<str>, policy: &HostPolicy, tls: &TlsTrust) -> Arc<Self> {
         Arc::new(Self {
@@ -47,7 +99,7 @@ impl Host {
                 policy.breaker_failures,
                 policy.breaker_recovery,
             ),
-            client: pooled_client(policy, tls),
+            lanes: Lanes::new(policy, tls),
             tls_fingerprint: tls.fingerprint.clone(),
             policy: policy.clone(),
             key,
@@ -75,40 +127,44 @@ impl Host {
                 policy.breaker_recovery,
             )
         };
-        let client = if self.policy.connect_timeout == policy.connect_timeout
+        let lanes = if self.policy.connect_timeout == policy.connect_timeout
             && self.policy.max_connections == policy.max_connections
             && self.tls_fingerprint == tls.fingerprint
         {
-            self.client.clone()
+            self.lanes.clone()
         } else {
-            pooled_client(policy, tls)
+            Lanes::new(policy, tls)
         };
         Arc::new(Self {
             key: self.key.clone(),
             policy: policy.clone(),
             gate: self.gate.clone(),
             breaker,
-            client,
+            lanes,
             metrics: self.metrics.clone(),
             tls_fingerprint: tls.fingerprint.clone(),
         })
     }
 }
 
-fn pooled_client(policy: &HostPolicy, tls: &TlsTrust) -> PooledClient {
+fn pooled_client(
+    connect_timeout: Duration,
+    max_connections: u32,
+    tls: &Arc<ClientConfig>,
+) -> PooledClient {
     let mut connector = HttpConnector::new();
-    connector.set_connect_timeout(Some(policy.connect_timeout));
+    connector.set_connect_timeout(Some(connect_timeout));
     connector.set_nodelay(true);
     // The TLS layer hands plain-http URLs through and wraps https ones.
     connector.enforce_http(false);
     let connector = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config(ClientConfig::clone(&tls.client_config))
+        .with_tls_config(ClientConfig::clone(tls))
         .https_or_http()
         .enable_http1()
         .wrap_connector(connector);
     Client::builder(TokioExecutor::new())
         .pool_idle_timeout(Duration::from_secs(90))
-        .pool_max_idle_per_host(policy.max_connections as usize)
+        .pool_max_idle_per_host(max_connections as usize)
         .build(connector)
 }
 
