@@ -79,7 +79,12 @@ async fn run_queue(
         while let Some(result) = deliveries.try_join_next() {
             streak.record(result);
         }
-        if deliveries.is_empty() {
+        if streak.saturated() {
+            // Claim nothing more: let the deferrals in flight land, then pause.
+            if let Some(result) = deliveries.join_next().await {
+                streak.record(result);
+                continue;
+            }
             if let Some(pause) = streak.take_pause() {
                 tokio::select! {
                     _ = tokio::time::sleep(pause) => {}
@@ -181,8 +186,12 @@ impl DeferralStreak {
         }
     }
 
+    fn saturated(&self) -> bool {
+        self.count >= self.threshold
+    }
+
     fn take_pause(&mut self) -> Option<Duration> {
-        if self.count < self.threshold {
+        if !self.saturated() {
             return None;
         }
         let pause = (self.earliest_due_ms - now_ms()).clamp(0, 1000) as u64;
