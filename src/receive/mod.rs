@@ -107,6 +107,8 @@ pub struct ReceivedRequest {
     pub delivery_attempt: Option<String>,
     /// `X-Trace-Id` header.
     pub trace_id: Option<String>,
+    /// `traceparent`, when the sender propagated a W3C trace context.
+    pub traceparent: Option<String>,
     /// `Idempotency-Key` header.
     pub idempotency_key: Option<String>,
     /// `X-Event-Type` header.
@@ -448,6 +450,7 @@ async fn handle_post(shared: &Shared, req: Request<Incoming>) -> Response<Full<B
         callback_mode: header_string(headers, &HeaderName::from_static("x-callback-mode")),
         delivery_attempt: header_string(headers, &HeaderName::from_static("x-delivery-attempt")),
         trace_id: header_string(headers, &HeaderName::from_static("x-trace-id")),
+        traceparent: header_string(headers, &HeaderName::from_static("traceparent")),
         idempotency_key: header_string(headers, &HeaderName::from_static("idempotency-key")),
         event_type: header_string(headers, &HeaderName::from_static("x-event-type")),
         body,
@@ -634,6 +637,7 @@ mod tests {
                 callback_mode: None,
                 delivery_attempt: None,
                 trace_id: None,
+                traceparent: None,
                 idempotency_key: None,
                 event_type: None,
                 body: Bytes::new(),
