@@ -76,6 +76,9 @@ async fn thousand_events_with_twenty_percent_5xx_are_all_delivered_once() {
             "[10, 10, 20, 20, 40, 40, 80, 80, 80, 80]",
             ""
         )
+        // A deadline no loaded machine blows: a delivery that times out after the receiver
+        // answered 2xx is an honest at-least-once duplicate, not what this test looks for.
+        .replace("timeout_ms: 500", "timeout_ms: 10000")
     ))
     .await;
     let posts = (0..1000).map(|i| hy.post("user.updated", format!(r#"{{"n":{i}}}"#), &[]));

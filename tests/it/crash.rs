@@ -47,7 +47,7 @@ async fn events_answered_202_survive_sigkill_and_are_delivered_after_restart() {
     let ingress = upstream::closed_port();
     let admin = upstream::closed_port();
     let rules = format!(
-        "hosts:\n  default:\n    circuit_breaker: {{ consecutive_failures: 5, recovery_ms: 100 }}\nqueues:\n  default: {{ concurrency: 32 }}\nrouting_rules:\n  - event_type: user.updated\n    mode: async\n    target: http://{receiver_addr}/u\n    timeout_ms: 1000\n    retry_matrix: [20, 40, 80, 160, 320, 640, 1000, 1000, 1000, 1000, 1000, 1000]\n"
+        "hosts:\n  default:\n    circuit_breaker: {{ consecutive_failures: 5, recovery_ms: 100 }}\nqueues:\n  default: {{ concurrency: 32 }}\nrouting_rules:\n  - event_type: user.updated\n    mode: async\n    target: http://{receiver_addr}/u\n    timeout_ms: 3000\n    retry_matrix: [20, 40, 80, 160, 320, 640, 1000, 1000, 1000, 1000, 1000, 1000]\n"
     );
     let config = config_yaml(dir.path(), &rules).replace(
         "listen: 127.0.0.1:0\nadmin_listen: 127.0.0.1:0",
