@@ -338,9 +338,12 @@ async fn thousand_events_with_twenty_percent_5xx_are_all_delivered_once_on_redis
         ..Default::default()
     })
     .await;
-    let hy = start_on_redis(
+    // A generous deadline (and an idle claim time above it): a timeout after the receiver
+    // answered 2xx would be an honest at-least-once duplicate, not what this test looks for.
+    let hy = start_on_redis_with_claim_idle(
         &redis,
         "fivexx",
+        11_000,
         &format!(
             // A breaker that never opens: 5 consecutive 503s among ~1250 attempts at 20% is
             // likely enough to stall the test for the default 30 s recovery.
@@ -349,6 +352,7 @@ async fn thousand_events_with_twenty_percent_5xx_are_all_delivered_once_on_redis
                 &format!("http://{}/u", rx.local_addr()),
                 "[10, 10, 20, 20, 40, 40, 80, 80, 80, 80]"
             )
+            .replace("timeout_ms: 500", "timeout_ms: 10000")
         ),
     )
     .await;
