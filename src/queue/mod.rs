@@ -375,3 +375,32 @@ pub trait Store: Send + Sync + 'static {
     /// Flushes and closes; later calls fail with `StoreError::Closed`.
     fn close(&self) -> StoreFuture<'_, ()>;
 }
+
+/// Replays every dead letter matching `filter` by walking the DLQ newest first in pages of
+/// `chunk` and replaying each page: the shared body of [`Store::replay_matching`].
+///
+/// The keyset cursor only moves towards older entries, so an event that is replayed, fails
+/// again and is re-dead-lettered meanwhile (newer) is not taken twice, and no single write
+/// holds up ingress for the whole DLQ.
+pub async fn replay_in_pages<S: Store + ?Sized>(
+    store: &S,
+    filter: DlqFilter,
+    now_ms: UnixMillis,
+    chunk: usize,
+) -> Result<u64, StoreError> {
+    let mut cursor = None;
+    let mut total = 0u64;
+    loop {
+        let page = store
+            .list_dead_letters(filter.clone(), cursor, chunk)
+            .await?;
+        let ids: Vec<String> = page.items.into_iter().map(|d| d.id).collect();
+        if !ids.is_empty() {
+            total += store.replay(ids, now_ms).await?.len() as u64;
+        }
+        match page.next_cursor {
+            Some(next) => cursor = Some(next),
+            None => return Ok(total),
+        }
+    }
+}

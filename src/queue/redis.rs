@@ -959,25 +959,12 @@ impl Store for RedisStore {
     }
 
     fn replay_matching(&self, filter: DlqFilter, now_ms: UnixMillis) -> StoreFuture<'_, u64> {
-        Box::pin(async move {
-            // Newest first in chunks; the cursor only moves towards older entries, so an event
-            // replayed, failed again and re-dead-lettered meanwhile (newer) is not taken twice.
-            let mut cursor = None;
-            let mut total = 0u64;
-            loop {
-                let page = self
-                    .list_dead_letters(filter.clone(), cursor, MAINTENANCE_CHUNK)
-                    .await?;
-                let ids: Vec<String> = page.items.into_iter().map(|d| d.id).collect();
-                if !ids.is_empty() {
-                    total += self.replay(ids, now_ms).await?.len() as u64;
-                }
-                match page.next_cursor {
-                    Some(next) => cursor = Some(next),
-                    None => return Ok(total),
-                }
-            }
-        })
+        Box::pin(super::replay_in_pages(
+            self,
+            filter,
+            now_ms,
+            MAINTENANCE_CHUNK,
+        ))
     }
 
     fn fallbacks(

@@ -1427,27 +1427,12 @@ impl Store for SqliteStore {
     }
 
     fn replay_matching(&self, filter: DlqFilter, now_ms: UnixMillis) -> StoreFuture<'_, u64> {
-        Box::pin(async move {
-            // Walk the matching dead letters newest first in chunks, replaying each chunk in
-            // its own write. The keyset cursor only moves towards older entries, so an event
-            // that is replayed, fails again and is re-dead-lettered meanwhile (newer) is not
-            // picked up twice, and ingress is never stalled behind one huge transaction.
-            let mut cursor = None;
-            let mut total = 0u64;
-            loop {
-                let page = self
-                    .list_dead_letters(filter.clone(), cursor, MAINTENANCE_CHUNK)
-                    .await?;
-                let ids: Vec<String> = page.items.into_iter().map(|d| d.id).collect();
-                if !ids.is_empty() {
-                    total += self.replay(ids, now_ms).await?.len() as u64;
-                }
-                match page.next_cursor {
-                    Some(next) => cursor = Some(next),
-                    None => return Ok(total),
-                }
-            }
-        })
+        Box::pin(super::replay_in_pages(
+            self,
+            filter,
+            now_ms,
+            MAINTENANCE_CHUNK,
+        ))
     }
 
     fn fallbacks(
