@@ -51,7 +51,9 @@ pub struct RunningServer {
 
 /// `count` listening sockets on one address with SO_REUSEPORT, so the kernel spreads incoming
 /// connections over the ingress event loops. With port 0 the first socket picks the port and
-/// the others join it.
+/// the others join it. SO_REUSEPORT would also let a second hookyard of the same user join the
+/// port; the admin listener is bound without it, so a second instance with the same config
+/// fails to start instead of silently splitting traffic.
 fn bind_ingress(addr: SocketAddr, count: usize) -> Result<Vec<std::net::TcpListener>, ServeError> {
     use socket2::{Domain, Socket, Type};
     let fail = |source: std::io::Error| ServeError::Bind {
