@@ -19,7 +19,9 @@
 //!   `synchronous=FULL`, after the WAL is fsynced). A reply of `Accepted` therefore means
 //!   durable, and a `Duplicate` never points at an event whose commit later failed.
 //! - If the commit fails, every job of the batch is answered `Unavailable` and the writer's
-//!   in-memory state (queue depth counters) is rolled back with it.
+//!   in-memory state (queue depth counters) is rolled back with it. If SQLite aborts the
+//!   transaction part-way (disk full, I/O error), the jobs already run are answered
+//!   `Unavailable` and the jobs not yet run lead the next batch.
 //! - The channel is unbounded but each caller has at most one job outstanding (it awaits the
 //!   reply), so its length is bounded by the number of concurrent callers.
 //! - `events.due_at` is the time the event next becomes claimable: the retry/first-attempt time
@@ -27,9 +29,12 @@
 //!   two range scans of the `(queue, state, due_at)` index, never a table scan.
 //! - The per-queue depth counter (pending + in flight) lives only in the writer thread, is
 //!   loaded at open, and changes only with committed transactions.
+//! - Only the writer thread writes (read connections are `query_only`), which is what makes
+//!   the in-memory depth counters and the lease checks trustworthy.
 //! - Nothing here panics on I/O trouble: SQLite errors become [`StoreError::Unavailable`],
-//!   undecodable rows [`StoreError::Corrupt`], and calls after [`Store::close`]
-//!   [`StoreError::Closed`].
+//!   undecodable rows (and malformed DLQ cursors) [`StoreError::Corrupt`], and calls after
+//!   [`Store::close`] [`StoreError::Closed`].
+//! - The returned futures must be polled inside a Tokio runtime (reads use `spawn_blocking`).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -292,6 +297,9 @@ fn new_lease_token() -> String {
 
 fn apply_common_pragmas(conn: &Connection, options: &SqliteOptions) -> Result<(), StoreError> {
     conn.busy_timeout(options.busy_timeout)?;
+    // Every hot statement is `prepare_cached`; the default cache (16) is smaller than the
+    // writer's working set and would re-prepare statements on every batch.
+    conn.set_prepared_statement_cache_capacity(64);
     Ok(())
 }
 
@@ -312,6 +320,11 @@ fn open_writer(
     }
     let sync = if options.fsync { "FULL" } else { "OFF" };
     conn.pragma_update(None, "synchronous", sync)?;
+    // After a burst the WAL is truncated back to this size at checkpoint instead of keeping
+    // its high-water mark on disk forever.
+    conn.query_row("PRAGMA journal_size_limit = 67108864", [], |r| {
+        r.get::<_, i64>(0)
+    })?;
     let mut enqueue_page_limit = None;
     if let Some(max) = options.max_size_bytes {
         let page_size: i64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0))?;
