@@ -152,6 +152,22 @@ SELECT rid FROM (
                    WHERE queue = ?1 AND state = 1 AND due_at <= ?2 ORDER BY due_at LIMIT ?3)
 ) ORDER BY due_at, rid LIMIT ?3";
 
+/// One page of dead letters, newest first (see `read_dead_letters` for the parameters).
+const DLQ_PAGE: &str =
+    "SELECT e.id, e.event_type, e.queue, e.target, e.trace_id, e.dead_letter_reason,
+            e.attempts_made, a.status, a.error, e.received_at, e.dead_lettered_at
+     FROM events e
+     LEFT JOIN attempts a
+            ON a.seq = (SELECT MAX(seq) FROM attempts WHERE event_id = e.id)
+     WHERE e.state = 3
+       AND (?1 IS NULL OR e.event_type = ?1)
+       AND (?2 IS NULL OR e.queue = ?2)
+       AND e.dead_lettered_at >= ?3
+       AND e.dead_lettered_at < ?4
+       AND (e.dead_lettered_at, e.id) < (?5, ?6)
+     ORDER BY e.dead_lettered_at DESC, e.id DESC
+     LIMIT ?7";
+
 /// Tuning for [`SqliteStore::open`].
 #[derive(Debug, Clone)]
 pub struct SqliteOptions {
@@ -1193,37 +1209,25 @@ fn read_dead_letters(
             next_cursor: None,
         });
     }
+    // Absent bounds become sentinels rather than `?n IS NULL OR ...`, so every bound stays a
+    // range condition on `events_dlq` and a deep page starts where the last one stopped
+    // instead of re-reading every earlier row.
     let (after_at, after_id) = match cursor {
-        Some(c) => {
-            let (at, id) = decode_cursor(c)?;
-            (Some(at), Some(id))
-        }
-        None => (None, None),
+        Some(c) => decode_cursor(c)?,
+        None => (UnixMillis::MAX, String::new()),
     };
+    let since = filter.since_ms.unwrap_or(UnixMillis::MIN);
+    let until = filter.until_ms.unwrap_or(UnixMillis::MAX);
     // Newest first, keyset-paged on (dead_lettered_at, id): stable while dead letters come and
     // go, and each page is an index range scan however deep the page.
     let mut items = conn
-        .prepare_cached(
-            "SELECT e.id, e.event_type, e.queue, e.target, e.trace_id, e.dead_letter_reason,
-                    e.attempts_made, a.status, a.error, e.received_at, e.dead_lettered_at
-             FROM events e
-             LEFT JOIN attempts a
-                    ON a.seq = (SELECT MAX(seq) FROM attempts WHERE event_id = e.id)
-             WHERE e.state = 3
-               AND (?1 IS NULL OR e.event_type = ?1)
-               AND (?2 IS NULL OR e.queue = ?2)
-               AND (?3 IS NULL OR e.dead_lettered_at >= ?3)
-               AND (?4 IS NULL OR e.dead_lettered_at < ?4)
-               AND (?5 IS NULL OR (e.dead_lettered_at, e.id) < (?5, ?6))
-             ORDER BY e.dead_lettered_at DESC, e.id DESC
-             LIMIT ?7",
-        )?
+        .prepare_cached(DLQ_PAGE)?
         .query_map(
             params![
                 filter.event_type,
                 filter.queue,
-                filter.since_ms,
-                filter.until_ms,
+                since,
+                until,
                 after_at,
                 after_id,
                 limit_i64(limit.saturating_add(1)),
@@ -1544,6 +1548,34 @@ mod tests {
             assert!(plan.contains("events_claim"), "{sql}\n{plan}");
             assert!(!plan.contains("SCAN events"), "{sql}\n{plan}");
         }
+    }
+
+    /// Every DLQ page, however deep, is a range search of the partial index, not a scan.
+    #[test]
+    fn dead_letter_pages_search_the_index() {
+        let conn = Connection::open_in_memory().unwrap();
+        conn.execute_batch(SCHEMA).unwrap();
+        let mut stmt = conn
+            .prepare(&format!("EXPLAIN QUERY PLAN {DLQ_PAGE}"))
+            .unwrap();
+        let plan: Vec<String> = stmt
+            .query_map(
+                params![
+                    None::<String>,
+                    None::<String>,
+                    0i64,
+                    10i64,
+                    5i64,
+                    "evt_x",
+                    10i64
+                ],
+                |r| r.get::<_, String>(3),
+            )
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        let plan = plan.join("\n");
+        assert!(plan.contains("SEARCH e USING INDEX events_dlq"), "{plan}");
     }
 
     #[test]
