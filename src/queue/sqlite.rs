@@ -32,8 +32,8 @@
 //! - Only the writer thread writes (read connections are `query_only`), which is what makes
 //!   the in-memory depth counters and the lease checks trustworthy.
 //! - Nothing here panics on I/O trouble: SQLite errors become [`StoreError::Unavailable`],
-//!   undecodable rows (and malformed DLQ cursors) [`StoreError::Corrupt`], and calls after
-//!   [`Store::close`] [`StoreError::Closed`].
+//!   undecodable rows [`StoreError::Corrupt`], malformed DLQ cursors
+//!   [`StoreError::InvalidInput`], and calls after [`Store::close`] [`StoreError::Closed`].
 //! - The returned futures must be polled inside a Tokio runtime (reads use `spawn_blocking`).
 
 use std::collections::HashMap;
