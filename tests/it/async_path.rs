@@ -112,10 +112,7 @@ async fn retry_delays_follow_the_matrix_to_the_millisecond() {
         async_rule(&format!("http://{}/u", rx.local_addr()), "[100, 250]", "")
     ))
     .await;
-    let id = hy.post("user.updated", "{}", &[]).await.json()["event_id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let id = hy.post("user.updated", "{}", &[]).await.event_id();
     eventually(Duration::from_secs(5), "dead letter", async || {
         event(&hy, &id).await["state"] == "dead_lettered"
     })
@@ -147,10 +144,7 @@ async fn permanent_400_dead_letters_after_one_attempt_and_replay_delivers_it() {
         "",
     ))
     .await;
-    let id = hy.post("user.updated", "{}", &[]).await.json()["event_id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let id = hy.post("user.updated", "{}", &[]).await.event_id();
     eventually(Duration::from_secs(5), "dead letter", async || {
         event(&hy, &id).await["state"] == "dead_lettered"
     })
@@ -302,7 +296,7 @@ async fn a_full_store_answers_503_with_a_reason_never_202() {
     for _ in 0..64 {
         let a = crate::util::send(&client, "POST", &url, &[], body.clone()).await;
         match a.status {
-            202 => accepted.push(a.json()["event_id"].as_str().unwrap().to_string()),
+            202 => accepted.push(a.event_id()),
             503 => {
                 refused = Some(a);
                 break;
@@ -405,10 +399,7 @@ async fn an_open_breaker_delays_async_attempts_without_dropping_them() {
         async_rule(&format!("http://{}/u", rx.local_addr()), "[10, 10, 10]", "")
     ))
     .await;
-    let id = hy.post("user.updated", "{}", &[]).await.json()["event_id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let id = hy.post("user.updated", "{}", &[]).await.event_id();
     // Two failures open the breaker; the third attempt waits for recovery instead of being spent.
     eventually(Duration::from_secs(3), "breaker open", async || {
         rx.stats().received == 2
@@ -450,18 +441,12 @@ async fn gone_410_dead_letters_and_disables_the_target_until_enabled() {
         "",
     ))
     .await;
-    let first = hy.post("user.updated", "{}", &[]).await.json()["event_id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let first = hy.post("user.updated", "{}", &[]).await.event_id();
     eventually(Duration::from_secs(3), "gone", async || {
         event(&hy, &first).await["dead_letter_reason"] == "gone"
     })
     .await;
-    let second = hy.post("user.updated", "{}", &[]).await.json()["event_id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let second = hy.post("user.updated", "{}", &[]).await.event_id();
     eventually(Duration::from_secs(3), "disabled", async || {
         event(&hy, &second).await["dead_letter_reason"] == "target_disabled"
     })

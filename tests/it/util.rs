@@ -54,6 +54,14 @@ impl Answer {
             .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
     }
 
+    /// The `event_id` of a 202 answer (panics with the body if there is none).
+    pub fn event_id(&self) -> String {
+        match self.json()["event_id"].as_str() {
+            Some(id) => id.to_string(),
+            None => panic!("no event_id in {}", String::from_utf8_lossy(&self.body)),
+        }
+    }
+
     /// A header as a string.
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers.get(name).and_then(|v| v.to_str().ok())
