@@ -10,6 +10,7 @@ pub mod clock;
 pub mod config;
 pub mod delivery;
 pub mod dispatcher;
+pub mod headers;
 pub mod httpserver;
 pub mod ingress;
 pub mod metrics;

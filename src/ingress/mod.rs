@@ -15,6 +15,7 @@ use hyper::body::Incoming;
 use serde_json::json;
 
 use crate::dispatcher::{Dispatcher, Event, Outcome};
+use crate::headers::{IDEMPOTENCY_KEY, X_DISPATCH_MODE, X_EVENT_ID, X_TRACE_ID};
 use crate::httpserver::{json, Handler};
 use crate::routing::validate_event_type;
 use crate::sync::SyncFailure;
@@ -42,7 +43,7 @@ impl Handler for Ingress {
         let trace_id = trace_id_from_headers(request.headers()).unwrap_or_else(new_trace_id);
         let mut response = self.answer(request, &trace_id).await;
         if let Ok(v) = HeaderValue::from_str(&trace_id) {
-            response.headers_mut().insert("x-trace-id", v);
+            response.headers_mut().insert(X_TRACE_ID, v);
         }
         response
     }
@@ -85,7 +86,7 @@ impl Ingress {
             );
         }
         let event_type = event_type.to_string();
-        let idempotency_key = match request.headers().get("idempotency-key") {
+        let idempotency_key = match request.headers().get(IDEMPOTENCY_KEY) {
             None => None,
             Some(v) => match v.to_str() {
                 Ok(k) if !k.is_empty() && k.len() <= MAX_IDEMPOTENCY_KEY_LEN => Some(k.to_string()),
@@ -160,9 +161,9 @@ fn respond(outcome: Outcome, trace_id: &str) -> Response<Full<Bytes>> {
             if let Some(ct) = response.headers.get(CONTENT_TYPE) {
                 h.insert(CONTENT_TYPE, ct.clone());
             }
-            h.insert("x-dispatch-mode", HeaderValue::from_static("sync"));
+            h.insert(X_DISPATCH_MODE, HeaderValue::from_static("sync"));
             if let Ok(v) = HeaderValue::from_str(&event_id) {
-                h.insert("x-event-id", v);
+                h.insert(X_EVENT_ID, v);
             }
             r
         }

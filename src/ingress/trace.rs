@@ -2,6 +2,8 @@
 
 use http::HeaderMap;
 
+use crate::headers::{TRACEPARENT, X_TRACE_ID};
+
 /// Longest `X-Trace-Id` accepted from a caller.
 const MAX_TRACE_ID_LEN: usize = 128;
 
@@ -13,7 +15,7 @@ pub fn new_trace_id() -> String {
 /// The caller's trace id: `X-Trace-Id` if it is sane, else the trace-id field of a valid
 /// `traceparent` (`00-<32 hex>-<16 hex>-<2 hex>`).
 pub fn trace_id_from_headers(headers: &HeaderMap) -> Option<String> {
-    if let Some(id) = headers.get("x-trace-id").and_then(|v| v.to_str().ok()) {
+    if let Some(id) = headers.get(X_TRACE_ID).and_then(|v| v.to_str().ok()) {
         let ok = !id.is_empty()
             && id.len() <= MAX_TRACE_ID_LEN
             && id
@@ -23,7 +25,7 @@ pub fn trace_id_from_headers(headers: &HeaderMap) -> Option<String> {
             return Some(id.to_string());
         }
     }
-    let tp = headers.get("traceparent")?.to_str().ok()?;
+    let tp = headers.get(TRACEPARENT)?.to_str().ok()?;
     let mut parts = tp.split('-');
     let (version, trace, parent, flags) =
         (parts.next()?, parts.next()?, parts.next()?, parts.next()?);

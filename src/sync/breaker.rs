@@ -110,21 +110,26 @@ pub struct CircuitOpen {
 /// Permission to make one call; report its result with `success` or `failure`.
 /// Dropped without a report (the caller gave up), it records nothing and frees the probe.
 #[derive(Debug)]
-pub struct Ticket {
-    breaker: Breaker,
+pub struct Ticket<'a> {
+    breaker: &'a Breaker,
     probe: bool,
     reported: bool,
 }
 
-impl Ticket {
+impl Ticket<'_> {
     /// The host answered in a way that shows it is healthy (2xx-4xx).
     pub fn success(mut self) {
         self.reported = true;
-        self.breaker
+        let failures_before = self
+            .breaker
             .mirror
             .consecutive_failures
-            .store(0, Ordering::Release);
-        self.breaker.machine.on_success();
+            .swap(0, Ordering::AcqRel);
+        // A success on a closed breaker with no failures counted changes nothing in failsafe;
+        // skipping it keeps failsafe's lock (shared by every event loop) off the hot path.
+        if failures_before > 0 || self.probe || self.breaker.state() != BreakerState::Closed {
+            self.breaker.machine.on_success();
+        }
         self.release_probe();
     }
 
@@ -149,7 +154,7 @@ impl Ticket {
     }
 }
 
-impl Drop for Ticket {
+impl Drop for Ticket<'_> {
     fn drop(&mut self) {
         if !self.reported {
             self.release_probe();
@@ -191,8 +196,12 @@ impl Breaker {
     }
 
     /// Asks to make a call.
-    pub fn admit(&self) -> Result<Ticket, CircuitOpen> {
-        if !self.machine.is_call_permitted() {
+    pub fn admit(&self) -> Result<Ticket<'_>, CircuitOpen> {
+        // Closed admits every call; failsafe's lock is needed only to decide when an open
+        // breaker turns half-open. The mirror is updated inside failsafe's transitions, so a
+        // call racing a transition to open is at most one more call to a failing host.
+        let closed = self.state() == BreakerState::Closed;
+        if !closed && !self.machine.is_call_permitted() {
             return Err(self.open_error());
         }
         let probe = self.state() == BreakerState::HalfOpen;
@@ -209,7 +218,7 @@ impl Breaker {
             });
         }
         Ok(Ticket {
-            breaker: self.clone(),
+            breaker: self,
             probe,
             reported: false,
         })

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderMap, Request, StatusCode};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::Full;
 
 use super::host::Host;
 
@@ -52,33 +52,14 @@ pub async fn call(
     request: Request<Full<Bytes>>,
     deadline: Duration,
 ) -> Result<UpstreamResponse, CallError> {
-    let exchange = async {
-        let response = host.client().request(request).await.map_err(|e| {
-            if e.is_connect() {
-                CallError::Connect(error_chain(&e))
-            } else {
-                CallError::Broken(error_chain(&e))
-            }
-        })?;
-        let (parts, body) = response.into_parts();
-        let body = Limited::new(body, MAX_RESPONSE_BYTES)
-            .collect()
-            .await
-            .map_err(|e| CallError::Broken(format!("reading response body: {e}")))?
-            .to_bytes();
-        Ok(UpstreamResponse {
-            status: parts.status,
-            headers: parts.headers,
-            body,
-        })
-    };
-    match tokio::time::timeout(deadline, exchange).await {
+    match tokio::time::timeout(deadline, host.pool().send(request)).await {
         Ok(result) => result,
         Err(_) => Err(CallError::Timeout(deadline)),
     }
 }
 
-fn error_chain(e: &dyn std::error::Error) -> String {
+/// An error and all its sources on one line.
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
     let mut out = e.to_string();
     let mut source = e.source();
     while let Some(s) = source {

@@ -5,22 +5,11 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
-
-use bytes::Bytes;
-use http_body_util::Full;
-use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
-use rustls::ClientConfig;
 
 use super::breaker::Breaker;
 use super::gate::Gate;
+use super::pool::{connector, ConnPool, Connector};
 use crate::config::{HostPolicy, TlsTrust};
-
-/// The pooled HTTP/1.1 client of one host (plain or TLS, by the target's scheme).
-pub type PooledClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
 
 /// Most pool lanes a host keeps: one per ingress runtime plus the main runtime.
 pub const MAX_LANES: usize = 64;
@@ -40,10 +29,9 @@ pub fn set_lane(lane: usize) {
 
 /// One pool per lane, created on first use from that lane.
 struct Lanes {
-    pools: Box<[std::sync::OnceLock<PooledClient>]>,
-    connect_timeout: Duration,
+    pools: Box<[std::sync::OnceLock<ConnPool>]>,
+    connector: Connector,
     max_connections: u32,
-    tls: Arc<ClientConfig>,
 }
 
 impl std::fmt::Debug for Lanes {
@@ -56,16 +44,15 @@ impl Lanes {
     fn new(policy: &HostPolicy, tls: &TlsTrust) -> Arc<Self> {
         Arc::new(Self {
             pools: (0..MAX_LANES).map(|_| std::sync::OnceLock::new()).collect(),
-            connect_timeout: policy.connect_timeout,
+            connector: connector(policy.connect_timeout, &tls.client_config),
             max_connections: policy.max_connections,
-            tls: tls.client_config.clone(),
         })
     }
 
-    fn current(&self) -> &PooledClient {
+    fn current(&self) -> &ConnPool {
         let lane = LANE.with(|l| l.get());
         self.pools[lane]
-            .get_or_init(|| pooled_client(self.connect_timeout, self.max_connections, &self.tls))
+            .get_or_init(|| ConnPool::new(self.connector.clone(), self.max_connections as usize))
     }
 }
 
@@ -85,7 +72,7 @@ pub struct Host {
 
 impl Host {
     /// The connection pool of the calling thread's runtime.
-    pub fn client(&self) -> &PooledClient {
+    pub fn pool(&self) -> &ConnPool {
         self.lanes.current()
     }
 
@@ -145,27 +132,6 @@ impl Host {
             tls_fingerprint: tls.fingerprint.clone(),
         })
     }
-}
-
-fn pooled_client(
-    connect_timeout: Duration,
-    max_connections: u32,
-    tls: &Arc<ClientConfig>,
-) -> PooledClient {
-    let mut connector = HttpConnector::new();
-    connector.set_connect_timeout(Some(connect_timeout));
-    connector.set_nodelay(true);
-    // The TLS layer hands plain-http URLs through and wraps https ones.
-    connector.enforce_http(false);
-    let connector = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config(ClientConfig::clone(tls))
-        .https_or_http()
-        .enable_http1()
-        .wrap_connector(connector);
-    Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(Duration::from_secs(90))
-        .pool_max_idle_per_host(max_connections as usize)
-        .build(connector)
 }
 
 /// Every host the rules deliver to, keyed `host:port`.

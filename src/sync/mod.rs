@@ -7,6 +7,7 @@ pub mod breaker;
 pub mod call;
 pub mod gate;
 pub mod host;
+pub mod pool;
 pub mod request;
 
 use std::time::{Duration, Instant};

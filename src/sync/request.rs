@@ -1,10 +1,13 @@
 //! The outbound request: original body, signature and the delivery headers of DESIGN.md.
 
 use bytes::Bytes;
-use http::header::{HeaderValue, CONTENT_TYPE};
+use http::header::{HeaderName, HeaderValue, CONTENT_TYPE};
 use http::{Method, Request, Uri};
 use http_body_util::Full;
 
+use crate::headers::{
+    IDEMPOTENCY_KEY, TRACEPARENT, X_CALLBACK_MODE, X_DELIVERY_ATTEMPT, X_EVENT_TYPE, X_TRACE_ID,
+};
 use crate::routing::DeliveryMode;
 use crate::signing::{SignatureScheme, Signer};
 
@@ -59,12 +62,12 @@ pub fn build(
     }
     // Values below were validated at ingress (or generated), so conversion cannot fail; a
     // value that somehow does is left out rather than failing the delivery.
-    let mut put = |name: &'static str, value: &str| {
+    let mut put = |name: HeaderName, value: &str| {
         if let Ok(v) = HeaderValue::from_str(value) {
             headers.insert(name, v);
         }
     };
-    put("x-trace-id", &envelope.trace_id);
+    put(X_TRACE_ID, &envelope.trace_id);
     if is_w3c_trace_id(&envelope.trace_id) {
         // A child span per attempt, so a tracing backend shows each try under the caller's trace.
         let span_id = loop {
@@ -74,20 +77,20 @@ pub fn build(
             }
         };
         put(
-            "traceparent",
+            TRACEPARENT,
             &format!("00-{}-{span_id:016x}-01", envelope.trace_id),
         );
     }
     put(
-        "idempotency-key",
+        IDEMPOTENCY_KEY,
         envelope
             .idempotency_key
             .as_deref()
             .unwrap_or(&envelope.event_id),
     );
-    put("x-event-type", &envelope.event_type);
-    put("x-callback-mode", mode.as_str());
-    put("x-delivery-attempt", &attempt.to_string());
+    put(X_EVENT_TYPE, &envelope.event_type);
+    headers.insert(X_CALLBACK_MODE, HeaderValue::from_static(mode.as_str()));
+    headers.insert(X_DELIVERY_ATTEMPT, HeaderValue::from(attempt));
     request
 }
 
