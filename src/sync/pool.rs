@@ -150,7 +150,9 @@ impl ConnPool {
             .call(target.clone())
             .await
             .map_err(|e| CallError::Connect(error_chain(&*e)))?;
-        let (sender, connection) = http1::handshake(stream)
+        let (sender, connection) = http1::Builder::new()
+            .writev(false)
+            .handshake(stream)
             .await
             .map_err(|e| CallError::Connect(error_chain(&e)))?;
         // The connection is driven by a task on this event loop, which is the only one that
