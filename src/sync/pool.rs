@@ -83,7 +83,9 @@ impl ConnPool {
         loop {
             let (mut sender, pooled) = match self.checkout() {
                 Some(sender) => (sender, true),
-                None => (self.connect(&target).await?, false),
+                // Boxed: the connect state (a TLS stream mid-handshake is over a kilobyte)
+                // would otherwise make every request's future that much bigger to move.
+                None => (Box::pin(self.connect(&target)).await?, false),
             };
             if pooled && sender.ready().await.is_err() {
                 continue;
