@@ -40,7 +40,6 @@ pub async fn serve<H: Handler>(
     // A client gets this long to send a request's headers, so idle or trickling connections
     // (slowloris) cannot pin sockets and memory forever.
     builder
-        .writev(false)
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_READ_TIMEOUT);
     tokio::pin!(shutdown);

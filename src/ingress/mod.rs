@@ -6,11 +6,12 @@
 mod trace;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{HeaderValue, ALLOW, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER};
 use http::{Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use serde_json::json;
 
@@ -123,13 +124,18 @@ impl Ingress {
             .get(CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
+        let mut body = request.into_body();
         if declared.is_some_and(|n| n > limit as u64) {
+            linger(body);
             return too_large();
         }
-        let body = match Limited::new(request.into_body(), limit).collect().await {
-            Ok(collected) => collected.to_bytes(),
-            Err(e) if e.is::<http_body_util::LengthLimitError>() => return too_large(),
-            Err(e) => {
+        let body = match read_body(&mut body, limit).await {
+            Ok(bytes) => bytes,
+            Err(BodyError::TooLarge) => {
+                linger(body);
+                return too_large();
+            }
+            Err(BodyError::Read(e)) => {
                 return error(
                     StatusCode::BAD_REQUEST,
                     "bad_body",
@@ -150,6 +156,63 @@ impl Ingress {
             trace_id,
         )
     }
+}
+
+/// Most of a refused body read and thrown away after a 413, and for how long.
+const LINGER_BYTES: usize = 8 * 1024 * 1024;
+const LINGER_TIME: Duration = Duration::from_secs(2);
+
+enum BodyError {
+    TooLarge,
+    Read(hyper::Error),
+}
+
+/// The whole body, or `TooLarge` as soon as it passes `limit` (with the rest left unread).
+async fn read_body(body: &mut Incoming, limit: usize) -> Result<Bytes, BodyError> {
+    let mut chunks: Vec<Bytes> = Vec::new();
+    let mut total = 0usize;
+    while let Some(frame) = body.frame().await {
+        let Ok(data) = frame.map_err(BodyError::Read)?.into_data() else {
+            continue; // trailers carry nothing hookyard forwards
+        };
+        total += data.len();
+        if total > limit {
+            return Err(BodyError::TooLarge);
+        }
+        chunks.push(data);
+    }
+    Ok(match chunks.len() {
+        0 => Bytes::new(),
+        // The common case: the body arrived in one piece and is passed on without a copy.
+        1 => chunks.swap_remove(0),
+        _ => {
+            let mut joined = bytes::BytesMut::with_capacity(total);
+            chunks.iter().for_each(|c| joined.extend_from_slice(c));
+            joined.freeze()
+        }
+    })
+}
+
+/// Reads and discards what is left of a refused body (up to [`LINGER_BYTES`] for up to
+/// [`LINGER_TIME`]) while the 413 goes out. Closing a connection whose client is still sending
+/// makes the kernel answer with a reset, which can destroy the 413 before the client reads it;
+/// this is the lingering close web servers do for the same reason.
+fn linger(mut body: Incoming) {
+    if http_body::Body::is_end_stream(&body) {
+        return;
+    }
+    tokio::spawn(async move {
+        let drain = async {
+            let mut discarded = 0usize;
+            while let Some(Ok(frame)) = body.frame().await {
+                discarded += frame.data_ref().map_or(0, Bytes::len);
+                if discarded > LINGER_BYTES {
+                    break;
+                }
+            }
+        };
+        let _ = tokio::time::timeout(LINGER_TIME, drain).await;
+    });
 }
 
 fn respond(outcome: Outcome, trace_id: &str) -> Response<Full<Bytes>> {

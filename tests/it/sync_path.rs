@@ -254,6 +254,62 @@ async fn body_limit_is_two_mib_exactly() {
     assert_eq!(rx.requests()[0].body.len(), limit);
 }
 
+/// A chunked body has no declared length, so the limit is found while streaming, and a client
+/// that writes its whole body before reading (as most do) is still sending when hookyard has
+/// answered. It must get to read the 413: a connection closed under its writes would be reset.
+#[tokio::test]
+async fn an_oversized_chunked_body_gets_a_413_the_client_can_read_after_sending_it_all() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let rx = receiver().await;
+    let hy = Sidecar::start(&sync_rule(&format!("http://{}/hook", rx.local_addr()), "")).await;
+    let addr = hy.ingress().trim_start_matches("http://").to_string();
+    let mut stream = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let head = format!(
+        "POST /v1/events/pay.authorize HTTP/1.1\r\nhost: {addr}\r\ntransfer-encoding: chunked\r\n\r\n"
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    // 2 MiB + 64 KiB in 64 KiB chunks, a pause in which hookyard answers (and, were it to
+    // close the connection then, would reset it), then the rest of a 3 MiB body.
+    let chunk = vec![b'a'; 64 * 1024];
+    let framed = [
+        format!("{:x}\r\n", chunk.len()).into_bytes(),
+        chunk,
+        b"\r\n".to_vec(),
+    ]
+    .concat();
+    for i in 0..48 {
+        if i == 33 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        tokio::time::timeout(Duration::from_secs(5), stream.write_all(&framed))
+            .await
+            .expect("hookyard keeps reading")
+            .unwrap_or_else(|e| panic!("chunk {i} not accepted: {e}"));
+    }
+    stream.write_all(b"0\r\n\r\n").await.unwrap();
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&answer).contains("payload_too_large") {
+        let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf))
+            .await
+            .expect("an answer within 5 s")
+            .expect("no reset before the answer is read");
+        assert!(
+            n > 0,
+            "closed before a full answer: {}",
+            String::from_utf8_lossy(&answer)
+        );
+        answer.extend_from_slice(&buf[..n]);
+    }
+    assert!(
+        answer.starts_with(b"HTTP/1.1 413 "),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
+    assert_eq!(rx.stats().received, 0);
+}
+
 #[tokio::test]
 async fn bad_requests_get_documented_statuses_and_json_reasons() {
     let rx = receiver().await;
