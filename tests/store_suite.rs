@@ -8,6 +8,8 @@
 mod cases;
 #[path = "common/redis_server.rs"]
 mod redis_server;
+#[path = "common/sqlite_v1.rs"]
+mod sqlite_v1;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -198,7 +200,7 @@ mod sqlite {
         let version: i64 = conn
             .query_row("PRAGMA user_version", [], |r| r.get(0))
             .unwrap();
-        assert_eq!(version, 1);
+        assert_eq!(version, hookyard::queue::sqlite::SCHEMA_VERSION);
         let mode: String = conn
             .query_row("PRAGMA journal_mode", [], |r| r.get(0))
             .unwrap();
@@ -209,6 +211,229 @@ mod sqlite {
             Err(StoreError::Corrupt(msg)) => assert!(msg.contains("99"), "{msg}"),
             other => panic!("expected Corrupt, got {other:?}"),
         }
+    }
+
+    /// A schema-1 file with queued, leased, delivered and dead-lettered events is migrated at
+    /// open without losing any of them: queued events are claimed with their bodies, an expired
+    /// v1 lease comes back with its attempt count, a live v1 lease is still honoured, and the
+    /// history of finished events stays readable.
+    #[tokio::test]
+    async fn schema_1_file_is_migrated_with_its_queue() {
+        use super::sqlite_v1::{create, insert, insert_attempt, V1Event};
+        use cases::T0;
+        use hookyard::queue::{Disposition, EventState};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v1.db");
+        let conn = create(&path);
+        let base = V1Event {
+            id: "",
+            event_type: "user.updated",
+            queue: "q",
+            target: "http://127.0.0.1:9/u",
+            body: b"\x00\xffbody",
+            state: 0,
+            due_at: Some(T0),
+            lease_token: None,
+            attempts_made: 0,
+            received_at: T0,
+            delivered_at: None,
+            dead_lettered_at: None,
+            dead_letter_reason: None,
+        };
+        insert(
+            &conn,
+            &V1Event {
+                id: "evt_pending",
+                ..base
+            },
+        );
+        // Retried once already, due again at T0 + 5.
+        insert(
+            &conn,
+            &V1Event {
+                id: "evt_retry",
+                due_at: Some(T0 + 5),
+                attempts_made: 1,
+                ..base
+            },
+        );
+        insert_attempt(&conn, "evt_retry", 1, T0, None);
+        // Leased by a v1 worker that crashed: lease expired at T0 + 10.
+        insert(
+            &conn,
+            &V1Event {
+                id: "evt_expired",
+                state: 1,
+                due_at: Some(T0 + 10),
+                lease_token: Some("old"),
+                ..base
+            },
+        );
+        // Leased by a v1 worker whose lease is still running at the first claim below.
+        insert(
+            &conn,
+            &V1Event {
+                id: "evt_leased",
+                state: 1,
+                due_at: Some(T0 + 60_000),
+                lease_token: Some("live"),
+                ..base
+            },
+        );
+        insert(
+            &conn,
+            &V1Event {
+                id: "evt_done",
+                state: 2,
+                due_at: None,
+                attempts_made: 1,
+                delivered_at: Some(T0 + 1),
+                ..base
+            },
+        );
+        insert_attempt(&conn, "evt_done", 1, T0, Some(200));
+        insert(
+            &conn,
+            &V1Event {
+                id: "evt_dead",
+                state: 3,
+                due_at: None,
+                attempts_made: 1,
+                dead_lettered_at: Some(T0 + 2),
+                dead_letter_reason: Some("permanent_4xx"),
+                ..base
+            },
+        );
+        insert_attempt(&conn, "evt_dead", 1, T0, Some(404));
+        drop(conn);
+
+        let store = open_at(&path, SqliteOptions::default());
+        let stats = store.stats("q", T0 + 100).await.unwrap();
+        assert_eq!(
+            (stats.ready, stats.in_flight, stats.dead_lettered),
+            (2, 2, 1)
+        );
+
+        let mut got = store
+            .claim_due("q", T0 + 100, 10, cases::LEASE)
+            .await
+            .unwrap();
+        got.sort_by(|a, b| a.id.cmp(&b.id));
+        let ids: Vec<&str> = got.iter().map(|c| c.id.as_str()).collect();
+        assert_eq!(ids, ["evt_expired", "evt_pending", "evt_retry"]);
+        for c in &got {
+            assert_eq!(&c.body[..], b"\x00\xffbody");
+            assert_eq!(c.event_type, "user.updated");
+            assert_eq!(c.retry_delays_ms, [20, 40]);
+            assert_eq!(c.content_type.as_deref(), Some("application/json"));
+            assert_eq!(c.trace_id, format!("trace-{}", c.id));
+        }
+        assert_eq!(got.iter().find(|c| c.id == "evt_retry").unwrap().attempt, 2);
+        // The v1 lease still holds: its token completes it, and nobody else could claim it.
+        let done = store
+            .complete(
+                "evt_leased",
+                "live",
+                Some(cases::attempt(1, T0 + 100, Some(200), None)),
+                Disposition::Delivered,
+                T0 + 101,
+            )
+            .await
+            .unwrap();
+        assert!(
+            done,
+            "a lease taken before the upgrade is honoured after it"
+        );
+        for c in &got {
+            let a = cases::attempt(c.attempt, T0 + 100, Some(200), None);
+            assert!(store
+                .complete(
+                    &c.id,
+                    &c.lease_token,
+                    Some(a),
+                    Disposition::Delivered,
+                    T0 + 101
+                )
+                .await
+                .unwrap());
+        }
+        let retry = store.event("evt_retry").await.unwrap().unwrap();
+        assert_eq!(retry.state, EventState::Delivered);
+        let statuses: Vec<_> = retry
+            .attempts
+            .iter()
+            .map(|a| (a.attempt, a.status))
+            .collect();
+        assert_eq!(
+            statuses,
+            [(1, None), (2, Some(200))],
+            "pre-upgrade attempts are kept"
+        );
+        let done = store.event("evt_done").await.unwrap().unwrap();
+        assert_eq!(done.state, EventState::Delivered);
+        assert_eq!(done.received_at_ms, T0);
+        assert_eq!(done.attempts.len(), 1);
+        let dlq = store
+            .list_dead_letters(Default::default(), None, 10)
+            .await
+            .unwrap();
+        assert_eq!(dlq.items.len(), 1);
+        assert_eq!(dlq.items[0].id, "evt_dead");
+        assert_eq!(dlq.items[0].last_status, Some(404));
+        assert_eq!(store.stats("q", T0 + 200).await.unwrap().ready, 0);
+        store.close().await.unwrap();
+
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        let version: i64 = conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, hookyard::queue::sqlite::SCHEMA_VERSION);
+    }
+
+    /// A migration that cannot finish leaves the schema-1 file as it was: it runs in one
+    /// transaction, so a failure part-way cannot strand events between two layouts.
+    #[tokio::test]
+    async fn failed_migration_leaves_the_v1_file_untouched() {
+        use super::sqlite_v1::{create, insert, V1Event};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v1.db");
+        let conn = create(&path);
+        insert(
+            &conn,
+            &V1Event {
+                id: "evt_q",
+                event_type: "t",
+                queue: "q",
+                target: "http://127.0.0.1:9/u",
+                body: b"b",
+                state: 0,
+                due_at: Some(1),
+                lease_token: None,
+                attempts_made: 0,
+                received_at: 1,
+                delivered_at: None,
+                dead_lettered_at: None,
+                dead_letter_reason: None,
+            },
+        );
+        // A table in the way of the migration's first step makes it fail.
+        conn.execute_batch("CREATE TABLE event_payloads (x INTEGER)")
+            .unwrap();
+        drop(conn);
+        assert!(SqliteStore::open(&path, SqliteOptions::default()).is_err());
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        let version: i64 = conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, 1);
+        let (n, body): (i64, Vec<u8>) = conn
+            .query_row(
+                "SELECT COUNT(*), MAX(body) FROM events WHERE state = 0",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .unwrap();
+        assert_eq!((n, body), (1, b"b".to_vec()));
     }
 
     /// Purge also deletes expired idempotency keys (not observable through the trait, since an

@@ -142,8 +142,12 @@ ms() { awk -v us="$1" 'BEGIN {printf "%.2f", us / 1000}'; }
 # Each such event cost the single SQLite writer two extra row writes (claim + defer).
 store_note() {
     command -v sqlite3 >/dev/null 2>&1 || return 0
-    local db=$1/hookyard.db
-    sqlite3 -readonly "$db" "SELECT count(*), coalesce(sum(due_at > received_at + 1000), 0) FROM events WHERE state = 0; SELECT count(*) FROM attempts;" 2>/dev/null |
+    local db=$1/hookyard.db from="events e JOIN event_payloads p ON p.rid = e.rid"
+    # Schema 1 (before the payload split) kept received_at in events.
+    if [[ $(sqlite3 -readonly "$db" "PRAGMA user_version" 2>/dev/null) == 1 ]]; then
+        from="events e JOIN events p ON p.rid = e.rid"
+    fi
+    { sqlite3 -readonly "$db" "SELECT count(*), coalesce(sum(e.due_at > p.received_at + 1000), 0) FROM $from WHERE e.state = 0; SELECT count(*) FROM attempts;" 2>/dev/null || true; } |
         paste -sd'|' | awk -F'|' '{printf "%d pending events, %d of them claimed and deferred by the open breaker; %d delivery attempts recorded", $1, $2, $3}'
 }
 

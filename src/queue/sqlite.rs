@@ -49,6 +49,10 @@ use rusqlite::types::Type;
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension, Row, TransactionBehavior};
 use tokio::sync::oneshot;
 
+mod schema;
+
+pub use schema::SCHEMA_VERSION;
+
 use super::{
     AttemptRecord, ClaimedEvent, DeadLetter, Disposition, DlqFilter, EnqueueOutcome, EventRecord,
     EventState, FallbackReason, FallbackRecord, IdempotencyClaim, NewEvent, Page, QueueStats,
@@ -57,9 +61,6 @@ use super::{
 
 /// Histogram of how many enqueues shared one transaction (one fsync).
 pub const ENQUEUE_BATCH_SIZE_METRIC: &str = "hookyard_enqueue_batch_size";
-
-/// Bumped whenever the schema changes; stored in `PRAGMA user_version`.
-const SCHEMA_VERSION: i64 = 1;
 
 // `events.state` values. Integers keep the claim index small.
 const PENDING: i64 = 0;
@@ -71,75 +72,10 @@ const DEAD_LETTERED: i64 = 3;
 /// enqueues can interleave with instead of one long one that stalls ingress.
 const MAINTENANCE_CHUNK: usize = 1000;
 
-const SCHEMA: &str = "
-CREATE TABLE events (
-    rid                INTEGER PRIMARY KEY,
-    id                 TEXT NOT NULL UNIQUE,
-    event_type         TEXT NOT NULL,
-    queue              TEXT NOT NULL,
-    target             TEXT NOT NULL,
-    content_type       TEXT,
-    trace_id           TEXT NOT NULL,
-    idempotency_key    TEXT,
-    signature          TEXT NOT NULL,
-    timeout_ms         INTEGER NOT NULL,
-    retry_delays_ms    TEXT NOT NULL,
-    jitter             REAL NOT NULL,
-    received_at        INTEGER NOT NULL,
-    fallback           TEXT,
-    state              INTEGER NOT NULL,
-    due_at             INTEGER,
-    lease_token        TEXT,
-    attempts_made      INTEGER NOT NULL DEFAULT 0,
-    round              INTEGER NOT NULL DEFAULT 1,
-    delivered_at       INTEGER,
-    dead_lettered_at   INTEGER,
-    dead_letter_reason TEXT,
-    -- Last on purpose: a large body spills into overflow pages, and SQLite must walk them to
-    -- reach any column stored after it.
-    body               BLOB NOT NULL
-);
-CREATE INDEX events_claim ON events(queue, state, due_at);
-CREATE INDEX events_dlq ON events(dead_lettered_at, id) WHERE state = 3;
-CREATE INDEX events_delivered ON events(delivered_at) WHERE state = 2;
-
-CREATE TABLE attempts (
-    seq         INTEGER PRIMARY KEY,
-    event_id    TEXT NOT NULL,
-    round       INTEGER NOT NULL,
-    attempt     INTEGER NOT NULL,
-    started_at  INTEGER NOT NULL,
-    latency_ms  INTEGER NOT NULL,
-    status      INTEGER,
-    error       TEXT
-);
-CREATE INDEX attempts_event ON attempts(event_id);
-
-CREATE TABLE idempotency (
-    event_type  TEXT NOT NULL,
-    key         TEXT NOT NULL,
-    event_id    TEXT NOT NULL,
-    expires_at  INTEGER NOT NULL,
-    PRIMARY KEY (event_type, key)
-) WITHOUT ROWID;
-CREATE INDEX idempotency_expiry ON idempotency(expires_at);
-
-CREATE TABLE fallbacks (
-    seq         INTEGER PRIMARY KEY,
-    at_ms       INTEGER NOT NULL,
-    event_id    TEXT NOT NULL,
-    trace_id    TEXT NOT NULL,
-    event_type  TEXT NOT NULL,
-    reason      TEXT NOT NULL,
-    target      TEXT NOT NULL
-);
-CREATE INDEX fallbacks_at ON fallbacks(at_ms);
-CREATE INDEX fallbacks_event ON fallbacks(event_id);
-";
-
-/// Columns read into a [`ClaimedEvent`], in the order [`claimed_from_row`] expects.
-const CLAIM_COLUMNS: &str = "id, event_type, queue, target, body, content_type, trace_id, \
-     idempotency_key, signature, timeout_ms, retry_delays_ms, jitter, attempts_made";
+/// Columns of `event_payloads` read into a [`ClaimedEvent`], in the order [`claimed_from_row`]
+/// expects.
+const PAYLOAD_COLUMNS: &str = "event_type, target, body, content_type, trace_id, \
+     idempotency_key, signature, timeout_ms, retry_delays_ms, jitter";
 
 /// Due events of one queue, oldest due first. Each half is a range scan of `events_claim`
 /// stopped at `limit`, so at most `2 * limit` rows are sorted whatever the backlog.
@@ -154,13 +90,14 @@ SELECT rid FROM (
 
 /// One page of dead letters, newest first (see `read_dead_letters` for the parameters).
 const DLQ_PAGE: &str =
-    "SELECT e.id, e.event_type, e.queue, e.target, e.trace_id, e.dead_letter_reason,
-            e.attempts_made, a.status, a.error, e.received_at, e.dead_lettered_at
+    "SELECT e.id, p.event_type, e.queue, p.target, p.trace_id, e.dead_letter_reason,
+            e.attempts_made, a.status, a.error, p.received_at, e.dead_lettered_at
      FROM events e
+     JOIN event_payloads p ON p.rid = e.rid
      LEFT JOIN attempts a
             ON a.seq = (SELECT MAX(seq) FROM attempts WHERE event_id = e.id)
      WHERE e.state = 3
-       AND (?1 IS NULL OR e.event_type = ?1)
+       AND (?1 IS NULL OR p.event_type = ?1)
        AND (?2 IS NULL OR e.queue = ?2)
        AND e.dead_lettered_at >= ?3
        AND e.dead_lettered_at < ?4
@@ -334,6 +271,10 @@ fn open_writer(
             path.display()
         )));
     }
+    // Each write job runs in a savepoint, whose undo pages (the statement journal) outgrow
+    // SQLite's in-memory spill threshold in a large batch and went to a temp file created and
+    // deleted per batch. They are only needed until the batch commits, so keep them in memory.
+    conn.pragma_update(None, "temp_store", "MEMORY")?;
     let sync = if options.fsync { "FULL" } else { "OFF" };
     conn.pragma_update(None, "synchronous", sync)?;
     // After a burst the WAL is truncated back to this size at checkpoint instead of keeping
@@ -367,25 +308,6 @@ fn open_reader(path: &Path, options: &SqliteOptions) -> Result<Connection, Store
     Ok(conn)
 }
 
-fn ensure_schema(conn: &mut Connection) -> Result<(), StoreError> {
-    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    let version: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0))?;
-    match version {
-        0 => {
-            tx.execute_batch(SCHEMA)?;
-            tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
-        }
-        SCHEMA_VERSION => {}
-        other => {
-            return Err(StoreError::Corrupt(format!(
-                "schema version {other} is not supported (this build knows {SCHEMA_VERSION})"
-            )))
-        }
-    }
-    tx.commit()?;
-    Ok(())
-}
-
 fn load_depths(conn: &Connection) -> Result<HashMap<String, u64>, StoreError> {
     let mut stmt =
         conn.prepare("SELECT queue, COUNT(*) FROM events WHERE state IN (0, 1) GROUP BY queue")?;
@@ -410,7 +332,7 @@ impl SqliteStore {
                 .map_err(|e| io_unavailable("cannot create directory", parent, e))?;
         }
         let (mut writer, enqueue_page_limit) = open_writer(path, &options)?;
-        ensure_schema(&mut writer)?;
+        schema::ensure(&mut writer)?;
         let depths = load_depths(&writer)?;
         // Open one reader now so a broken read path shows up at startup, not on first use.
         let reader = open_reader(path, &options)?;
@@ -741,7 +663,7 @@ fn run_batch(
     commits: &AtomicU64,
 ) -> Vec<Box<dyn Job>> {
     let mut jobs = jobs.into_iter();
-    let mut tx = match conn.transaction_with_behavior(TransactionBehavior::Immediate) {
+    let tx = match conn.transaction_with_behavior(TransactionBehavior::Immediate) {
         Ok(tx) => tx,
         Err(e) => {
             // Nothing can be written at all: answer everyone rather than retry in a loop.
@@ -757,18 +679,15 @@ fn run_batch(
     let mut aborted: Option<String> = None;
     for job in jobs.by_ref() {
         let enqueue = job.is_enqueue();
-        let sp = match tx.savepoint() {
-            Ok(sp) => sp,
-            Err(e) => {
-                aborted = Some(e.to_string());
-                job.fail(StoreError::from(e));
-                break;
-            }
-        };
-        let (ok, finish) = job.run(&sp, ws);
+        if let Err(e) = savepoint(&tx, "SAVEPOINT job") {
+            aborted = Some(e.to_string());
+            job.fail(StoreError::from(e));
+            break;
+        }
+        let (ok, finish) = job.run(&tx, ws);
         finishes.push(finish);
         if ok {
-            if let Err(e) = sp.commit() {
+            if let Err(e) = savepoint(&tx, "RELEASE job") {
                 aborted = Some(e.to_string());
                 break;
             }
@@ -776,12 +695,18 @@ fn run_batch(
             enqueues += usize::from(enqueue);
         } else {
             ws.drop_job();
-            // Rolls back to and releases the savepoint: the job leaves no trace.
-            drop(sp);
             // Some errors (disk full, I/O) make SQLite roll back the whole transaction; the
             // jobs after it would then run in autocommit mode, outside the group commit.
             if tx.is_autocommit() {
                 aborted = Some("transaction rolled back by SQLite after an error".into());
+                break;
+            }
+            // The failed job must leave no trace; if that cannot be guaranteed, nothing in
+            // this batch commits.
+            if let Err(e) =
+                savepoint(&tx, "ROLLBACK TO job").and_then(|()| savepoint(&tx, "RELEASE job"))
+            {
+                aborted = Some(format!("cannot roll back a failed job: {e}"));
                 break;
             }
         }
@@ -817,6 +742,13 @@ fn run_batch(
     Vec::new()
 }
 
+/// Runs one savepoint statement (`SAVEPOINT job`, `RELEASE job`, `ROLLBACK TO job`) from the
+/// statement cache: every write job is wrapped in one, and re-parsing the SQL each time (as
+/// `Transaction::savepoint` does) cost the writer several percent of its time.
+fn savepoint(conn: &Connection, sql: &str) -> rusqlite::Result<()> {
+    conn.prepare_cached(sql)?.execute([]).map(drop)
+}
+
 // ---------------------------------------------------------------------------------------------
 // Write jobs (run on the writer thread, inside the batch transaction)
 
@@ -850,16 +782,18 @@ fn tx_enqueue(
     ws.check_room(conn)?;
     let delays = serde_json::to_string(&ev.retry_delays_ms)
         .map_err(|e| StoreError::Corrupt(format!("cannot encode retry delays: {e}")))?;
+    conn.prepare_cached("INSERT INTO events (id, queue, state, due_at) VALUES (?1, ?2, 0, ?3)")?
+        .execute(params![ev.id, ev.queue, ev.due_at_ms])?;
+    let rid = conn.last_insert_rowid();
     conn.prepare_cached(
-        "INSERT INTO events (id, event_type, queue, target, content_type, trace_id,
+        "INSERT INTO event_payloads (rid, event_type, target, content_type, trace_id,
              idempotency_key, signature, timeout_ms, retry_delays_ms, jitter, received_at,
-             fallback, state, due_at, body)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, 0, ?14, ?15)",
+             fallback, body)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
     )?
     .execute(params![
-        ev.id,
+        rid,
         ev.event_type,
-        ev.queue,
         ev.target,
         ev.content_type,
         ev.trace_id,
@@ -870,7 +804,6 @@ fn tx_enqueue(
         ev.jitter,
         ev.received_at_ms,
         ev.fallback.map(FallbackReason::as_str),
-        ev.due_at_ms,
         &ev.body[..],
     ])?;
     if let Some(claim) = idem {
@@ -900,31 +833,38 @@ fn tx_enqueue(
     Ok(EnqueueOutcome::Accepted)
 }
 
+/// The state columns of a just-claimed `events` row.
+struct ClaimedState {
+    id: String,
+    queue: String,
+    attempts_made: u32,
+}
+
 fn claimed_from_row(
+    state: ClaimedState,
     row: &Row<'_>,
     lease_token: String,
     lease_until_ms: UnixMillis,
 ) -> rusqlite::Result<ClaimedEvent> {
-    let signature: String = row.get(8)?;
-    let delays: String = row.get(10)?;
-    let body: Vec<u8> = row.get(4)?;
-    let attempts_made = get_u32(row, 12)?;
+    let signature: String = row.get(6)?;
+    let delays: String = row.get(8)?;
+    let body: Vec<u8> = row.get(2)?;
     Ok(ClaimedEvent {
-        id: row.get(0)?,
-        event_type: row.get(1)?,
-        queue: row.get(2)?,
-        target: row.get(3)?,
+        id: state.id,
+        event_type: row.get(0)?,
+        queue: state.queue,
+        target: row.get(1)?,
         body: Bytes::from(body),
-        content_type: row.get(5)?,
-        trace_id: row.get(6)?,
-        idempotency_key: row.get(7)?,
+        content_type: row.get(3)?,
+        trace_id: row.get(4)?,
+        idempotency_key: row.get(5)?,
         signature: SignatureScheme::parse(&signature)
-            .ok_or_else(|| corrupt_col(8, format!("unknown signature scheme {signature:?}")))?,
-        timeout_ms: get_u64(row, 9)?,
+            .ok_or_else(|| corrupt_col(6, format!("unknown signature scheme {signature:?}")))?,
+        timeout_ms: get_u64(row, 7)?,
         retry_delays_ms: serde_json::from_str(&delays)
-            .map_err(|e| corrupt_col(10, format!("bad retry delays {delays:?}: {e}")))?,
-        jitter: row.get(11)?,
-        attempt: attempts_made.saturating_add(1),
+            .map_err(|e| corrupt_col(8, format!("bad retry delays {delays:?}: {e}")))?,
+        jitter: row.get(9)?,
+        attempt: state.attempts_made.saturating_add(1),
         lease_token,
         lease_until_ms,
     })
@@ -948,16 +888,30 @@ fn tx_claim(
         .collect::<Result<Vec<_>, _>>()?;
     let lease_until = now_ms.saturating_add(to_i64(lease_ms));
     // While in flight, due_at holds the lease expiry: that is when the event is due again.
-    let mut update = conn.prepare_cached(&format!(
+    // Only the small state row is written; the payload is read, never rewritten.
+    let mut update = conn.prepare_cached(
         "UPDATE events SET state = 1, lease_token = ?1, due_at = ?2 WHERE rid = ?3
-         RETURNING {CLAIM_COLUMNS}"
+         RETURNING id, queue, attempts_made",
+    )?;
+    let mut payload = conn.prepare_cached(&format!(
+        "SELECT {PAYLOAD_COLUMNS} FROM event_payloads WHERE rid = ?1"
     ))?;
     let mut claimed = Vec::with_capacity(rids.len());
     for rid in rids {
         let token = new_lease_token();
-        let ev = update.query_row(params![token, lease_until, rid], |row| {
-            claimed_from_row(row, token.clone(), lease_until)
+        let state = update.query_row(params![token, lease_until, rid], |row| {
+            Ok(ClaimedState {
+                id: row.get(0)?,
+                queue: row.get(1)?,
+                attempts_made: get_u32(row, 2)?,
+            })
         })?;
+        let ev = payload
+            .query_row(params![rid], |row| {
+                claimed_from_row(state, row, token, lease_until)
+            })
+            .optional()?
+            .ok_or_else(|| StoreError::Corrupt(format!("event row {rid} has no payload")))?;
         claimed.push(ev);
     }
     Ok(claimed)
@@ -972,34 +926,43 @@ fn tx_complete(
     disposition: Disposition,
     now_ms: UnixMillis,
 ) -> Result<bool, StoreError> {
-    let row: Option<(i64, i64, Option<String>, String, i64, i64)> = conn
-        .prepare_cached(
-            "SELECT rid, state, lease_token, queue, attempts_made, round FROM events WHERE id = ?1",
-        )?
-        .query_row(params![event_id], |r| {
-            Ok((
-                r.get(0)?,
-                r.get(1)?,
-                r.get(2)?,
-                r.get(3)?,
-                r.get(4)?,
-                r.get(5)?,
-            ))
-        })
-        .optional()?;
-    let Some((rid, state, token, queue, attempts_made, round)) = row else {
-        return Ok(false);
-    };
-    // A lease that expired and was claimed by another worker has a new token: the stale
-    // worker's result is ignored. An expired lease nobody re-claimed still counts.
-    if state != IN_FLIGHT || token.as_deref() != Some(lease_token) {
-        return Ok(false);
-    }
     let counts = !matches!(disposition, Disposition::Defer { .. });
-    let attempts_made = if counts {
-        attempts_made + 1
-    } else {
-        attempts_made
+    let (state, due_at, delivered_at, dead_at, reason) = match disposition {
+        Disposition::Delivered => (DELIVERED, None, Some(now_ms), None, None),
+        Disposition::Retry { due_at_ms } | Disposition::Defer { due_at_ms } => {
+            (PENDING, Some(due_at_ms), None, None, None)
+        }
+        Disposition::DeadLetter { reason } => {
+            (DEAD_LETTERED, None, None, Some(now_ms), Some(reason))
+        }
+    };
+    // The lease check and the state change are one statement: a lease that expired and was
+    // claimed by another worker has a new token, so the stale worker's result matches no row
+    // and is ignored. An expired lease nobody re-claimed still counts.
+    let updated: Option<(String, i64, i64)> = conn
+        .prepare_cached(
+            "UPDATE events SET state = ?1, due_at = ?2, lease_token = NULL,
+                 attempts_made = attempts_made + ?3, delivered_at = ?4, dead_lettered_at = ?5,
+                 dead_letter_reason = ?6
+             WHERE id = ?7 AND state = 1 AND lease_token = ?8
+             RETURNING queue, attempts_made, round",
+        )?
+        .query_row(
+            params![
+                state,
+                due_at,
+                i64::from(counts),
+                delivered_at,
+                dead_at,
+                reason,
+                event_id,
+                lease_token
+            ],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .optional()?;
+    let Some((queue, attempts_made, round)) = updated else {
+        return Ok(false);
     };
     if counts {
         if let Some(a) = attempt {
@@ -1020,29 +983,6 @@ fn tx_complete(
             ])?;
         }
     }
-    let (state, due_at, delivered_at, dead_at, reason) = match disposition {
-        Disposition::Delivered => (DELIVERED, None, Some(now_ms), None, None),
-        Disposition::Retry { due_at_ms } | Disposition::Defer { due_at_ms } => {
-            (PENDING, Some(due_at_ms), None, None, None)
-        }
-        Disposition::DeadLetter { reason } => {
-            (DEAD_LETTERED, None, None, Some(now_ms), Some(reason))
-        }
-    };
-    conn.prepare_cached(
-        "UPDATE events SET state = ?1, due_at = ?2, lease_token = NULL, attempts_made = ?3,
-             delivered_at = ?4, dead_lettered_at = ?5, dead_letter_reason = ?6
-         WHERE rid = ?7",
-    )?
-    .execute(params![
-        state,
-        due_at,
-        attempts_made,
-        delivered_at,
-        dead_at,
-        reason,
-        rid
-    ])?;
     if state == DELIVERED || state == DEAD_LETTERED {
         ws.adjust(&queue, -1);
     }
@@ -1114,10 +1054,12 @@ fn tx_purge_chunk(
         .collect::<Result<Vec<_>, _>>()?;
     let mut del_attempts = conn.prepare_cached("DELETE FROM attempts WHERE event_id = ?1")?;
     let mut del_fallbacks = conn.prepare_cached("DELETE FROM fallbacks WHERE event_id = ?1")?;
+    let mut del_payload = conn.prepare_cached("DELETE FROM event_payloads WHERE rid = ?1")?;
     let mut del_event = conn.prepare_cached("DELETE FROM events WHERE rid = ?1")?;
     for (rid, id) in &victims {
         del_attempts.execute(params![id])?;
         del_fallbacks.execute(params![id])?;
+        del_payload.execute(params![rid])?;
         del_event.execute(params![rid])?;
     }
     let keys = conn
@@ -1137,9 +1079,9 @@ fn read_event(conn: &mut Connection, id: &str) -> Result<Option<EventRecord>, St
     let tx = conn.transaction()?;
     let record = tx
         .prepare_cached(
-            "SELECT id, event_type, queue, target, trace_id, state, received_at, due_at,
-                    delivered_at, dead_lettered_at, dead_letter_reason, fallback
-             FROM events WHERE id = ?1",
+            "SELECT e.id, p.event_type, e.queue, p.target, p.trace_id, e.state, p.received_at,
+                    e.due_at, e.delivered_at, e.dead_lettered_at, e.dead_letter_reason, p.fallback
+             FROM events e JOIN event_payloads p ON p.rid = e.rid WHERE e.id = ?1",
         )?
         .query_row(params![id], |r| {
             let state = get_state(r, 5)?;
@@ -1528,7 +1470,7 @@ mod tests {
     #[test]
     fn claim_and_next_due_use_the_index() {
         let conn = Connection::open_in_memory().unwrap();
-        conn.execute_batch(SCHEMA).unwrap();
+        conn.execute_batch(schema::SCHEMA).unwrap();
         for sql in [
             CLAIM_PICK.to_owned(),
             "SELECT MIN(due_at) FROM events WHERE queue = ?1 AND state = 0".to_owned(),
@@ -1554,7 +1496,7 @@ mod tests {
     #[test]
     fn dead_letter_pages_search_the_index() {
         let conn = Connection::open_in_memory().unwrap();
-        conn.execute_batch(SCHEMA).unwrap();
+        conn.execute_batch(schema::SCHEMA).unwrap();
         let mut stmt = conn
             .prepare(&format!("EXPLAIN QUERY PLAN {DLQ_PAGE}"))
             .unwrap();

@@ -469,3 +469,65 @@ async fn gone_410_dead_letters_and_disables_the_target_until_enabled() {
     )
     .await;
 }
+
+/// Upgrading hookyard over a schema-1 database that still holds queued events: the store is
+/// migrated at start and every queued event is delivered, once, with its original body, and
+/// its history (including attempts made before the upgrade) stays visible.
+#[tokio::test]
+async fn queued_events_of_a_schema_1_database_are_delivered_after_upgrade() {
+    use crate::sqlite_v1::{create, insert, insert_attempt, V1Event};
+    let rx = receiver().await;
+    let target = format!("http://{}/u", rx.local_addr());
+    let dir = tempfile::tempdir().unwrap();
+    let now = hookyard::clock::now_ms();
+    let conn = create(&dir.path().join("hookyard.db"));
+    let bodies: Vec<String> = (0..50).map(|i| format!(r#"{{"n":{i}}}"#)).collect();
+    for (i, body) in bodies.iter().enumerate() {
+        let id = format!("evt_v1_{i:02}");
+        insert(
+            &conn,
+            &V1Event {
+                id: &id,
+                event_type: "user.updated",
+                queue: "default",
+                target: &target,
+                body: body.as_bytes(),
+                state: 0,
+                due_at: Some(now - 1000),
+                lease_token: None,
+                attempts_made: i64::from(i == 0),
+                received_at: now - 2000,
+                delivered_at: None,
+                dead_lettered_at: None,
+                dead_letter_reason: None,
+            },
+        );
+    }
+    insert_attempt(&conn, "evt_v1_00", 1, now - 1500, Some(503));
+    drop(conn);
+
+    let hy = Sidecar::start_in(dir, &async_rule(&target, "[20]", "")).await;
+    eventually(
+        Duration::from_secs(10),
+        "all v1 events delivered",
+        async || rx.stats().delivered_ok == 50,
+    )
+    .await;
+    let stats = rx.stats();
+    assert_eq!((stats.unique_ids, stats.invalid_signature), (50, 0));
+    let mut got: Vec<Vec<u8>> = rx.requests().iter().map(|r| r.body.to_vec()).collect();
+    got.sort();
+    let mut want: Vec<Vec<u8>> = bodies.iter().map(|b| b.as_bytes().to_vec()).collect();
+    want.sort();
+    assert_eq!(got, want);
+    eventually(Duration::from_secs(2), "history", async || {
+        event(&hy, "evt_v1_00").await["state"] == "delivered"
+    })
+    .await;
+    let history = event(&hy, "evt_v1_00").await;
+    let attempts = history["attempts"].as_array().unwrap();
+    assert_eq!(attempts.len(), 2, "{history}");
+    assert_eq!(attempts[0]["status"], 503);
+    assert_eq!(attempts[1]["status"], 200);
+    assert_eq!(attempts[1]["attempt"], 2);
+}

@@ -10,6 +10,8 @@ mod config_check;
 mod crash;
 mod redis;
 mod reload;
+#[path = "../common/sqlite_v1.rs"]
+mod sqlite_v1;
 mod sync_path;
 mod tls;
 mod util;

@@ -1,0 +1,185 @@
+//! The SQLite schema, its version, and the migrations from older versions.
+//!
+//! The version lives in `PRAGMA user_version`. Opening a file runs, in one `IMMEDIATE`
+//! transaction, either the creation of the current schema (version 0: a new file) or every
+//! migration from the file's version to the current one, so a crash mid-migration leaves the
+//! old schema and its data untouched.
+//!
+//! # Version 2: hot state apart from the immutable payload
+//!
+//! In version 1 one `events` row held both what never changes (body, target, signing scheme,
+//! retry schedule) and what changes on every claim and completion (state, due time, lease).
+//! Each state change rewrote the whole row, body included (about 1.2 KiB for a 1 KiB body, so
+//! three rows per 4 KiB page): a claim and a completion each dirtied about one page per event,
+//! which the writer then wrote to the WAL and copied back at checkpoint. Version 2 keeps the
+//! state in a small `events` row (about 60 events per page) and the rest in `event_payloads`,
+//! written once at enqueue and only read afterwards, so a batch of claims or completions dirties
+//! a handful of pages whatever the body size.
+
+use rusqlite::{Connection, TransactionBehavior};
+
+use crate::queue::StoreError;
+
+/// The schema version this build writes; stored in `PRAGMA user_version`.
+pub const SCHEMA_VERSION: i64 = 2;
+
+/// The current schema, for a new file.
+///
+/// `events` (mutable state) and `event_payloads` (written once) share their `rid`: an event is
+/// always inserted into both in one transaction and purged from both in one transaction.
+pub const SCHEMA: &str = "
+CREATE TABLE events (
+    rid                INTEGER PRIMARY KEY,
+    id                 TEXT NOT NULL UNIQUE,
+    queue              TEXT NOT NULL,
+    state              INTEGER NOT NULL,
+    due_at             INTEGER,
+    lease_token        TEXT,
+    attempts_made      INTEGER NOT NULL DEFAULT 0,
+    round              INTEGER NOT NULL DEFAULT 1,
+    delivered_at       INTEGER,
+    dead_lettered_at   INTEGER,
+    dead_letter_reason TEXT
+);
+CREATE INDEX events_claim ON events(queue, state, due_at);
+CREATE INDEX events_dlq ON events(dead_lettered_at, id) WHERE state = 3;
+CREATE INDEX events_delivered ON events(delivered_at) WHERE state = 2;
+
+CREATE TABLE event_payloads (
+    rid                INTEGER PRIMARY KEY,
+    event_type         TEXT NOT NULL,
+    target             TEXT NOT NULL,
+    content_type       TEXT,
+    trace_id           TEXT NOT NULL,
+    idempotency_key    TEXT,
+    signature          TEXT NOT NULL,
+    timeout_ms         INTEGER NOT NULL,
+    retry_delays_ms    TEXT NOT NULL,
+    jitter             REAL NOT NULL,
+    received_at        INTEGER NOT NULL,
+    fallback           TEXT,
+    -- Last on purpose: a large body spills into overflow pages, and SQLite must walk them to
+    -- reach any column stored after it.
+    body               BLOB NOT NULL
+);
+
+CREATE TABLE attempts (
+    seq         INTEGER PRIMARY KEY,
+    event_id    TEXT NOT NULL,
+    round       INTEGER NOT NULL,
+    attempt     INTEGER NOT NULL,
+    started_at  INTEGER NOT NULL,
+    latency_ms  INTEGER NOT NULL,
+    status      INTEGER,
+    error       TEXT
+);
+CREATE INDEX attempts_event ON attempts(event_id);
+
+CREATE TABLE idempotency (
+    event_type  TEXT NOT NULL,
+    key         TEXT NOT NULL,
+    event_id    TEXT NOT NULL,
+    expires_at  INTEGER NOT NULL,
+    PRIMARY KEY (event_type, key)
+) WITHOUT ROWID;
+CREATE INDEX idempotency_expiry ON idempotency(expires_at);
+
+CREATE TABLE fallbacks (
+    seq         INTEGER PRIMARY KEY,
+    at_ms       INTEGER NOT NULL,
+    event_id    TEXT NOT NULL,
+    trace_id    TEXT NOT NULL,
+    event_type  TEXT NOT NULL,
+    reason      TEXT NOT NULL,
+    target      TEXT NOT NULL
+);
+CREATE INDEX fallbacks_at ON fallbacks(at_ms);
+CREATE INDEX fallbacks_event ON fallbacks(event_id);
+";
+
+/// Version 1 to 2: split each `events` row into its state row and its payload row. Every
+/// event keeps its `rid`, state, lease, attempt count and round, so queued and leased events
+/// are claimed (and leases expire) exactly as before the upgrade. `attempts`, `idempotency`
+/// and `fallbacks` are unchanged.
+const MIGRATE_1_TO_2: &str = "
+CREATE TABLE event_payloads (
+    rid                INTEGER PRIMARY KEY,
+    event_type         TEXT NOT NULL,
+    target             TEXT NOT NULL,
+    content_type       TEXT,
+    trace_id           TEXT NOT NULL,
+    idempotency_key    TEXT,
+    signature          TEXT NOT NULL,
+    timeout_ms         INTEGER NOT NULL,
+    retry_delays_ms    TEXT NOT NULL,
+    jitter             REAL NOT NULL,
+    received_at        INTEGER NOT NULL,
+    fallback           TEXT,
+    body               BLOB NOT NULL
+);
+INSERT INTO event_payloads (rid, event_type, target, content_type, trace_id, idempotency_key,
+                            signature, timeout_ms, retry_delays_ms, jitter, received_at,
+                            fallback, body)
+    SELECT rid, event_type, target, content_type, trace_id, idempotency_key, signature,
+           timeout_ms, retry_delays_ms, jitter, received_at, fallback, body
+    FROM events;
+CREATE TABLE events_v2 (
+    rid                INTEGER PRIMARY KEY,
+    id                 TEXT NOT NULL UNIQUE,
+    queue              TEXT NOT NULL,
+    state              INTEGER NOT NULL,
+    due_at             INTEGER,
+    lease_token        TEXT,
+    attempts_made      INTEGER NOT NULL DEFAULT 0,
+    round              INTEGER NOT NULL DEFAULT 1,
+    delivered_at       INTEGER,
+    dead_lettered_at   INTEGER,
+    dead_letter_reason TEXT
+);
+INSERT INTO events_v2 (rid, id, queue, state, due_at, lease_token, attempts_made, round,
+                       delivered_at, dead_lettered_at, dead_letter_reason)
+    SELECT rid, id, queue, state, due_at, lease_token, attempts_made, round, delivered_at,
+           dead_lettered_at, dead_letter_reason
+    FROM events;
+DROP TABLE events;
+ALTER TABLE events_v2 RENAME TO events;
+CREATE INDEX events_claim ON events(queue, state, due_at);
+CREATE INDEX events_dlq ON events(dead_lettered_at, id) WHERE state = 3;
+CREATE INDEX events_delivered ON events(delivered_at) WHERE state = 2;
+";
+
+/// Creates the schema of a new file, or brings an older file up to [`SCHEMA_VERSION`], in one
+/// transaction.
+///
+/// Fails with [`StoreError::Corrupt`] for a version newer than this build (a downgrade): such
+/// a file is refused rather than misread.
+pub fn ensure(conn: &mut Connection) -> Result<(), StoreError> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let version: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    match version {
+        0 => tx.execute_batch(SCHEMA)?,
+        1 => {
+            let queued: i64 = tx.query_row(
+                "SELECT COUNT(*) FROM events WHERE state IN (0, 1)",
+                [],
+                |r| r.get(0),
+            )?;
+            tracing::info!(
+                queued,
+                "migrating the sqlite store from schema 1 to {SCHEMA_VERSION}"
+            );
+            tx.execute_batch(MIGRATE_1_TO_2)?;
+        }
+        SCHEMA_VERSION => {}
+        other => {
+            return Err(StoreError::Corrupt(format!(
+                "schema version {other} is not supported (this build knows {SCHEMA_VERSION})"
+            )))
+        }
+    }
+    if version != SCHEMA_VERSION {
+        tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+    }
+    tx.commit()?;
+    Ok(())
+}
