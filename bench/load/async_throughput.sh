@@ -226,9 +226,13 @@ if [[ $PARTS == *b* ]]; then
     n_first=0
     delivered=0
     deadline=$((SECONDS + B_TIMEOUT))
+    # The poll must cost little next to what it measures: a jq process every 100 ms took 12%
+    # of the two cores, so the count is read with a bash regex and the time from bash itself.
     while ((SECONDS < deadline)); do
-        delivered=$(curl -s --max-time 2 "http://127.0.0.1:$RECV_PORT/stats" | jq -r '.delivered_ok // 0') || delivered=0
-        now=$(date +%s.%N)
+        stats_json=$(curl -s --max-time 2 "http://127.0.0.1:$RECV_PORT/stats") || stats_json=""
+        delivered=0
+        [[ $stats_json =~ \"delivered_ok\":([0-9]+) ]] && delivered=${BASH_REMATCH[1]}
+        now=$EPOCHREALTIME
         if [[ -z $t_first && $delivered -gt 0 ]]; then
             t_first=$now
             n_first=$delivered
