@@ -12,7 +12,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 
 pub use classify::{classify, retry_delay, Verdict};
@@ -144,11 +144,7 @@ async fn run_queue(
             };
             let dispatcher = dispatcher.clone();
             let queue = queue.clone();
-            deliveries.spawn(async move {
-                let deferred_until = deliver(&dispatcher, &queue, event).await;
-                drop(permit);
-                deferred_until
-            });
+            deliveries.spawn(async move { deliver(&dispatcher, &queue, event, permit).await });
         }
     }
     // Deliveries in flight finish under their own deadline; their results are recorded.
@@ -212,12 +208,18 @@ fn max_timeout(settings: &crate::config::Settings) -> Duration {
 
 /// Makes one attempt at `event` and records what happened. Returns the new due time when the
 /// attempt was deferred without being made (open breaker, full gate).
+///
+/// `slot` (a place in the queue's worker pool) is given back once the attempt is made, before
+/// its result is written: the event stays leased until that write lands, so it cannot be
+/// claimed twice, and the next claim no longer waits behind this write in the store.
 pub async fn deliver(
     dispatcher: &Dispatcher,
     queue: &Arc<str>,
     event: ClaimedEvent,
+    slot: OwnedSemaphorePermit,
 ) -> Option<i64> {
     let (attempt, disposition) = attempt(dispatcher, &event).await;
+    drop(slot);
     let deferred_until = match disposition {
         Disposition::Defer { due_at_ms } => Some(due_at_ms),
         _ => None,

@@ -239,10 +239,17 @@ fn get_state(row: &Row<'_>, idx: usize) -> rusqlite::Result<EventState> {
     }
 }
 
-fn new_lease_token() -> String {
-    // 128 random bits: unique for all practical purposes, and unguessable so a worker cannot
-    // complete a lease it was not given.
-    format!("{:032x}", rand::random::<u128>())
+/// `<rid>.<128 random bits in hex>`. The random part makes it unique for all practical
+/// purposes and unguessable, so a worker cannot complete a lease it was not given; the row id
+/// lets the result find its row by integer primary key instead of searching the text index on
+/// event ids (one of the writer's costs per delivery).
+fn new_lease_token(rid: i64) -> String {
+    format!("{rid}.{:032x}", rand::random::<u128>())
+}
+
+/// The row id a lease token was issued for; `None` for tokens issued before tokens carried it.
+fn lease_rid(token: &str) -> Option<i64> {
+    token.split_once('.')?.0.parse().ok()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -898,7 +905,7 @@ fn tx_claim(
     ))?;
     let mut claimed = Vec::with_capacity(rids.len());
     for rid in rids {
-        let token = new_lease_token();
+        let token = new_lease_token(rid);
         let state = update.query_row(params![token, lease_until, rid], |row| {
             Ok(ClaimedState {
                 id: row.get(0)?,
@@ -939,14 +946,21 @@ fn tx_complete(
     // The lease check and the state change are one statement: a lease that expired and was
     // claimed by another worker has a new token, so the stale worker's result matches no row
     // and is ignored. An expired lease nobody re-claimed still counts.
+    let by_rid = lease_rid(lease_token);
     let updated: Option<(String, i64, i64)> = conn
-        .prepare_cached(
+        .prepare_cached(if by_rid.is_some() {
             "UPDATE events SET state = ?1, due_at = ?2, lease_token = NULL,
                  attempts_made = attempts_made + ?3, delivered_at = ?4, dead_lettered_at = ?5,
                  dead_letter_reason = ?6
-             WHERE id = ?7 AND state = 1 AND lease_token = ?8
-             RETURNING queue, attempts_made, round",
-        )?
+             WHERE rid = ?9 AND id = ?7 AND state = 1 AND lease_token = ?8
+             RETURNING queue, attempts_made, round"
+        } else {
+            "UPDATE events SET state = ?1, due_at = ?2, lease_token = NULL,
+                 attempts_made = attempts_made + ?3, delivered_at = ?4, dead_lettered_at = ?5,
+                 dead_letter_reason = ?6
+             WHERE id = ?7 AND state = 1 AND lease_token = ?8 AND ?9 IS NULL
+             RETURNING queue, attempts_made, round"
+        })?
         .query_row(
             params![
                 state,
@@ -956,7 +970,8 @@ fn tx_complete(
                 dead_at,
                 reason,
                 event_id,
-                lease_token
+                lease_token,
+                by_rid
             ],
             |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
         )

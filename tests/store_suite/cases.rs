@@ -210,6 +210,53 @@ pub async fn due_time_is_exact_to_the_millisecond(store: &dyn Store) {
         .is_empty());
 }
 
+/// A lease token is bound to the one event it was issued for: another event's token, or a
+/// token with its random part changed, completes nothing.
+pub async fn a_lease_token_completes_only_its_own_event(store: &dyn Store) {
+    enqueue_ok(store, event("evt_a", "t", "default", T0)).await;
+    enqueue_ok(store, event("evt_b", "t", "default", T0)).await;
+    let claimed = claim(store, "default", T0).await;
+    assert_eq!(ids(&claimed), ["evt_a", "evt_b"]);
+    let (a, b) = (&claimed[0], &claimed[1]);
+    let complete = |id: &'static str, token: String| async move {
+        store
+            .complete(
+                id,
+                &token,
+                Some(attempt(1, T0, Some(200), None)),
+                Disposition::Delivered,
+                T0 + 1,
+            )
+            .await
+            .unwrap()
+    };
+    assert!(
+        !complete("evt_a", b.lease_token.clone()).await,
+        "b's token on a"
+    );
+    assert!(
+        !complete("evt_b", a.lease_token.clone()).await,
+        "a's token on b"
+    );
+    let mut forged = a.lease_token.clone();
+    let last = forged.pop().unwrap();
+    forged.push(if last == '0' { '1' } else { '0' });
+    assert!(
+        !complete("evt_a", forged).await,
+        "a's token with one digit changed"
+    );
+    assert_eq!(
+        store.event("evt_a").await.unwrap().unwrap().state,
+        EventState::InFlight
+    );
+    assert!(complete("evt_a", a.lease_token.clone()).await);
+    assert!(complete("evt_b", b.lease_token.clone()).await);
+    assert_eq!(
+        store.event("evt_b").await.unwrap().unwrap().state,
+        EventState::Delivered
+    );
+}
+
 /// A lease that runs out makes the event claimable again (at exactly the expiry), and the
 /// first worker's late completion is ignored.
 pub async fn lease_expiry_reclaims_and_ignores_stale_token(store: &dyn Store) {
