@@ -27,6 +27,7 @@ macro_rules! with_cases {
         due_time_is_exact_to_the_millisecond,
         lease_expiry_reclaims_and_ignores_stale_token,
         a_lease_token_completes_only_its_own_event,
+        leases_that_keep_running_out_dead_letter_the_event,
         retry_reschedules_and_counts_attempts,
         defer_does_not_count_an_attempt,
         dead_letter_listing_filters_and_paging,

@@ -8,7 +8,10 @@
 //! - `enqueue` returns only after the event (and its idempotency key and fallback record, in the
 //!   same transaction) is durable;
 //! - a claimed event is leased; a lease that is not completed before it expires makes the event
-//!   claimable again, so a crashed worker loses nothing;
+//!   claimable again, so a crashed worker loses nothing; an event whose leases run out
+//!   [`MAX_LEASE_EXPIRIES`] times in a row without any result (its delivery crashes or panics
+//!   the worker every time) is dead-lettered with reason [`LEASE_EXPIRED_REASON`] instead of
+//!   being handed out forever;
 //! - an event is never claimable before its `due_at_ms`, and becomes claimable at it, to the
 //!   millisecond;
 //! - times are passed in by the caller (`now_ms`), so tests drive the clock.
@@ -24,6 +27,15 @@ use bytes::Bytes;
 use serde::Serialize;
 
 pub use crate::signing::SignatureScheme;
+
+/// Leases of one event that may run out in a row, with no result reported in between, before
+/// the claim that finds the last one expired dead-letters the event. A crashed instance or a
+/// killed worker costs an event one expiry; only a delivery that never completes reaches this.
+pub const MAX_LEASE_EXPIRIES: u32 = 5;
+
+/// Dead-letter reason, and error class of the attempt recorded, for an event dead-lettered
+/// after [`MAX_LEASE_EXPIRIES`].
+pub const LEASE_EXPIRED_REASON: &str = "lease_expired";
 
 /// A boxed future, so that `Store` can be used as `Arc<dyn Store>`.
 pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;

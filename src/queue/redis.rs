@@ -500,7 +500,10 @@ impl RedisStore {
             .arg(lease_until)
             .arg(&self.inner.consumer)
             .arg(self.inner.options.claim_idle_ms)
-            .arg(base);
+            .arg(base)
+            .arg(super::MAX_LEASE_EXPIRIES)
+            .arg(super::LEASE_EXPIRED_REASON)
+            .arg(dlq_member(now_ms, ""));
         let reply: Value = self
             .run(|mut conn| async move { inv.invoke_async(&mut conn).await.map_err(unavailable) })
             .await?;

@@ -67,15 +67,37 @@ end
 return {'ok'}
 "#;
 
-/// `ARGV`: prefix, queue, now, limit, lease_until, consumer, claim_idle_ms, token base.
-/// Returns one array per leased event: id, token, due (or expired lease) time, then the
-/// fields of [`CLAIM_FIELDS`](super::redis::CLAIM_FIELDS) in order.
+/// `ARGV`: prefix, queue, now, limit, lease_until, consumer, claim_idle_ms, token base,
+/// most lease expiries in a row, their dead-letter reason, the DLQ member prefix for `now`
+/// (the id is appended). Returns one array per leased event: id, token, due (or expired lease)
+/// time, then the fields of [`CLAIM_FIELDS`](super::redis::CLAIM_FIELDS) in order.
 const CLAIM: &str = r#"
 local q, now, limit = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
 local until_s, consumer, idle, base = ARGV[5], ARGV[6], ARGV[7], ARGV[8]
+local max_expiries, expired_reason, dlm_prefix = tonumber(ARGV[9]), ARGV[10], ARGV[11]
 local stream, delayed, leased = qk(q, 'ready'), qk(q, 'delayed'), qk(q, 'leased')
 local out = {}
 local n = 0
+-- A lease that ran out without a result. Counted; at max_expiries in a row the event's
+-- delivery keeps killing its worker, so it is dead-lettered (with the expiry recorded as its
+-- last attempt) instead of being leased again. Returns true when it was.
+local function expired(id, sid)
+  local key = ev(id)
+  if redis.call('HINCRBY', key, 'lx', 1) < max_expiries then return false end
+  if sid then drop_entry(stream, sid) end
+  redis.call('ZREM', leased, id)
+  redis.call('HDEL', key, 'tok', 'until', 'sid', 'due', 'lx')
+  local made = tonumber(redis.call('HGET', key, 'made') or '0')
+  local attempt = '{"started_at_ms":' .. ARGV[3] .. ',"latency_ms":0,"error":"' .. expired_reason .. '"}'
+  redis.call('RPUSH', P .. ':att:' .. id, (made + 1) .. '|' .. attempt)
+  local member = dlm_prefix .. id
+  redis.call('HSET', key, 'last', attempt, 'state', 'x', 'dla', ARGV[3], 'dlr', expired_reason,
+    'dlm', member)
+  redis.call('DECR', qk(q, 'depth'))
+  redis.call('INCR', qk(q, 'dead'))
+  redis.call('ZADD', P .. ':dlq', 0, member)
+  return true
+end
 local function lease_it(id, due)
   n = n + 1
   local tok = base .. ':' .. n
@@ -101,8 +123,10 @@ for i = 1, #exp, 2 do
   local id = exp[i]
   local st = redis.call('HMGET', ev(id), 'state', 'sid')
   if st[1] == 'f' then
-    if st[2] then redis.pcall('XCLAIM', stream, G, consumer, 0, st[2], 'JUSTID') end
-    lease_it(id, exp[i + 1])
+    if not expired(id, st[2]) then
+      if st[2] then redis.pcall('XCLAIM', stream, G, consumer, 0, st[2], 'JUSTID') end
+      lease_it(id, exp[i + 1])
+    end
   else
     redis.call('ZREM', leased, id)
   end
@@ -119,7 +143,7 @@ if n < limit then
       local st = {}
       if id then st = redis.call('HMGET', ev(id), 'state', 'sid', 'until') end
       if st[1] == 'f' and st[2] == sid then
-        lease_it(id, st[3])
+        if not expired(id, sid) then lease_it(id, st[3]) end
       elseif sid then
         drop_entry(stream, sid)
       end
@@ -190,7 +214,7 @@ if st[1] ~= 'f' or st[2] ~= tok then return 0 end
 local q = st[4]
 if st[3] then drop_entry(qk(q, 'ready'), st[3]) end
 redis.call('ZREM', qk(q, 'leased'), id)
-redis.call('HDEL', key, 'tok', 'until', 'sid')
+redis.call('HDEL', key, 'tok', 'until', 'sid', 'lx')
 if kind ~= 'defer' then
   local made = tonumber(st[5] or '0') + 1
   redis.call('HSET', key, 'made', made)
@@ -249,7 +273,7 @@ for i = 3, #ARGV do
   if st[1] == 'x' then
     local q = st[2]
     if st[3] then redis.call('ZREM', P .. ':dlq', st[3]) end
-    redis.call('HDEL', key, 'dla', 'dlr', 'dlm')
+    redis.call('HDEL', key, 'dla', 'dlr', 'dlm', 'lx')
     -- A new round: the attempt count restarts; the old attempts stay as history.
     redis.call('HSET', key, 'state', 'p', 'due', ARGV[2], 'made', 0)
     redis.call('ZADD', qk(q, 'delayed'), ARGV[2], id)

@@ -57,6 +57,7 @@ use super::{
     AttemptRecord, ClaimedEvent, DeadLetter, Disposition, DlqFilter, EnqueueOutcome, EventRecord,
     EventState, FallbackReason, FallbackRecord, IdempotencyClaim, NewEvent, Page, QueueStats,
     Reconciliation, SignatureScheme, Store, StoreError, StoreFuture, UnixMillis,
+    LEASE_EXPIRED_REASON, MAX_LEASE_EXPIRIES,
 };
 
 /// Histogram of how many enqueues shared one transaction (one fsync).
@@ -80,11 +81,11 @@ const PAYLOAD_COLUMNS: &str = "event_type, target, body, content_type, trace_id,
 /// Due events of one queue, oldest due first. Each half is a range scan of `events_claim`
 /// stopped at `limit`, so at most `2 * limit` rows are sorted whatever the backlog.
 const CLAIM_PICK: &str = "
-SELECT rid FROM (
-    SELECT * FROM (SELECT rid, due_at FROM events
+SELECT rid, state FROM (
+    SELECT * FROM (SELECT rid, due_at, state FROM events
                    WHERE queue = ?1 AND state = 0 AND due_at <= ?2 ORDER BY due_at LIMIT ?3)
     UNION ALL
-    SELECT * FROM (SELECT rid, due_at FROM events
+    SELECT * FROM (SELECT rid, due_at, state FROM events
                    WHERE queue = ?1 AND state = 1 AND due_at <= ?2 ORDER BY due_at LIMIT ?3)
 ) ORDER BY due_at, rid LIMIT ?3";
 
@@ -879,6 +880,7 @@ fn claimed_from_row(
 
 fn tx_claim(
     conn: &Connection,
+    ws: &mut WriterState,
     queue: &str,
     now_ms: UnixMillis,
     limit: usize,
@@ -887,32 +889,45 @@ fn tx_claim(
     if limit == 0 {
         return Ok(Vec::new());
     }
-    let rids = conn
+    let picked = conn
         .prepare_cached(CLAIM_PICK)?
         .query_map(params![queue, now_ms, limit_i64(limit)], |r| {
-            r.get::<_, i64>(0)
+            Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?))
         })?
         .collect::<Result<Vec<_>, _>>()?;
     let lease_until = now_ms.saturating_add(to_i64(lease_ms));
     // While in flight, due_at holds the lease expiry: that is when the event is due again.
     // Only the small state row is written; the payload is read, never rewritten.
     let mut update = conn.prepare_cached(
-        "UPDATE events SET state = 1, lease_token = ?1, due_at = ?2 WHERE rid = ?3
-         RETURNING id, queue, attempts_made",
+        "UPDATE events SET state = 1, lease_token = ?1, due_at = ?2,
+             lease_expiries = lease_expiries + ?4
+         WHERE rid = ?3
+         RETURNING id, queue, attempts_made, lease_expiries, round",
     )?;
     let mut payload = conn.prepare_cached(&format!(
         "SELECT {PAYLOAD_COLUMNS} FROM event_payloads WHERE rid = ?1"
     ))?;
-    let mut claimed = Vec::with_capacity(rids.len());
-    for rid in rids {
+    let mut claimed = Vec::with_capacity(picked.len());
+    for (rid, state) in picked {
         let token = new_lease_token(rid);
-        let state = update.query_row(params![token, lease_until, rid], |row| {
-            Ok(ClaimedState {
-                id: row.get(0)?,
-                queue: row.get(1)?,
-                attempts_made: get_u32(row, 2)?,
-            })
-        })?;
+        // A pick in flight is a lease that ran out without a result.
+        let expired = i64::from(state == IN_FLIGHT);
+        let (state, lease_expiries, round) =
+            update.query_row(params![token, lease_until, rid, expired], |row| {
+                Ok((
+                    ClaimedState {
+                        id: row.get(0)?,
+                        queue: row.get(1)?,
+                        attempts_made: get_u32(row, 2)?,
+                    },
+                    row.get::<_, i64>(3)?,
+                    row.get::<_, i64>(4)?,
+                ))
+            })?;
+        if lease_expiries >= i64::from(MAX_LEASE_EXPIRIES) {
+            dead_letter_expired(conn, ws, rid, &state, round, now_ms)?;
+            continue;
+        }
         let ev = payload
             .query_row(params![rid], |row| {
                 claimed_from_row(state, row, token, lease_until)
@@ -922,6 +937,43 @@ fn tx_claim(
         claimed.push(ev);
     }
     Ok(claimed)
+}
+
+/// Dead-letters an event whose leases kept running out, recording why as its last attempt.
+fn dead_letter_expired(
+    conn: &Connection,
+    ws: &mut WriterState,
+    rid: i64,
+    state: &ClaimedState,
+    round: i64,
+    now_ms: UnixMillis,
+) -> Result<(), StoreError> {
+    tracing::error!(
+        event_id = %state.id,
+        queue = %state.queue,
+        lease_expiries = MAX_LEASE_EXPIRIES,
+        "every recent delivery of this event ended without a result (a crash or panic in \
+         the worker?); moving it to the dead-letter queue"
+    );
+    conn.prepare_cached(
+        "UPDATE events SET state = 3, due_at = NULL, lease_token = NULL,
+             dead_lettered_at = ?1, dead_letter_reason = ?2
+         WHERE rid = ?3",
+    )?
+    .execute(params![now_ms, LEASE_EXPIRED_REASON, rid])?;
+    conn.prepare_cached(
+        "INSERT INTO attempts (event_id, round, attempt, started_at, latency_ms, status, error)
+         VALUES (?1, ?2, ?3, ?4, 0, NULL, ?5)",
+    )?
+    .execute(params![
+        state.id,
+        round,
+        i64::from(state.attempts_made) + 1,
+        now_ms,
+        LEASE_EXPIRED_REASON
+    ])?;
+    ws.adjust(&state.queue, -1);
+    Ok(())
 }
 
 fn tx_complete(
@@ -949,13 +1001,13 @@ fn tx_complete(
     let by_rid = lease_rid(lease_token);
     let updated: Option<(String, i64, i64)> = conn
         .prepare_cached(if by_rid.is_some() {
-            "UPDATE events SET state = ?1, due_at = ?2, lease_token = NULL,
+            "UPDATE events SET state = ?1, due_at = ?2, lease_token = NULL, lease_expiries = 0,
                  attempts_made = attempts_made + ?3, delivered_at = ?4, dead_lettered_at = ?5,
                  dead_letter_reason = ?6
              WHERE rid = ?9 AND id = ?7 AND state = 1 AND lease_token = ?8
              RETURNING queue, attempts_made, round"
         } else {
-            "UPDATE events SET state = ?1, due_at = ?2, lease_token = NULL,
+            "UPDATE events SET state = ?1, due_at = ?2, lease_token = NULL, lease_expiries = 0,
                  attempts_made = attempts_made + ?3, delivered_at = ?4, dead_lettered_at = ?5,
                  dead_letter_reason = ?6
              WHERE id = ?7 AND state = 1 AND lease_token = ?8 AND ?9 IS NULL
@@ -1029,7 +1081,8 @@ fn tx_replay(
     // from 1 again; the old round's attempt rows stay as history.
     let mut stmt = conn.prepare_cached(
         "UPDATE events SET state = 0, due_at = ?1, lease_token = NULL, attempts_made = 0,
-             round = round + 1, dead_lettered_at = NULL, dead_letter_reason = NULL
+             lease_expiries = 0, round = round + 1, dead_lettered_at = NULL,
+             dead_letter_reason = NULL
          WHERE id = ?2 AND state = 3
          RETURNING queue",
     )?;
@@ -1333,8 +1386,8 @@ impl Store for SqliteStore {
         lease_ms: u64,
     ) -> StoreFuture<'_, Vec<ClaimedEvent>> {
         let queue = queue.to_owned();
-        Box::pin(self.write(false, move |conn, _| {
-            tx_claim(conn, &queue, now_ms, limit, lease_ms)
+        Box::pin(self.write(false, move |conn, ws| {
+            tx_claim(conn, ws, &queue, now_ms, limit, lease_ms)
         }))
     }
 

@@ -12,7 +12,7 @@ use bytes::Bytes;
 use hookyard::queue::{
     AttemptRecord, ClaimedEvent, Disposition, DlqFilter, EnqueueOutcome, EventState,
     FallbackReason, IdempotencyClaim, NewEvent, QueueStats, Reconciliation, SignatureScheme, Store,
-    StoreError, UnixMillis,
+    StoreError, UnixMillis, LEASE_EXPIRED_REASON, MAX_LEASE_EXPIRIES,
 };
 
 /// An arbitrary fixed epoch for the test clock.
@@ -255,6 +255,78 @@ pub async fn a_lease_token_completes_only_its_own_event(store: &dyn Store) {
         store.event("evt_b").await.unwrap().unwrap().state,
         EventState::Delivered
     );
+}
+
+/// A delivery that kills its worker every time never reports a result, so its retry matrix
+/// never runs out. After `MAX_LEASE_EXPIRIES` leases in a row ran out, the claim that finds the
+/// last one dead-letters the event instead; any result in between starts the count again.
+pub async fn leases_that_keep_running_out_dead_letter_the_event(store: &dyn Store) {
+    const LEASE_MS: u64 = 1000;
+    let max = i64::from(MAX_LEASE_EXPIRIES);
+    enqueue_ok(store, event("evt_poison", "t", "default", T0)).await;
+    enqueue_ok(store, event("evt_flaky", "t", "default", T0)).await;
+    let claim_at =
+        |at: UnixMillis| async move { store.claim_due("default", at, 10, LEASE_MS).await.unwrap() };
+    // The first claim, then MAX - 1 reclaims of expired leases: still handed out.
+    let mut flaky_token = String::new();
+    for i in 0..max {
+        let got = claim_at(T0 + i * LEASE_MS as i64).await;
+        let mut got_ids = ids(&got);
+        got_ids.sort();
+        assert_eq!(got_ids, ["evt_flaky", "evt_poison"], "claim {i}");
+        let flaky = got.iter().find(|c| c.id == "evt_flaky").unwrap();
+        flaky_token = flaky.lease_token.clone();
+    }
+    // evt_flaky reports a result (a retry due at once): its count starts again.
+    let at = T0 + (max - 1) * LEASE_MS as i64 + 1;
+    assert!(store
+        .complete(
+            "evt_flaky",
+            &flaky_token,
+            Some(attempt(1, at, Some(503), None)),
+            Disposition::Retry { due_at_ms: at },
+            at,
+        )
+        .await
+        .unwrap());
+
+    // The MAX-th expiry of evt_poison's lease: dead-lettered, not handed out again.
+    let at = T0 + max * LEASE_MS as i64;
+    let got = claim_at(at).await;
+    assert_eq!(ids(&got), ["evt_flaky"]);
+    let poison = store.event("evt_poison").await.unwrap().unwrap();
+    assert_eq!(poison.state, EventState::DeadLettered);
+    let last = poison
+        .attempts
+        .last()
+        .expect("the expiry is recorded as an attempt");
+    assert_eq!(last.error.as_deref(), Some(LEASE_EXPIRED_REASON));
+    let dlq = store
+        .list_dead_letters(DlqFilter::default(), None, 10)
+        .await
+        .unwrap();
+    assert_eq!(dlq_ids(&dlq), ["evt_poison"]);
+    assert_eq!(dlq.items[0].reason, LEASE_EXPIRED_REASON);
+    assert_eq!(dlq.items[0].dead_lettered_at_ms, at);
+    let stats = store.stats("default", at).await.unwrap();
+    assert_eq!((stats.dead_lettered, stats.in_flight), (1, 1));
+
+    // evt_flaky's leases run out MAX - 1 more times: still below the limit.
+    for i in 1..max {
+        let got = claim_at(at + i * LEASE_MS as i64).await;
+        assert_eq!(ids(&got), ["evt_flaky"], "reclaim {i} after the result");
+    }
+
+    // A replay starts the count again too.
+    assert_eq!(
+        store
+            .replay(vec!["evt_poison".to_owned()], at)
+            .await
+            .unwrap(),
+        ["evt_poison"]
+    );
+    let got = claim_at(at + max * LEASE_MS as i64).await;
+    assert!(ids(&got).contains(&"evt_poison"), "{:?}", ids(&got));
 }
 
 /// A lease that runs out makes the event claimable again (at exactly the expiry), and the

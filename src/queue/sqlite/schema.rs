@@ -16,12 +16,20 @@
 //! written once at enqueue and only read afterwards, so a batch of claims or completions dirties
 //! a handful of pages whatever the body size.
 
+//!
+//! # Version 3: lease expiries counted
+//!
+//! `events.lease_expiries` counts the leases of an event that ran out without a result since
+//! its last result. A delivery that kills its worker every time (a panic, an OOM kill, a
+//! crash) never reports an attempt, so its retry matrix never runs out; this count lets the
+//! claim dead-letter it instead of handing it out forever.
+
 use rusqlite::{Connection, TransactionBehavior};
 
 use crate::queue::StoreError;
 
 /// The schema version this build writes; stored in `PRAGMA user_version`.
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = 3;
 
 /// The current schema, for a new file.
 ///
@@ -39,7 +47,8 @@ CREATE TABLE events (
     round              INTEGER NOT NULL DEFAULT 1,
     delivered_at       INTEGER,
     dead_lettered_at   INTEGER,
-    dead_letter_reason TEXT
+    dead_letter_reason TEXT,
+    lease_expiries     INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX events_claim ON events(queue, state, due_at);
 CREATE INDEX events_dlq ON events(dead_lettered_at, id) WHERE state = 3;
@@ -148,6 +157,10 @@ CREATE INDEX events_dlq ON events(dead_lettered_at, id) WHERE state = 3;
 CREATE INDEX events_delivered ON events(delivered_at) WHERE state = 2;
 ";
 
+/// Version 2 to 3: count lease expiries. Existing events start at 0.
+const MIGRATE_2_TO_3: &str =
+    "ALTER TABLE events ADD COLUMN lease_expiries INTEGER NOT NULL DEFAULT 0;";
+
 /// Creates the schema of a new file, or brings an older file up to [`SCHEMA_VERSION`], in one
 /// transaction.
 ///
@@ -169,7 +182,9 @@ pub fn ensure(conn: &mut Connection) -> Result<(), StoreError> {
                 "migrating the sqlite store from schema 1 to {SCHEMA_VERSION}"
             );
             tx.execute_batch(MIGRATE_1_TO_2)?;
+            tx.execute_batch(MIGRATE_2_TO_3)?;
         }
+        2 => tx.execute_batch(MIGRATE_2_TO_3)?,
         SCHEMA_VERSION => {}
         other => {
             return Err(StoreError::Corrupt(format!(
