@@ -6,11 +6,12 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 use crate::admin::Admin;
@@ -49,32 +50,52 @@ pub struct RunningServer {
     ingress_threads: Vec<std::thread::JoinHandle<()>>,
 }
 
-/// `count` listening sockets on one address with SO_REUSEPORT, so the kernel spreads incoming
-/// connections over the ingress event loops. With port 0 the first socket picks the port and
-/// the others join it. SO_REUSEPORT would also let a second hookyard of the same user join the
-/// port; the admin listener is bound without it, so a second instance with the same config
-/// fails to start instead of silently splitting traffic.
-fn bind_ingress(addr: SocketAddr, count: usize) -> Result<Vec<std::net::TcpListener>, ServeError> {
-    use socket2::{Domain, Socket, Type};
-    let fail = |source: std::io::Error| ServeError::Bind {
-        what: "listen",
-        addr,
-        source,
-    };
-    let mut sockets = Vec::with_capacity(count);
-    let mut bound = addr;
-    for _ in 0..count.max(1) {
-        let socket = Socket::new(Domain::for_address(bound), Type::STREAM, None).map_err(fail)?;
-        socket.set_reuse_address(true).map_err(fail)?;
-        socket.set_reuse_port(true).map_err(fail)?;
-        socket.set_nonblocking(true).map_err(fail)?;
-        socket.bind(&bound.into()).map_err(fail)?;
-        socket.listen(1024).map_err(fail)?;
-        let listener: std::net::TcpListener = socket.into();
-        bound = listener.local_addr().map_err(fail)?;
-        sockets.push(listener);
+/// Hands each accepted ingress connection to the event loop with the fewest open connections.
+///
+/// The kernel's `SO_REUSEPORT` hashing (one listening socket per loop, the first design) gave
+/// 64 benchmark connections to two loops as unevenly as 40 and 24: one loop saturated while
+/// the other idled, which showed as lower throughput and a longer p99 that changed with every
+/// new set of connections. One acceptor that counts each loop's connections keeps them even.
+struct Balancer {
+    lanes: Vec<Lane>,
+}
+
+struct Lane {
+    streams: mpsc::UnboundedSender<std::net::TcpStream>,
+    open: Arc<AtomicUsize>,
+}
+
+impl Balancer {
+    /// The loop to give the next connection to: the least loaded, the lowest index on a tie.
+    fn pick(&self) -> Option<&Lane> {
+        self.lanes
+            .iter()
+            .min_by_key(|lane| lane.open.load(Ordering::Relaxed))
     }
-    Ok(sockets)
+
+    /// Accepts until `shutdown`, then drops the listener and the loops' channels.
+    async fn run(self, listener: TcpListener, mut shutdown: watch::Receiver<bool>) {
+        loop {
+            let stream = tokio::select! {
+                s = crate::httpserver::accept(&listener) => s,
+                _ = shutdown.wait_for(|stop| *stop) => break,
+            };
+            let Some(lane) = self.pick() else { break };
+            // Deregistered here, registered again by the loop that serves it.
+            let stream = match stream.into_std() {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot hand over an accepted connection");
+                    continue;
+                }
+            };
+            lane.open.fetch_add(1, Ordering::Relaxed);
+            if lane.streams.send(stream).is_err() {
+                // That loop has stopped (shutdown is under way): the connection is dropped.
+                lane.open.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+    }
 }
 
 /// Runs one ingress event loop on its own thread: a single-threaded runtime, so a sync request
@@ -82,7 +103,8 @@ fn bind_ingress(addr: SocketAddr, count: usize) -> Result<Vec<std::net::TcpListe
 /// crossing threads.
 fn spawn_ingress_thread(
     lane: usize,
-    socket: std::net::TcpListener,
+    streams: mpsc::UnboundedReceiver<std::net::TcpStream>,
+    open: Arc<AtomicUsize>,
     dispatcher: Arc<Dispatcher>,
     mut stop: watch::Receiver<bool>,
     drain: Duration,
@@ -102,17 +124,20 @@ fn spawn_ingress_thread(
                 }
             };
             runtime.block_on(async move {
-                let listener = match TcpListener::from_std(socket) {
-                    Ok(l) => l,
-                    Err(e) => {
-                        tracing::error!(error = %e, lane, "cannot register the ingress socket");
-                        return;
-                    }
-                };
                 let stopped = async move {
                     let _ = stop.wait_for(|s| *s).await;
                 };
-                crate::httpserver::serve(listener, Ingress::new(dispatcher), stopped, drain).await;
+                let closed = move || {
+                    open.fetch_sub(1, Ordering::Relaxed);
+                };
+                crate::httpserver::serve_streams(
+                    streams,
+                    Ingress::new(dispatcher),
+                    stopped,
+                    drain,
+                    closed,
+                )
+                .await;
             });
         })
 }
@@ -126,9 +151,10 @@ async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, Serve
 /// Opens the store, binds both listeners and starts every task.
 pub async fn start(config_path: PathBuf, settings: Settings) -> Result<RunningServer, ServeError> {
     let metrics = crate::metrics::install();
-    let ingress_sockets = bind_ingress(settings.listen, settings.ingress_threads)?;
+    let ingress_listener = bind("listen", settings.listen).await?;
+    let ingress_threads_wanted = settings.ingress_threads.max(1);
     let admin_listener = bind("admin_listen", settings.admin_listen).await?;
-    let ingress_addr = ingress_sockets[0]
+    let ingress_addr = ingress_listener
         .local_addr()
         .map_err(|source| ServeError::Bind {
             what: "listen",
@@ -172,11 +198,15 @@ pub async fn start(config_path: PathBuf, settings: Settings) -> Result<RunningSe
             shutdown_rx.clone(),
         )),
     ];
-    let mut ingress_threads = Vec::with_capacity(ingress_sockets.len());
-    for (i, socket) in ingress_sockets.into_iter().enumerate() {
+    let mut ingress_threads = Vec::with_capacity(ingress_threads_wanted);
+    let mut lanes = Vec::with_capacity(ingress_threads_wanted);
+    for i in 0..ingress_threads_wanted {
+        let (streams, received) = mpsc::unbounded_channel();
+        let open = Arc::new(AtomicUsize::new(0));
         let thread = spawn_ingress_thread(
             i + 1,
-            socket,
+            received,
+            open.clone(),
             dispatcher.clone(),
             shutdown_rx.clone(),
             sync_drain,
@@ -187,7 +217,12 @@ pub async fn start(config_path: PathBuf, settings: Settings) -> Result<RunningSe
             source,
         })?;
         ingress_threads.push(thread);
+        lanes.push(Lane { streams, open });
     }
+    let mut tasks = tasks;
+    tasks.push(tokio::spawn(
+        Balancer { lanes }.run(ingress_listener, shutdown_rx.clone()),
+    ));
     tracing::info!(%ingress_addr, %admin_addr, event_loops = ingress_threads.len(), "hookyard is serving");
     Ok(RunningServer {
         ingress_addr,
@@ -294,5 +329,69 @@ impl RunningServer {
             tracing::warn!(error = %e, "closing the store failed");
         }
         tracing::info!("hookyard stopped");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The acceptor over a real listener: connections alternate while the loops are even, and
+    /// go to the loop whose connections closed once they are not.
+    #[tokio::test]
+    async fn each_connection_goes_to_the_loop_with_the_fewest_open() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx0, mut rx0) = mpsc::unbounded_channel();
+        let (tx1, mut rx1) = mpsc::unbounded_channel();
+        let open = [Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0))];
+        let balancer = Balancer {
+            lanes: vec![
+                Lane {
+                    streams: tx0,
+                    open: open[0].clone(),
+                },
+                Lane {
+                    streams: tx1,
+                    open: open[1].clone(),
+                },
+            ],
+        };
+        let (stop, stop_rx) = watch::channel(false);
+        let acceptor = tokio::spawn(balancer.run(listener, stop_rx));
+
+        let total = || open.iter().map(|o| o.load(Ordering::SeqCst)).sum::<usize>();
+        let mut clients = Vec::new();
+        // Connects a client and returns the loop its connection was handed to.
+        let mut connect_one = async || {
+            let before = total();
+            clients.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+            while total() == before {
+                tokio::task::yield_now().await;
+            }
+            let (to0, to1) = (rx0.try_recv().is_ok(), rx1.try_recv().is_ok());
+            assert!(to0 != to1, "exactly one loop gets each connection");
+            if to0 {
+                0
+            } else {
+                1
+            }
+        };
+        let mut order = Vec::new();
+        for _ in 0..6 {
+            order.push(connect_one().await);
+        }
+        assert_eq!(order, [0, 1, 0, 1, 0, 1]);
+
+        // Two of loop 1's connections close: the next two go to loop 1.
+        open[1].fetch_sub(2, Ordering::SeqCst);
+        assert_eq!([connect_one().await, connect_one().await], [1, 1]);
+
+        let _ = stop.send(true);
+        acceptor.await.unwrap();
+        assert!(
+            tokio::net::TcpStream::connect(addr).await.is_err(),
+            "listener closed"
+        );
     }
 }

@@ -74,8 +74,8 @@ pub struct IngressSection {
     /// How long an `Idempotency-Key` is remembered. Milliseconds or a duration ("24h"). Default 24h.
     #[schemars(with = "Option<DurationValue>")]
     pub idempotency_window: Option<Pos<DurationValue>>,
-    /// Ingress event loops, each on its own thread with its own listening socket
-    /// (SO_REUSEPORT) and its own upstream connections. Default: one per CPU core.
+    /// Ingress event loops, each on its own thread with its own upstream connections; each
+    /// accepted connection goes to the loop with the fewest open. Default: one per CPU core.
     #[schemars(with = "Option<u32>")]
     pub threads: Option<Pos<i64>>,
 }
