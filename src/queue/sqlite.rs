@@ -46,7 +46,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use rusqlite::types::Type;
-use rusqlite::{params, Connection, OpenFlags, OptionalExtension, Row, TransactionBehavior};
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension, Row};
 use tokio::sync::oneshot;
 
 mod schema;
@@ -671,8 +671,9 @@ fn run_batch(
     commits: &AtomicU64,
 ) -> Vec<Box<dyn Job>> {
     let mut jobs = jobs.into_iter();
-    let tx = match conn.transaction_with_behavior(TransactionBehavior::Immediate) {
-        Ok(tx) => tx,
+    let tx = &*conn;
+    match cached(tx, "BEGIN IMMEDIATE") {
+        Ok(()) => {}
         Err(e) => {
             // Nothing can be written at all: answer everyone rather than retry in a loop.
             let msg = e.to_string();
@@ -681,21 +682,21 @@ fn run_batch(
             }
             return Vec::new();
         }
-    };
+    }
     let mut finishes: Vec<Finish> = Vec::with_capacity(jobs.len());
     let mut enqueues = 0usize;
     let mut aborted: Option<String> = None;
     for job in jobs.by_ref() {
         let enqueue = job.is_enqueue();
-        if let Err(e) = savepoint(&tx, "SAVEPOINT job") {
+        if let Err(e) = cached(tx, "SAVEPOINT job") {
             aborted = Some(e.to_string());
             job.fail(StoreError::from(e));
             break;
         }
-        let (ok, finish) = job.run(&tx, ws);
+        let (ok, finish) = job.run(tx, ws);
         finishes.push(finish);
         if ok {
-            if let Err(e) = savepoint(&tx, "RELEASE job") {
+            if let Err(e) = cached(tx, "RELEASE job") {
                 aborted = Some(e.to_string());
                 break;
             }
@@ -711,9 +712,7 @@ fn run_batch(
             }
             // The failed job must leave no trace; if that cannot be guaranteed, nothing in
             // this batch commits.
-            if let Err(e) =
-                savepoint(&tx, "ROLLBACK TO job").and_then(|()| savepoint(&tx, "RELEASE job"))
-            {
+            if let Err(e) = cached(tx, "ROLLBACK TO job").and_then(|()| cached(tx, "RELEASE job")) {
                 aborted = Some(format!("cannot roll back a failed job: {e}"));
                 break;
             }
@@ -721,12 +720,15 @@ fn run_batch(
     }
 
     let outcome = match aborted {
-        Some(msg) => {
-            drop(tx);
-            Err(msg)
-        }
-        None => tx.commit().map_err(|e| e.to_string()),
+        Some(msg) => Err(msg),
+        None => cached(tx, "COMMIT").map_err(|e| e.to_string()),
     };
+    // Whatever failed (a job, or COMMIT itself), nothing of this batch may stay pending.
+    if outcome.is_err() && !tx.is_autocommit() {
+        if let Err(e) = cached(tx, "ROLLBACK") {
+            tracing::error!(error = %e, "cannot roll back a failed sqlite write batch");
+        }
+    }
     match outcome {
         Ok(()) => {
             ws.keep_batch();
@@ -750,10 +752,11 @@ fn run_batch(
     Vec::new()
 }
 
-/// Runs one savepoint statement (`SAVEPOINT job`, `RELEASE job`, `ROLLBACK TO job`) from the
-/// statement cache: every write job is wrapped in one, and re-parsing the SQL each time (as
-/// `Transaction::savepoint` does) cost the writer several percent of its time.
-fn savepoint(conn: &Connection, sql: &str) -> rusqlite::Result<()> {
+/// Runs one transaction control statement (`BEGIN IMMEDIATE`, `COMMIT`, `ROLLBACK`, `SAVEPOINT
+/// job`, `RELEASE job`, `ROLLBACK TO job`) from the statement cache. Every batch and every job
+/// in it runs some; parsing them each time (as rusqlite's `Transaction` and `savepoint` do)
+/// cost the writer several percent of its time.
+fn cached(conn: &Connection, sql: &str) -> rusqlite::Result<()> {
     conn.prepare_cached(sql)?.execute([]).map(drop)
 }
 
