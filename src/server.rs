@@ -52,10 +52,12 @@ pub struct RunningServer {
 
 /// Hands each accepted ingress connection to the event loop with the fewest open connections.
 ///
-/// The kernel's `SO_REUSEPORT` hashing (one listening socket per loop, the first design) gave
-/// 64 benchmark connections to two loops as unevenly as 40 and 24: one loop saturated while
-/// the other idled, which showed as lower throughput and a longer p99 that changed with every
-/// new set of connections. One acceptor that counts each loop's connections keeps them even.
+/// The first design had one `SO_REUSEPORT` socket per loop, and the kernel spread connections
+/// by a hash of their addresses: for 64 connections over two loops that is 32 ± 4 each in a
+/// typical draw, and worse now and then, so one loop could be saturated while the other had
+/// spare time, differently for every new set of connections. One acceptor that counts each
+/// loop's open connections keeps them even. (In the benchmark this made no clear difference to
+/// throughput, within the machine's noise.)
 struct Balancer {
     lanes: Vec<Lane>,
 }
