@@ -83,11 +83,34 @@ const PAYLOAD_COLUMNS: &str = "event_type, target, body, content_type, trace_id,
 const CLAIM_PICK: &str = "
 SELECT rid, state FROM (
     SELECT * FROM (SELECT rid, due_at, state FROM events
-                   WHERE queue = ?1 AND state = 0 AND due_at <= ?2 ORDER BY due_at LIMIT ?3)
+                   WHERE queue = ?1 AND state = 0 AND state < 2 AND due_at <= ?2
+                   ORDER BY due_at LIMIT ?3)
     UNION ALL
     SELECT * FROM (SELECT rid, due_at, state FROM events
-                   WHERE queue = ?1 AND state = 1 AND due_at <= ?2 ORDER BY due_at LIMIT ?3)
+                   WHERE queue = ?1 AND state = 1 AND state < 2 AND due_at <= ?2
+                   ORDER BY due_at LIMIT ?3)
 ) ORDER BY due_at, rid LIMIT ?3";
+
+// `state < 2` in the statements below is redundant with their `state = ..` terms; it is there
+// so SQLite can prove they may use the partial index `events_claim` (schema 4).
+
+/// The earliest due time in a queue, pending or in flight: two index seeks rather than one MIN
+/// over `state IN (..)`, which SQLite would answer by scanning.
+const NEXT_DUE: &str = "SELECT MIN(m) FROM (
+    SELECT MIN(due_at) AS m FROM events WHERE queue = ?1 AND state = 0 AND state < 2
+    UNION ALL
+    SELECT MIN(due_at) AS m FROM events WHERE queue = ?1 AND state = 1 AND state < 2)";
+/// Ready events of a queue and the oldest due time among them.
+const COUNT_READY: &str = "SELECT COUNT(*), MIN(due_at) FROM events
+    WHERE queue = ?1 AND state = 0 AND state < 2 AND due_at <= ?2";
+/// Pending events of a queue due later.
+const COUNT_DELAYED: &str = "SELECT COUNT(*) FROM events
+    WHERE queue = ?1 AND state = 0 AND state < 2 AND due_at > ?2";
+/// Leased events of a queue.
+const COUNT_IN_FLIGHT: &str =
+    "SELECT COUNT(*) FROM events WHERE queue = ?1 AND state = 1 AND state < 2";
+/// Dead letters of a queue (index `events_dead_queue`).
+const COUNT_DEAD: &str = "SELECT COUNT(*) FROM events WHERE queue = ?1 AND state = 3";
 
 /// One page of dead letters, newest first (see `read_dead_letters` for the parameters).
 const DLQ_PAGE: &str =
@@ -318,7 +341,7 @@ fn open_reader(path: &Path, options: &SqliteOptions) -> Result<Connection, Store
 
 fn load_depths(conn: &Connection) -> Result<HashMap<String, u64>, StoreError> {
     let mut stmt =
-        conn.prepare("SELECT queue, COUNT(*) FROM events WHERE state IN (0, 1) GROUP BY queue")?;
+        conn.prepare("SELECT queue, COUNT(*) FROM events WHERE state < 2 GROUP BY queue")?;
     let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, get_u64(r, 1)?)))?;
     let mut depths = HashMap::new();
     for row in rows {
@@ -1323,19 +1346,17 @@ fn read_stats(
     let tx = conn.transaction()?;
     // All four are counts over ranges of the (queue, state, due_at) index.
     let (ready, oldest): (u64, Option<i64>) = tx
-        .prepare_cached(
-            "SELECT COUNT(*), MIN(due_at) FROM events WHERE queue = ?1 AND state = 0 AND due_at <= ?2",
-        )?
+        .prepare_cached(COUNT_READY)?
         .query_row(params![queue, now_ms], |r| Ok((get_u64(r, 0)?, r.get(1)?)))?;
     let delayed = tx
-        .prepare_cached(
-            "SELECT COUNT(*) FROM events WHERE queue = ?1 AND state = 0 AND due_at > ?2",
-        )?
+        .prepare_cached(COUNT_DELAYED)?
         .query_row(params![queue, now_ms], |r| get_u64(r, 0))?;
-    let mut by_state =
-        tx.prepare_cached("SELECT COUNT(*) FROM events WHERE queue = ?1 AND state = ?2")?;
-    let in_flight = by_state.query_row(params![queue, IN_FLIGHT], |r| get_u64(r, 0))?;
-    let dead_lettered = by_state.query_row(params![queue, DEAD_LETTERED], |r| get_u64(r, 0))?;
+    let in_flight = tx
+        .prepare_cached(COUNT_IN_FLIGHT)?
+        .query_row(params![queue], |r| get_u64(r, 0))?;
+    let dead_lettered = tx
+        .prepare_cached(COUNT_DEAD)?
+        .query_row(params![queue], |r| get_u64(r, 0))?;
     let oldest_ready_age_ms = oldest
         .map(|due| u64::try_from(now_ms.saturating_sub(due)).unwrap_or(0))
         .unwrap_or(0);
@@ -1397,15 +1418,8 @@ impl Store for SqliteStore {
     fn next_due_at(&self, queue: &str) -> StoreFuture<'_, Option<UnixMillis>> {
         let queue = queue.to_owned();
         Box::pin(self.read(move |conn| {
-            // Two index seeks (pending, in flight) rather than one MIN over `state IN (..)`,
-            // which SQLite would answer by scanning.
             Ok(conn
-                .prepare_cached(
-                    "SELECT MIN(m) FROM (
-                         SELECT MIN(due_at) AS m FROM events WHERE queue = ?1 AND state = 0
-                         UNION ALL
-                         SELECT MIN(due_at) AS m FROM events WHERE queue = ?1 AND state = 1)",
-                )?
+                .prepare_cached(NEXT_DUE)?
                 .query_row(params![queue], |r| r.get(0))?)
         }))
     }
@@ -1537,14 +1551,19 @@ impl Store for SqliteStore {
 mod tests {
     use super::*;
 
-    /// Claiming must stay a range scan of the claim index as the backlog grows.
+    /// Claiming, the next due time and the queue gauges must stay index searches as the
+    /// backlog and the history grow.
     #[test]
-    fn claim_and_next_due_use_the_index() {
+    fn claim_next_due_and_counts_use_an_index() {
         let conn = Connection::open_in_memory().unwrap();
         conn.execute_batch(schema::SCHEMA).unwrap();
-        for sql in [
-            CLAIM_PICK.to_owned(),
-            "SELECT MIN(due_at) FROM events WHERE queue = ?1 AND state = 0".to_owned(),
+        for (sql, index) in [
+            (CLAIM_PICK, "events_claim"),
+            (NEXT_DUE, "events_claim"),
+            (COUNT_READY, "events_claim"),
+            (COUNT_DELAYED, "events_claim"),
+            (COUNT_IN_FLIGHT, "events_claim"),
+            (COUNT_DEAD, "events_dead_queue"),
         ] {
             let mut stmt = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
             let args: Vec<Box<dyn rusqlite::ToSql>> =
@@ -1558,9 +1577,41 @@ mod tests {
                 .collect::<Result<_, _>>()
                 .unwrap();
             let plan = plan.join("\n");
-            assert!(plan.contains("events_claim"), "{sql}\n{plan}");
+            assert!(plan.contains(index), "{sql}\n{plan}");
             assert!(!plan.contains("SCAN events"), "{sql}\n{plan}");
         }
+    }
+
+    /// A schema 3 file (full claim index, no per-queue dead-letter index) is brought to 4.
+    #[test]
+    fn schema_3_gets_the_partial_claim_index() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        conn.execute_batch(schema::SCHEMA).unwrap();
+        conn.execute_batch(
+            "DROP INDEX events_claim;
+             DROP INDEX events_dead_queue;
+             CREATE INDEX events_claim ON events(queue, state, due_at);
+             PRAGMA user_version = 3;",
+        )
+        .unwrap();
+        schema::ensure(&mut conn).unwrap();
+        let index_sql = |name: &str| -> Option<String> {
+            conn.query_row(
+                "SELECT sql FROM sqlite_master WHERE type = 'index' AND name = ?1",
+                [name],
+                |r| r.get(0),
+            )
+            .optional()
+            .unwrap()
+        };
+        assert!(index_sql("events_claim")
+            .unwrap()
+            .ends_with("WHERE state < 2"));
+        assert!(index_sql("events_dead_queue").is_some());
+        let version: i64 = conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, SCHEMA_VERSION);
     }
 
     /// Every DLQ page, however deep, is a range search of the partial index, not a scan.

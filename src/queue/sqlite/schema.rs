@@ -17,6 +17,12 @@
 //! a handful of pages whatever the body size.
 
 //!
+//! # Version 4: a claim index without history
+//!
+//! `events_claim` became a partial index (`WHERE state < 2`): delivered and dead-lettered
+//! events no longer sit in it until the retention purge, and a completion deletes one entry
+//! instead of moving it. Queries that use it repeat `state < 2` so SQLite can prove they may.
+//!
 //! # Version 3: lease expiries counted
 //!
 //! `events.lease_expiries` counts the leases of an event that ran out without a result since
@@ -29,7 +35,7 @@ use rusqlite::{Connection, TransactionBehavior};
 use crate::queue::StoreError;
 
 /// The schema version this build writes; stored in `PRAGMA user_version`.
-pub const SCHEMA_VERSION: i64 = 3;
+pub const SCHEMA_VERSION: i64 = 4;
 
 /// The current schema, for a new file.
 ///
@@ -50,7 +56,8 @@ CREATE TABLE events (
     dead_letter_reason TEXT,
     lease_expiries     INTEGER NOT NULL DEFAULT 0
 );
-CREATE INDEX events_claim ON events(queue, state, due_at);
+CREATE INDEX events_claim ON events(queue, state, due_at) WHERE state < 2;
+CREATE INDEX events_dead_queue ON events(queue) WHERE state = 3;
 CREATE INDEX events_dlq ON events(dead_lettered_at, id) WHERE state = 3;
 CREATE INDEX events_delivered ON events(delivered_at) WHERE state = 2;
 
@@ -157,6 +164,15 @@ CREATE INDEX events_dlq ON events(dead_lettered_at, id) WHERE state = 3;
 CREATE INDEX events_delivered ON events(delivered_at) WHERE state = 2;
 ";
 
+/// Version 3 to 4: the claim index holds only pending and in-flight events, so delivered and
+/// dead-lettered history no longer grows it and a completion only removes an entry; dead
+/// letters are counted per queue through their own small index.
+const MIGRATE_3_TO_4: &str = "
+DROP INDEX events_claim;
+CREATE INDEX events_claim ON events(queue, state, due_at) WHERE state < 2;
+CREATE INDEX events_dead_queue ON events(queue) WHERE state = 3;
+";
+
 /// Version 2 to 3: count lease expiries. Existing events start at 0.
 const MIGRATE_2_TO_3: &str =
     "ALTER TABLE events ADD COLUMN lease_expiries INTEGER NOT NULL DEFAULT 0;";
@@ -183,8 +199,13 @@ pub fn ensure(conn: &mut Connection) -> Result<(), StoreError> {
             );
             tx.execute_batch(MIGRATE_1_TO_2)?;
             tx.execute_batch(MIGRATE_2_TO_3)?;
+            tx.execute_batch(MIGRATE_3_TO_4)?;
         }
-        2 => tx.execute_batch(MIGRATE_2_TO_3)?,
+        2 => {
+            tx.execute_batch(MIGRATE_2_TO_3)?;
+            tx.execute_batch(MIGRATE_3_TO_4)?;
+        }
+        3 => tx.execute_batch(MIGRATE_3_TO_4)?,
         SCHEMA_VERSION => {}
         other => {
             return Err(StoreError::Corrupt(format!(
