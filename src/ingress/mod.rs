@@ -169,7 +169,10 @@ enum BodyError {
 
 /// The whole body, or `TooLarge` as soon as it passes `limit` (with the rest left unread).
 async fn read_body(body: &mut Incoming, limit: usize) -> Result<Bytes, BodyError> {
-    let mut chunks: Vec<Bytes> = Vec::new();
+    // The common case is a body that arrives in one piece: it is passed on as is, without a
+    // copy or an allocation; only a body in several pieces is joined into a new buffer.
+    let mut first: Option<Bytes> = None;
+    let mut joined = bytes::BytesMut::new();
     let mut total = 0usize;
     while let Some(frame) = body.frame().await {
         let Ok(data) = frame.map_err(BodyError::Read)?.into_data() else {
@@ -179,18 +182,17 @@ async fn read_body(body: &mut Incoming, limit: usize) -> Result<Bytes, BodyError
         if total > limit {
             return Err(BodyError::TooLarge);
         }
-        chunks.push(data);
-    }
-    Ok(match chunks.len() {
-        0 => Bytes::new(),
-        // The common case: the body arrived in one piece and is passed on without a copy.
-        1 => chunks.swap_remove(0),
-        _ => {
-            let mut joined = bytes::BytesMut::with_capacity(total);
-            chunks.iter().for_each(|c| joined.extend_from_slice(c));
-            joined.freeze()
+        match first.take() {
+            None if joined.is_empty() => first = Some(data),
+            earlier => {
+                if let Some(earlier) = earlier {
+                    joined.extend_from_slice(&earlier);
+                }
+                joined.extend_from_slice(&data);
+            }
         }
-    })
+    }
+    Ok(first.unwrap_or_else(|| joined.freeze()))
 }
 
 /// Reads and discards what is left of a refused body (up to [`LINGER_BYTES`] for up to

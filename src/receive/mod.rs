@@ -27,6 +27,7 @@ use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::{JoinHandle, JoinSet};
 
+use crate::headers as hdr;
 use crate::signing::{
     Secret, Verifier, VerifyError, HEADER_LEGACY_SIGNATURE, HEADER_WEBHOOK_ID,
     HEADER_WEBHOOK_SIGNATURE, HEADER_WEBHOOK_TIMESTAMP,
@@ -447,12 +448,12 @@ async fn handle_post(shared: &Shared, req: Request<Incoming>) -> Response<Full<B
         path: parts.uri.path().to_owned(),
         webhook_id: header_string(headers, &HEADER_WEBHOOK_ID),
         webhook_timestamp: header_string(headers, &HEADER_WEBHOOK_TIMESTAMP),
-        callback_mode: header_string(headers, &HeaderName::from_static("x-callback-mode")),
-        delivery_attempt: header_string(headers, &HeaderName::from_static("x-delivery-attempt")),
-        trace_id: header_string(headers, &HeaderName::from_static("x-trace-id")),
-        traceparent: header_string(headers, &HeaderName::from_static("traceparent")),
-        idempotency_key: header_string(headers, &HeaderName::from_static("idempotency-key")),
-        event_type: header_string(headers, &HeaderName::from_static("x-event-type")),
+        callback_mode: header_string(headers, &hdr::X_CALLBACK_MODE),
+        delivery_attempt: header_string(headers, &hdr::X_DELIVERY_ATTEMPT),
+        trace_id: header_string(headers, &hdr::X_TRACE_ID),
+        traceparent: header_string(headers, &hdr::TRACEPARENT),
+        idempotency_key: header_string(headers, &hdr::IDEMPOTENCY_KEY),
+        event_type: header_string(headers, &hdr::X_EVENT_TYPE),
         body,
         status: 0,
         duplicate: false,

@@ -164,6 +164,10 @@ CREATE INDEX events_dlq ON events(dead_lettered_at, id) WHERE state = 3;
 CREATE INDEX events_delivered ON events(delivered_at) WHERE state = 2;
 ";
 
+/// Version 2 to 3: count lease expiries. Existing events start at 0.
+const MIGRATE_2_TO_3: &str =
+    "ALTER TABLE events ADD COLUMN lease_expiries INTEGER NOT NULL DEFAULT 0;";
+
 /// Version 3 to 4: the claim index holds only pending and in-flight events, so delivered and
 /// dead-lettered history no longer grows it and a completion only removes an entry; dead
 /// letters are counted per queue through their own small index.
@@ -173,9 +177,13 @@ CREATE INDEX events_claim ON events(queue, state, due_at) WHERE state < 2;
 CREATE INDEX events_dead_queue ON events(queue) WHERE state = 3;
 ";
 
-/// Version 2 to 3: count lease expiries. Existing events start at 0.
-const MIGRATE_2_TO_3: &str =
-    "ALTER TABLE events ADD COLUMN lease_expiries INTEGER NOT NULL DEFAULT 0;";
+/// `MIGRATIONS[i]` brings a file from version `i + 1` to `i + 2`; a file at version `v` runs
+/// every one from index `v - 1` on, in order.
+const MIGRATIONS: [&str; 3] = [MIGRATE_1_TO_2, MIGRATE_2_TO_3, MIGRATE_3_TO_4];
+const _: () = assert!(
+    MIGRATIONS.len() as i64 == SCHEMA_VERSION - 1,
+    "one migration per version"
+);
 
 /// Creates the schema of a new file, or brings an older file up to [`SCHEMA_VERSION`], in one
 /// transaction.
@@ -187,7 +195,8 @@ pub fn ensure(conn: &mut Connection) -> Result<(), StoreError> {
     let version: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0))?;
     match version {
         0 => tx.execute_batch(SCHEMA)?,
-        1 => {
+        SCHEMA_VERSION => {}
+        1..SCHEMA_VERSION => {
             let queued: i64 = tx.query_row(
                 "SELECT COUNT(*) FROM events WHERE state IN (0, 1)",
                 [],
@@ -195,18 +204,12 @@ pub fn ensure(conn: &mut Connection) -> Result<(), StoreError> {
             )?;
             tracing::info!(
                 queued,
-                "migrating the sqlite store from schema 1 to {SCHEMA_VERSION}"
+                "migrating the sqlite store from schema {version} to {SCHEMA_VERSION}"
             );
-            tx.execute_batch(MIGRATE_1_TO_2)?;
-            tx.execute_batch(MIGRATE_2_TO_3)?;
-            tx.execute_batch(MIGRATE_3_TO_4)?;
+            for migration in &MIGRATIONS[(version - 1) as usize..] {
+                tx.execute_batch(migration)?;
+            }
         }
-        2 => {
-            tx.execute_batch(MIGRATE_2_TO_3)?;
-            tx.execute_batch(MIGRATE_3_TO_4)?;
-        }
-        3 => tx.execute_batch(MIGRATE_3_TO_4)?,
-        SCHEMA_VERSION => {}
         other => {
             return Err(StoreError::Corrupt(format!(
                 "schema version {other} is not supported (this build knows {SCHEMA_VERSION})"
