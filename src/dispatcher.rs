@@ -145,7 +145,12 @@ pub async fn open_store(settings: &StoreSettings) -> Result<Arc<dyn Store>, Star
 
 /// A new event id: `evt_` + a ULID (time-ordered, so ids sort by arrival).
 pub fn new_event_id() -> String {
-    format!("evt_{}", ulid::Ulid::new())
+    const PREFIX: &str = "evt_";
+    let mut ulid = [0u8; ulid::ULID_LEN];
+    let mut id = String::with_capacity(PREFIX.len() + ulid::ULID_LEN);
+    id.push_str(PREFIX);
+    id.push_str(ulid::Ulid::new().array_to_str(&mut ulid));
+    id
 }
 
 impl Dispatcher {

@@ -9,7 +9,10 @@ const MAX_TRACE_ID_LEN: usize = 128;
 
 /// A new W3C-compatible trace id: 32 lowercase hex digits.
 pub fn new_trace_id() -> String {
-    format!("{:032x}", rand::random::<u128>())
+    let mut digits = [0u8; 32];
+    // 16 random bytes are exactly 32 hex digits, so encoding cannot fail.
+    let _ = hex::encode_to_slice(rand::random::<[u8; 16]>(), &mut digits);
+    digits.iter().map(|&b| char::from(b)).collect()
 }
 
 /// The caller's trace id: `X-Trace-Id` if it is sane, else the trace-id field of a valid

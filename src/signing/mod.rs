@@ -251,7 +251,7 @@ impl Signer {
         msg_id: &str,
         timestamp_secs: i64,
         body: &[u8],
-    ) -> Result<Vec<(HeaderName, HeaderValue)>, SigningError> {
+    ) -> Result<[(HeaderName, HeaderValue); 3], SigningError> {
         let id = HeaderValue::from_str(msg_id).map_err(|_| SigningError::InvalidMessageId)?;
         let ts = HeaderValue::from(timestamp_secs);
         let (name, signature) = match scheme {
@@ -267,7 +267,7 @@ impl Signer {
         // valid header value, so the error arm is unreachable in practice.
         let signature =
             HeaderValue::try_from(signature).map_err(|_| SigningError::InvalidMessageId)?;
-        Ok(vec![
+        Ok([
             (HEADER_WEBHOOK_ID, id),
             (HEADER_WEBHOOK_TIMESTAMP, ts),
             (name, signature),
@@ -446,7 +446,7 @@ mod tests {
         Verifier::new(secrets.iter().map(|s| secret(s)).collect(), FIVE_MIN).unwrap()
     }
 
-    fn header_map(pairs: Vec<(HeaderName, HeaderValue)>) -> HeaderMap {
+    fn header_map(pairs: impl IntoIterator<Item = (HeaderName, HeaderValue)>) -> HeaderMap {
         pairs.into_iter().collect()
     }
 

@@ -68,19 +68,6 @@ pub fn build(
         }
     };
     put(X_TRACE_ID, &envelope.trace_id);
-    if is_w3c_trace_id(&envelope.trace_id) {
-        // A child span per attempt, so a tracing backend shows each try under the caller's trace.
-        let span_id = loop {
-            let id: u64 = rand::random();
-            if id != 0 {
-                break id;
-            }
-        };
-        put(
-            TRACEPARENT,
-            &format!("00-{}-{span_id:016x}-01", envelope.trace_id),
-        );
-    }
     put(
         IDEMPOTENCY_KEY,
         envelope
@@ -89,9 +76,28 @@ pub fn build(
             .unwrap_or(&envelope.event_id),
     );
     put(X_EVENT_TYPE, &envelope.event_type);
+    if is_w3c_trace_id(&envelope.trace_id) {
+        // A child span per attempt, so a tracing backend shows each try under the caller's trace.
+        headers.insert(TRACEPARENT, traceparent(&envelope.trace_id));
+    }
     headers.insert(X_CALLBACK_MODE, HeaderValue::from_static(mode.as_str()));
     headers.insert(X_DELIVERY_ATTEMPT, HeaderValue::from(attempt));
     request
+}
+
+/// `00-<trace id>-<new span id>-01` for a trace id that [`is_w3c_trace_id`].
+fn traceparent(trace_id: &str) -> HeaderValue {
+    let span_id: [u8; 8] = loop {
+        let id = rand::random::<[u8; 8]>();
+        if id != [0; 8] {
+            break id;
+        }
+    };
+    let mut value = *b"00-________________________________-________________-01";
+    value[3..35].copy_from_slice(trace_id.as_bytes());
+    // 8 bytes are exactly 16 hex digits, so encoding cannot fail.
+    let _ = hex::encode_to_slice(span_id, &mut value[36..52]);
+    HeaderValue::from_bytes(&value).expect("hex digits and dashes are a valid header value")
 }
 
 /// 32 lowercase hex digits, not all zero: a trace id W3C `traceparent` can carry.
@@ -99,4 +105,65 @@ fn is_w3c_trace_id(id: &str) -> bool {
     id.len() == 32
         && id.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
         && id.bytes().any(|b| b != b'0')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::signing::Secret;
+
+    fn request_with_trace_id(trace_id: &str) -> Request<Full<Bytes>> {
+        let envelope = Envelope {
+            event_id: "evt_01J0000000000000000000000".into(),
+            event_type: "pay.authorize".into(),
+            body: Bytes::from_static(b"{}"),
+            content_type: None,
+            trace_id: trace_id.into(),
+            idempotency_key: None,
+            signature: SignatureScheme::StandardWebhooks,
+        };
+        let secret = Secret::parse("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw").unwrap();
+        let signer = Signer::new(vec![secret]).unwrap();
+        let target: Uri = "http://127.0.0.1:9/hook".parse().unwrap();
+        build(
+            &target,
+            &envelope,
+            DeliveryMode::Sync,
+            1,
+            &signer,
+            1_700_000_000,
+        )
+    }
+
+    #[test]
+    fn a_w3c_trace_id_is_forwarded_as_a_traceparent_with_a_new_span_per_attempt() {
+        let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+        let spans: Vec<String> = (0..2)
+            .map(|_| {
+                let request = request_with_trace_id(trace);
+                let value = request.headers()[TRACEPARENT].to_str().unwrap().to_string();
+                let parts: Vec<&str> = value.split('-').collect();
+                assert_eq!(parts.len(), 4, "{value}");
+                assert_eq!(
+                    (parts[0], parts[1], parts[3]),
+                    ("00", trace, "01"),
+                    "{value}"
+                );
+                assert_eq!(parts[2].len(), 16, "{value}");
+                assert!(parts[2]
+                    .bytes()
+                    .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()));
+                assert_ne!(parts[2], "0000000000000000");
+                parts[2].to_string()
+            })
+            .collect();
+        assert_ne!(spans[0], spans[1], "each attempt is its own span");
+    }
+
+    #[test]
+    fn another_trace_id_is_forwarded_without_a_traceparent() {
+        let request = request_with_trace_id("order-42");
+        assert_eq!(request.headers()[X_TRACE_ID], "order-42");
+        assert!(request.headers().get(TRACEPARENT).is_none());
+    }
 }
