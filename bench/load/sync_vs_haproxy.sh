@@ -11,8 +11,9 @@
 #   CONNS [64]  DURATION [10]  WARMUP [2]  WRK_THREADS [2]  ROUNDS [1]
 #   HAPROXY_NBTHREAD [2]  UPSTREAM [haproxy|receive]  HOOKYARD [target/release/hookyard]
 #   NO_REPORT=1 to skip writing the markdown file.
-# ROUNDS > 1 repeats the three measurements in turn (direct, haproxy, hookyard, direct, ...)
-# and takes the median of each, which evens out load drift from other work on the machine.
+# ROUNDS > 1 repeats the three measurements in turn (direct, haproxy, hookyard, then direct,
+# hookyard, haproxy, ...) and takes the median of each, which evens out load drift from other
+# work on the machine; it also reports the median of the per-round hookyard/HAProxy ratios.
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 
@@ -155,8 +156,13 @@ HY_REQS=0
 RAW="$WORK/raw.txt"
 : >"$RAW"
 declare -A RPS P50 P99 ERRS PCPU UCPU
+declare -A ROUND_RPS ROUND_P99
 for round in $(seq "$ROUNDS"); do
-    for path in direct haproxy hookyard; do
+    # HAProxy and hookyard swap places every round, so a load drift during a round does not
+    # always favour the same one of the pair.
+    order="direct haproxy hookyard"
+    ((round % 2 == 0)) && order="direct hookyard haproxy"
+    for path in $order; do
         url=${URL[$path]}
         log "round $round/$ROUNDS $path: warm-up ${WARMUP}s"
         wrk -t"$WRK_THREADS" -c"$CONNS" -d"${WARMUP}s" --timeout 5s -s "$WORK/post.lua" "$url" >/dev/null
@@ -176,6 +182,8 @@ for round in $(seq "$ROUNDS"); do
         for kv in ${line#RESULT }; do r[${kv%%=*}]=${kv#*=}; done
         rps=$(awk -v n="${r[requests]}" -v us="${r[duration_us]}" 'BEGIN {printf "%.0f", n / (us / 1e6)}')
         RPS[$path]+="$rps "
+        ROUND_RPS[$round.$path]=$rps
+        ROUND_P99[$round.$path]=${r[p99_us]}
         P50[$path]+="${r[p50_us]} "
         P99[$path]+="${r[p99_us]} "
         ERRS[$path]=$(( ${ERRS[$path]:-0} + r[non2xx] + r[sockerr] ))
@@ -190,6 +198,15 @@ done
 median() { tr ' ' '\n' <<<"$1" | grep . | sort -n | awk '{a[NR]=$1} END {print (NR % 2) ? a[(NR+1)/2] : int((a[NR/2] + a[NR/2+1]) / 2)}'; }
 ms() { awk -v us="$1" 'BEGIN {printf "%.2f", us / 1000}'; }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN {printf "%.2f", a / b}'; }
+
+# The ratio within each round, where both measurements are a few seconds apart: less exposed
+# to load that other work puts on the shared cores over the whole run than the ratio of medians.
+PAIRED_RPS="" PAIRED_P99=""
+for round in $(seq "$ROUNDS"); do
+    PAIRED_RPS+="$(ratio "${ROUND_RPS[$round.hookyard]}" "${ROUND_RPS[$round.haproxy]}") "
+    PAIRED_P99+="$(ratio "${ROUND_P99[$round.hookyard]}" "${ROUND_P99[$round.haproxy]}") "
+done
+median_ratio() { tr ' ' '\n' <<<"$1" | grep . | sort -n | awk '{a[NR]=$1} END {printf "%.2f", (NR % 2) ? a[(NR+1)/2] : (a[NR/2] + a[NR/2+1]) / 2}'; }
 
 declare -A M50 M99 MRPS MP MU
 for path in direct haproxy hookyard; do
@@ -215,6 +232,8 @@ table=$(
     echo "| **hookyard / HAProxy throughput** | **$(ratio "${MRPS[hookyard]}" "${MRPS[haproxy]}")** | >= 0.80 |"
     echo "| **hookyard / HAProxy p99** | **$(ratio "${M99[hookyard]}" "${M99[haproxy]}")** | <= 1.5 |"
     echo "| hookyard / direct p99 | $(ratio "${M99[hookyard]}" "${M99[direct]}") | |"
+    echo "| hookyard / HAProxy throughput, median of per-round ratios ($(echo $PAIRED_RPS | tr ' ' '/')) | $(median_ratio "$PAIRED_RPS") | |"
+    echo "| hookyard / HAProxy p99, median of per-round ratios ($(echo $PAIRED_P99 | tr ' ' '/')) | $(median_ratio "$PAIRED_P99") | |"
 )
 HY_RSS1=$(rss_kib "$HY_PID")
 rss_note="hookyard RSS: $((HY_RSS0 / 1024)) MiB before the load, $((HY_RSS1 / 1024)) MiB after ~$HY_REQS measured requests (plus warm-ups), with no /metrics scrape in between."
