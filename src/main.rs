@@ -72,6 +72,9 @@ enum Command {
         /// Accepted clock skew of webhook-timestamp, in seconds.
         #[arg(long, default_value_t = 300)]
         tolerance_secs: u64,
+        /// How many webhook-ids answered 2xx to remember for duplicate counting (bounds memory).
+        #[arg(long, default_value_t = 1_000_000, value_parser = clap::value_parser!(u64).range(2..))]
+        remember_ids: u64,
     },
     /// Inspect and re-drive the dead-letter queue of a running sidecar.
     Dlq {
@@ -233,6 +236,7 @@ async fn run(command: Command) -> Result<(), CliError> {
             delay_ms,
             status,
             tolerance_secs,
+            remember_ids,
         } => {
             let config = ReceiverConfig {
                 secrets: secret,
@@ -241,6 +245,7 @@ async fn run(command: Command) -> Result<(), CliError> {
                 fail_status,
                 force_status: status,
                 delay: Duration::from_millis(delay_ms),
+                remember_ids: usize::try_from(remember_ids).unwrap_or(usize::MAX),
                 ..ReceiverConfig::default()
             };
             cli::receive(listen, config).await

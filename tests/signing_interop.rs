@@ -468,3 +468,40 @@ async fn receiver_without_secrets_accepts_unsigned_requests() {
     );
     assert_eq!(stats.invalid_signature, 0);
 }
+
+#[tokio::test]
+async fn receiver_memory_of_ids_is_bounded_and_keeps_the_latest() {
+    const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+    const BODY: &[u8] = b"{}";
+    let signer = signer(&[SECRET]);
+    let rx = Receiver::bind(
+        "127.0.0.1:0".parse().unwrap(),
+        ReceiverConfig {
+            secrets: vec![Secret::parse(SECRET).unwrap()],
+            remember_ids: 4,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let (addr, client) = (rx.local_addr(), client());
+    for i in 0..10 {
+        let h = delivery_headers(&signer, &format!("msg_{i}"), BODY, 1);
+        assert_eq!(post(&client, addr, &h, BODY).await.0, StatusCode::OK);
+    }
+    // The latest ids are still known: delivering one again is a duplicate.
+    let again = delivery_headers(&signer, "msg_9", BODY, 2);
+    assert_eq!(post(&client, addr, &again, BODY).await.0, StatusCode::OK);
+    assert!(rx.requests().last().unwrap().duplicate);
+    let stats = http_stats(&client, addr).await;
+    assert_eq!(stats.unique_ids, 10);
+    assert_eq!(stats.duplicates_after_success, 1);
+    // The oldest was forgotten to keep memory bounded: its redelivery is not caught.
+    let forgotten = delivery_headers(&signer, "msg_0", BODY, 2);
+    assert_eq!(
+        post(&client, addr, &forgotten, BODY).await.0,
+        StatusCode::OK
+    );
+    assert!(!rx.requests().last().unwrap().duplicate);
+    assert_eq!(http_stats(&client, addr).await.duplicates_after_success, 1);
+}

@@ -55,6 +55,10 @@ pub struct ReceiverConfig {
     pub delay: Duration,
     /// How many of the latest requests [`Receiver::requests`] keeps. Default 10 000.
     pub max_recorded: usize,
+    /// How many `webhook-id`s answered 2xx are remembered for duplicate counting (at least
+    /// the latest half of this many are). Bounds the receiver's memory in long load tests; a
+    /// redelivery of an id forgotten since is not counted as a duplicate. Default 1 000 000.
+    pub remember_ids: usize,
 }
 
 impl Default for ReceiverConfig {
@@ -67,6 +71,7 @@ impl Default for ReceiverConfig {
             force_status: None,
             delay: Duration::ZERO,
             max_recorded: 10_000,
+            remember_ids: 1_000_000,
         }
     }
 }
@@ -82,7 +87,8 @@ pub struct ReceiverStats {
     pub failed_injected: u64,
     /// Requests rejected with 401 for a missing or wrong signature or timestamp.
     pub invalid_signature: u64,
-    /// Distinct `webhook-id`s answered 2xx.
+    /// Distinct `webhook-id`s answered 2xx (an id delivered again after the receiver forgot
+    /// it, past `remember_ids`, counts again).
     pub unique_ids: u64,
     /// Requests whose `webhook-id` had already been answered 2xx (or was answered 2xx twice
     /// concurrently): deliveries the sender should not have made.
@@ -120,6 +126,49 @@ pub struct ReceivedRequest {
     pub status: u16,
     /// Whether this request counted in `duplicates_after_success`.
     pub duplicate: bool,
+}
+
+/// The `webhook-id`s answered 2xx lately, in two generations: when the newer one is full it
+/// becomes the older one and the previous older one is dropped. Memory stays under `capacity`
+/// ids and every one of the latest `capacity / 2` is remembered, at one hash probe or two per
+/// lookup and without storing each id twice (as an insertion-ordered queue beside a set
+/// would).
+#[derive(Debug)]
+struct RecentIds {
+    newer: HashSet<String>,
+    older: HashSet<String>,
+    generation: usize,
+}
+
+impl RecentIds {
+    fn new(capacity: usize) -> Self {
+        RecentIds {
+            newer: HashSet::new(),
+            older: HashSet::new(),
+            generation: (capacity / 2).max(1),
+        }
+    }
+
+    fn contains(&self, id: &str) -> bool {
+        self.newer.contains(id) || self.older.contains(id)
+    }
+
+    /// Remembers `id`; `false` if it was already remembered.
+    fn insert(&mut self, id: &str) -> bool {
+        if self.contains(id) {
+            return false;
+        }
+        if self.newer.len() >= self.generation {
+            self.older = std::mem::take(&mut self.newer);
+        }
+        self.newer.insert(id.to_string());
+        true
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.newer.len() + self.older.len()
+    }
 }
 
 /// A running receiver. Dropping it aborts the server; [`Receiver::shutdown`] also waits for it.
@@ -248,8 +297,9 @@ struct Shared {
     duplicates_after_success: AtomicU64,
     max_concurrent: AtomicU64,
     in_flight: AtomicU64,
-    /// Ids answered 2xx. Grows with the number of distinct ids, which is fine for a test tool.
-    succeeded_ids: Mutex<HashSet<String>>,
+    unique_ids: AtomicU64,
+    /// Ids answered 2xx, the latest ones only.
+    succeeded_ids: Mutex<RecentIds>,
     recorded: Mutex<VecDeque<ReceivedRequest>>,
     max_recorded: usize,
 }
@@ -289,20 +339,20 @@ impl Shared {
             duplicates_after_success: AtomicU64::new(0),
             max_concurrent: AtomicU64::new(0),
             in_flight: AtomicU64::new(0),
-            succeeded_ids: Mutex::new(HashSet::new()),
+            unique_ids: AtomicU64::new(0),
+            succeeded_ids: Mutex::new(RecentIds::new(config.remember_ids)),
             recorded: Mutex::new(VecDeque::new()),
             max_recorded: config.max_recorded,
         })
     }
 
     fn stats(&self) -> ReceiverStats {
-        let unique_ids = lock(&self.succeeded_ids).len() as u64;
         ReceiverStats {
             received: self.received.load(Ordering::Relaxed),
             delivered_ok: self.delivered_ok.load(Ordering::Relaxed),
             failed_injected: self.failed_injected.load(Ordering::Relaxed),
             invalid_signature: self.invalid_signature.load(Ordering::Relaxed),
-            unique_ids,
+            unique_ids: self.unique_ids.load(Ordering::Relaxed),
             duplicates_after_success: self.duplicates_after_success.load(Ordering::Relaxed),
             max_concurrent: self.max_concurrent.load(Ordering::Relaxed),
             in_flight: self.in_flight.load(Ordering::Relaxed),
@@ -499,8 +549,11 @@ async fn handle_post(shared: &Shared, req: Request<Incoming>) -> Response<Full<B
         if let Some(id) = &seen.webhook_id {
             // Not new although it was not there on arrival: two deliveries of the same id
             // overlapped and both succeeded, which is a duplicate as well.
-            let newly_succeeded = lock(&shared.succeeded_ids).insert(id.clone());
+            let newly_succeeded = lock(&shared.succeeded_ids).insert(id);
             duplicate |= !newly_succeeded;
+            if newly_succeeded {
+                shared.unique_ids.fetch_add(1, Ordering::Relaxed);
+            }
         }
         Bytes::from_static(b"{\"ok\":true}")
     } else {
@@ -582,6 +635,7 @@ mod tests {
         assert_eq!(c.fail_rate, 0.0);
         assert_eq!(c.force_status, None);
         assert_eq!(c.delay, Duration::ZERO);
+        assert_eq!(c.remember_ids, 1_000_000);
     }
 
     #[tokio::test]
@@ -608,6 +662,20 @@ mod tests {
             let err = Receiver::bind(addr, config).await.unwrap_err();
             assert_eq!(err.kind(), std::io::ErrorKind::InvalidInput);
         }
+    }
+
+    #[test]
+    fn recent_ids_stay_under_capacity_and_keep_the_latest_half() {
+        let mut ids = RecentIds::new(100);
+        for i in 0..1_000u32 {
+            assert!(ids.insert(&format!("id_{i}")), "id_{i} is new");
+            assert!(ids.len() <= 100, "{} ids held", ids.len());
+            for recent in i.saturating_sub(49)..=i {
+                assert!(ids.contains(&format!("id_{recent}")), "id_{recent} at {i}");
+            }
+        }
+        assert!(!ids.insert("id_999"), "a remembered id is not new");
+        assert!(!ids.contains("id_0"));
     }
 
     #[test]
