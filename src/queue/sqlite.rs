@@ -51,6 +51,7 @@ use rusqlite::types::Type;
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension, Row};
 use tokio::sync::oneshot;
 
+mod checkpoint;
 mod schema;
 
 pub use schema::SCHEMA_VERSION;
@@ -147,6 +148,12 @@ pub struct SqliteOptions {
     /// [`StoreError::Unavailable`] (ingress answers 503) instead of filling the disk that the
     /// service next to the sidecar also needs. `None`: bounded only by the disk.
     pub max_size_bytes: Option<u64>,
+    /// WAL frames (pages) written between two checkpoints; the writer checkpoints itself, and
+    /// so bounds the WAL, at 4 times this (see the `checkpoint` module).
+    pub checkpoint_frames: u32,
+    /// Run checkpoints on a thread of their own instead of the writer's. `false` is for tests
+    /// of the writer's bound: the writer then checkpoints only at that bound.
+    pub background_checkpoints: bool,
 }
 
 impl Default for SqliteOptions {
@@ -157,6 +164,8 @@ impl Default for SqliteOptions {
             read_pool: 4,
             busy_timeout: Duration::from_secs(5),
             max_size_bytes: None,
+            checkpoint_frames: 1000,
+            background_checkpoints: true,
         }
     }
 }
@@ -384,6 +393,7 @@ impl SqliteStore {
         let depths = load_depths(&writer)?;
         // Open one reader now so a broken read path shows up at startup, not on first use.
         let reader = open_reader(path, &options)?;
+        let checkpoints = checkpoint::Checkpoints::start(&writer, path, &options)?;
 
         let (tx, rx) = mpsc::channel::<Box<dyn Job>>();
         let commits = Arc::new(AtomicU64::new(0));
@@ -395,6 +405,7 @@ impl SqliteStore {
             .spawn(move || {
                 writer_loop(
                     writer,
+                    checkpoints,
                     rx,
                     WriterState::new(depths, enqueue_page_limit),
                     max_batch,
@@ -653,6 +664,7 @@ where
 
 fn writer_loop(
     mut conn: Connection,
+    mut checkpoints: checkpoint::Checkpoints,
     rx: mpsc::Receiver<Box<dyn Job>>,
     mut ws: WriterState,
     max_batch: usize,
@@ -703,7 +715,9 @@ fn writer_loop(
         // Jobs an aborted batch never reached come back and lead the next batch. Every batch
         // consumes at least one job, so this cannot spin.
         batch = run_batch(&mut conn, std::mem::take(&mut batch), &mut ws, commits);
+        checkpoints.after_batch(&conn);
     }
+    checkpoints.stop();
     if let Err((_, e)) = conn.close() {
         tracing::warn!(error = %e, "closing the sqlite write connection failed");
     }
