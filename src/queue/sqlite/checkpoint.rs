@@ -98,8 +98,10 @@ impl Checkpoints {
             conn.pragma_update(None, "synchronous", sync)?;
             // One pending nudge is enough: the checkpoint it starts copies everything so far.
             let (tx, rx) = mpsc::sync_channel::<()>(1);
+            // Not `hookyard-sqlite-...`: thread names are cut to 15 bytes in /proc, and
+            // profiles find the writer by that prefix.
             let thread = std::thread::Builder::new()
-                .name("hookyard-sqlite-checkpointer".into())
+                .name("hookyard-wal-checkpointer".into())
                 .spawn(move || checkpointer_loop(conn, rx))
                 .map_err(|e| {
                     StoreError::Unavailable(format!("cannot start checkpointer thread: {e}"))
