@@ -6,9 +6,9 @@
 //!   mutation (enqueue, claim, complete, release, replay, purge) is a job sent to it over a
 //!   channel and answered through a `tokio::sync::oneshot`. The writer takes whatever is queued
 //!   (up to [`SqliteOptions::max_batch`]) and runs it in **one transaction with one fsync**
-//!   (group commit). Every job but an enqueue runs inside its own savepoint so one failing
-//!   job does not fail its neighbours; an enqueue is refused, if at all, before it writes, and
-//!   runs without one (see `Job::is_enqueue`).
+//!   (group commit). One failing job does not fail its neighbours: rare jobs run inside a
+//!   savepoint of their own, and the hot ones (enqueue, claim, delivery result) are refused,
+//!   if at all, before they write (see `JobKind::needs_savepoint`).
 //! - **Reads** (`event`, `list_dead_letters`, `fallbacks`, `stats`, `find_idempotent`,
 //!   `next_due_at`, `ping`) run on a small pool of read-only connections via
 //!   `tokio::task::spawn_blocking`; WAL lets them run while the writer commits, so a slow admin
@@ -463,7 +463,7 @@ impl SqliteStore {
     }
 
     /// Runs `f` on the writer thread inside the current batch transaction.
-    async fn write<T, F>(&self, enqueue: bool, f: F) -> Result<T, StoreError>
+    async fn write<T, F>(&self, kind: JobKind, f: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
         F: FnOnce(&Connection, &mut WriterState) -> Result<T, StoreError> + Send + 'static,
@@ -474,7 +474,7 @@ impl SqliteStore {
             let guard = lock(&self.inner.writer_tx)?;
             let sender = guard.as_ref().ok_or(StoreError::Closed)?;
             sender
-                .send(Box::new(WriteJob { f, reply, enqueue }))
+                .send(Box::new(WriteJob { f, reply, kind }))
                 .map_err(|_| self.writer_gone())?;
         }
         rx.await.map_err(|_| self.writer_gone())?
@@ -599,20 +599,42 @@ impl WriterState {
     }
 }
 
+/// What a write job is, for the writer: whether its batch must be fsynced, and whether it
+/// needs a savepoint of its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum JobKind {
+    /// An enqueue: its answer promises durability, so its batch is fsynced.
+    Enqueue,
+    /// A claim or a delivery result: the hot bookkeeping of deliveries.
+    Delivery,
+    /// Anything else (release, replay, purge): rare, and free to fail part-way.
+    Other,
+}
+
+impl JobKind {
+    /// Enqueues and deliveries run without a savepoint. A savepoint per job made SQLite copy
+    /// every page the batch had already dirtied (the last leaves of each table and index)
+    /// into its statement journal before the job touched it again: about 10% of the writer
+    /// thread during accepts, and again during deliveries.
+    ///
+    /// They can, because every check that can refuse one (idempotency, depth, room; a row
+    /// that does not decode) comes before its first write, and after that only a SQLite error
+    /// can fail it. One that fails having written part of its work cannot be undone alone, so
+    /// its whole batch is aborted (every job answered `Unavailable`, the rest retried in the
+    /// next batch), as when SQLite itself rolls a batch back. Changes to these jobs must keep
+    /// their refusals ahead of their writes.
+    fn needs_savepoint(self) -> bool {
+        self == JobKind::Other
+    }
+}
+
 /// Sends a job's reply once the fate of its transaction is known: `None` if it committed,
 /// `Some(message)` if the commit failed.
 type Finish = Box<dyn FnOnce(Option<&str>) + Send>;
 
 /// A type-erased write job.
 trait Job: Send {
-    /// An enqueue (its success is a durability promise, so its batch is fsynced).
-    ///
-    /// Enqueues also run without a savepoint: every check that can refuse one (idempotency,
-    /// depth, room) comes before its first write, and after that only a SQLite error can fail
-    /// it. If one fails having written part of its event, the batch cannot undo it alone and is
-    /// aborted whole (every job answered `Unavailable`, the rest retried in the next batch), as
-    /// when SQLite itself rolls a batch back.
-    fn is_enqueue(&self) -> bool;
+    fn kind(&self) -> JobKind;
     /// Runs the job; `true` if it succeeded (its savepoint is kept).
     fn run(self: Box<Self>, conn: &Connection, ws: &mut WriterState) -> (bool, Finish);
     /// Answers without running (the batch was aborted before reaching it).
@@ -622,7 +644,7 @@ trait Job: Send {
 struct WriteJob<T, F> {
     f: F,
     reply: oneshot::Sender<Result<T, StoreError>>,
-    enqueue: bool,
+    kind: JobKind,
 }
 
 impl<T, F> Job for WriteJob<T, F>
@@ -630,8 +652,8 @@ where
     T: Send + 'static,
     F: FnOnce(&Connection, &mut WriterState) -> Result<T, StoreError> + Send,
 {
-    fn is_enqueue(&self) -> bool {
-        self.enqueue
+    fn kind(&self) -> JobKind {
+        self.kind
     }
 
     fn run(self: Box<Self>, conn: &Connection, ws: &mut WriterState) -> (bool, Finish) {
@@ -694,7 +716,7 @@ fn writer_loop(
             }
         }
         if fsync {
-            let needs_fsync = batch.iter().any(|job| job.is_enqueue());
+            let needs_fsync = batch.iter().any(|job| job.kind() == JobKind::Enqueue);
             if needs_fsync != synced_full {
                 let level = if needs_fsync { "FULL" } else { "NORMAL" };
                 match conn.pragma_update(None, "synchronous", level) {
@@ -748,12 +770,8 @@ fn run_batch(
     let mut enqueues = 0usize;
     let mut aborted: Option<String> = None;
     for job in jobs.by_ref() {
-        let enqueue = job.is_enqueue();
-        // An enqueue runs without a savepoint of its own (see `Job::is_enqueue`): a savepoint
-        // per job made SQLite copy every page the batch had already dirtied (the last leaves
-        // of each table and index) into its statement journal before the job touched it
-        // again, about 10% of the writer thread during accepts.
-        let savepoint = !enqueue;
+        let enqueue = job.kind() == JobKind::Enqueue;
+        let savepoint = job.kind().needs_savepoint();
         if savepoint {
             if let Err(e) = cached(tx, "SAVEPOINT job") {
                 aborted = Some(e.to_string());
@@ -789,7 +807,7 @@ fn run_batch(
                     .and_then(|()| cached(tx, "RELEASE job"))
                     .map_err(|e| format!("cannot roll back a failed job: {e}"))
             } else if tx.total_changes() != changes_before {
-                Err("an enqueue failed after writing part of its event".into())
+                Err("a write job failed after writing part of its work".into())
             } else {
                 Ok(())
             };
@@ -852,7 +870,7 @@ fn tx_enqueue(
     max_depth: u64,
 ) -> Result<EnqueueOutcome, StoreError> {
     // Every refusal below comes before the first write: enqueues run without a savepoint
-    // (see `Job::is_enqueue`).
+    // (see `JobKind::needs_savepoint`).
     // Dedupe before the depth check: a retried request whose first copy was accepted should
     // learn its event id, not be told to back off.
     if let Some(claim) = idem {
@@ -982,47 +1000,74 @@ fn tx_claim(
         })?
         .collect::<Result<Vec<_>, _>>()?;
     let lease_until = now_ms.saturating_add(to_i64(lease_ms));
+
+    // Every picked event is read and decoded before any is written: a row that does not
+    // decode fails the claim while it has changed nothing, which is what lets claims run
+    // without a savepoint (see `JobKind::needs_savepoint`).
+    let mut state_row = conn.prepare_cached(
+        "SELECT id, queue, attempts_made, lease_expiries, round FROM events WHERE rid = ?1",
+    )?;
+    let mut payload = conn.prepare_cached(&format!(
+        "SELECT {PAYLOAD_COLUMNS} FROM event_payloads WHERE rid = ?1"
+    ))?;
+    let mut leases = Vec::with_capacity(picked.len());
+    for (rid, picked_state) in picked {
+        let (state, lease_expiries, round) = state_row.query_row(params![rid], |row| {
+            Ok((
+                ClaimedState {
+                    id: row.get(0)?,
+                    queue: row.get(1)?,
+                    attempts_made: get_u32(row, 2)?,
+                },
+                row.get::<_, i64>(3)?,
+                row.get::<_, i64>(4)?,
+            ))
+        })?;
+        let token = new_lease_token(rid);
+        // A pick in flight is a lease that ran out without a result.
+        let expired = i64::from(picked_state == IN_FLIGHT);
+        let lease = if lease_expiries + expired >= i64::from(MAX_LEASE_EXPIRIES) {
+            Lease::DeadLetter { state, round }
+        } else {
+            let ev = payload
+                .query_row(params![rid], |row| {
+                    claimed_from_row(state, row, token.clone(), lease_until)
+                })
+                .optional()?
+                .ok_or_else(|| StoreError::Corrupt(format!("event row {rid} has no payload")))?;
+            Lease::Deliver(ev)
+        };
+        leases.push((rid, token, expired, lease));
+    }
+
     // While in flight, due_at holds the lease expiry: that is when the event is due again.
     // Only the small state row is written; the payload is read, never rewritten.
     let mut update = conn.prepare_cached(
         "UPDATE events SET state = 1, lease_token = ?1, due_at = ?2,
              lease_expiries = lease_expiries + ?4
-         WHERE rid = ?3
-         RETURNING id, queue, attempts_made, lease_expiries, round",
+         WHERE rid = ?3",
     )?;
-    let mut payload = conn.prepare_cached(&format!(
-        "SELECT {PAYLOAD_COLUMNS} FROM event_payloads WHERE rid = ?1"
-    ))?;
-    let mut claimed = Vec::with_capacity(picked.len());
-    for (rid, state) in picked {
-        let token = new_lease_token(rid);
-        // A pick in flight is a lease that ran out without a result.
-        let expired = i64::from(state == IN_FLIGHT);
-        let (state, lease_expiries, round) =
-            update.query_row(params![token, lease_until, rid, expired], |row| {
-                Ok((
-                    ClaimedState {
-                        id: row.get(0)?,
-                        queue: row.get(1)?,
-                        attempts_made: get_u32(row, 2)?,
-                    },
-                    row.get::<_, i64>(3)?,
-                    row.get::<_, i64>(4)?,
-                ))
-            })?;
-        if lease_expiries >= i64::from(MAX_LEASE_EXPIRIES) {
-            dead_letter_expired(conn, ws, rid, &state, round, now_ms)?;
-            continue;
+    let mut claimed = Vec::with_capacity(leases.len());
+    for (rid, token, expired, lease) in leases {
+        update.execute(params![token, lease_until, rid, expired])?;
+        match lease {
+            Lease::Deliver(ev) => claimed.push(ev),
+            Lease::DeadLetter { state, round } => {
+                dead_letter_expired(conn, ws, rid, &state, round, now_ms)?
+            }
         }
-        let ev = payload
-            .query_row(params![rid], |row| {
-                claimed_from_row(state, row, token, lease_until)
-            })
-            .optional()?
-            .ok_or_else(|| StoreError::Corrupt(format!("event row {rid} has no payload")))?;
-        claimed.push(ev);
     }
     Ok(claimed)
+}
+
+/// What a claim does with one picked event.
+enum Lease {
+    Deliver(ClaimedEvent),
+    /// Its leases kept running out without a result.
+    DeadLetter {
+        state: ClaimedState,
+        round: i64,
+    },
 }
 
 /// Dead-letters an event whose leases kept running out, recording why as its last attempt.
@@ -1084,6 +1129,8 @@ fn tx_complete(
     // The lease check and the state change are one statement: a lease that expired and was
     // claimed by another worker has a new token, so the stale worker's result matches no row
     // and is ignored. An expired lease nobody re-claimed still counts.
+    // No savepoint (see `JobKind::needs_savepoint`): what RETURNING decodes, the claim that
+    // issued this lease decoded already, so after this write only a SQLite error can fail.
     let by_rid = lease_rid(lease_token);
     let updated: Option<(String, i64, i64)> = conn
         .prepare_cached(if by_rid.is_some() {
@@ -1439,7 +1486,7 @@ impl Store for SqliteStore {
         idempotency: Option<IdempotencyClaim>,
         max_depth: u64,
     ) -> StoreFuture<'_, EnqueueOutcome> {
-        Box::pin(self.write(true, move |conn, ws| {
+        Box::pin(self.write(JobKind::Enqueue, move |conn, ws| {
             tx_enqueue(conn, ws, &event, idempotency.as_ref(), max_depth)
         }))
     }
@@ -1470,7 +1517,7 @@ impl Store for SqliteStore {
         lease_ms: u64,
     ) -> StoreFuture<'_, Vec<ClaimedEvent>> {
         let queue = queue.to_owned();
-        Box::pin(self.write(false, move |conn, ws| {
+        Box::pin(self.write(JobKind::Delivery, move |conn, ws| {
             tx_claim(conn, ws, &queue, now_ms, limit, lease_ms)
         }))
     }
@@ -1493,7 +1540,7 @@ impl Store for SqliteStore {
         now_ms: UnixMillis,
     ) -> StoreFuture<'_, bool> {
         let (event_id, lease_token) = (event_id.to_owned(), lease_token.to_owned());
-        Box::pin(self.write(false, move |conn, ws| {
+        Box::pin(self.write(JobKind::Delivery, move |conn, ws| {
             tx_complete(
                 conn,
                 ws,
@@ -1507,7 +1554,9 @@ impl Store for SqliteStore {
     }
 
     fn release(&self, leases: Vec<(String, String)>, now_ms: UnixMillis) -> StoreFuture<'_, ()> {
-        Box::pin(self.write(false, move |conn, _| tx_release(conn, &leases, now_ms)))
+        Box::pin(self.write(JobKind::Other, move |conn, _| {
+            tx_release(conn, &leases, now_ms)
+        }))
     }
 
     fn event(&self, event_id: &str) -> StoreFuture<'_, Option<EventRecord>> {
@@ -1525,7 +1574,7 @@ impl Store for SqliteStore {
     }
 
     fn replay(&self, event_ids: Vec<String>, now_ms: UnixMillis) -> StoreFuture<'_, Vec<String>> {
-        Box::pin(self.write(false, move |conn, ws| {
+        Box::pin(self.write(JobKind::Other, move |conn, ws| {
             tx_replay(conn, ws, &event_ids, now_ms)
         }))
     }
@@ -1553,7 +1602,7 @@ impl Store for SqliteStore {
             let mut total = 0u64;
             loop {
                 let (events, keys) = self
-                    .write(false, move |conn, _| {
+                    .write(JobKind::Other, move |conn, _| {
                         tx_purge_chunk(conn, before_ms, now_ms, MAINTENANCE_CHUNK)
                     })
                     .await?;
@@ -1754,17 +1803,19 @@ mod tests {
 
     type Reply<T> = oneshot::Receiver<Result<T, StoreError>>;
 
-    fn job<T, F>(enqueue: bool, f: F) -> (Box<dyn Job>, Reply<T>)
+    fn job<T, F>(kind: JobKind, f: F) -> (Box<dyn Job>, Reply<T>)
     where
         T: Send + 'static,
         F: FnOnce(&Connection, &mut WriterState) -> Result<T, StoreError> + Send + 'static,
     {
         let (reply, rx) = oneshot::channel();
-        (Box::new(WriteJob { f, reply, enqueue }), rx)
+        (Box::new(WriteJob { f, reply, kind }), rx)
     }
 
     fn enqueue_job(ev: NewEvent) -> (Box<dyn Job>, Reply<EnqueueOutcome>) {
-        job(true, move |conn, ws| tx_enqueue(conn, ws, &ev, None, 100))
+        job(JobKind::Enqueue, move |conn, ws| {
+            tx_enqueue(conn, ws, &ev, None, 100)
+        })
     }
 
     fn event_rows(conn: &Connection) -> (i64, i64) {
@@ -1824,13 +1875,17 @@ mod tests {
         let mut conn = writer_for_test(dir.path());
         let mut ws = WriterState::new(HashMap::new(), None);
         let commits = AtomicU64::new(0);
-        for enqueue in [true, false] {
-            let (j1, mut r1) = enqueue_job(test_event(if enqueue { 1 } else { 4 }));
-            let (j2, mut r2) = job::<(), _>(enqueue, |_, ws| {
+        for (n, kind) in [JobKind::Enqueue, JobKind::Delivery, JobKind::Other]
+            .into_iter()
+            .enumerate()
+        {
+            let n = 10 * n as u32;
+            let (j1, mut r1) = enqueue_job(test_event(n + 1));
+            let (j2, mut r2) = job::<(), _>(kind, |_, ws| {
                 ws.adjust("default", 1);
                 Err(StoreError::InvalidInput("refused".into()))
             });
-            let (j3, mut r3) = enqueue_job(test_event(if enqueue { 3 } else { 6 }));
+            let (j3, mut r3) = enqueue_job(test_event(n + 3));
 
             let rest = run_batch(&mut conn, vec![j1, j2, j3], &mut ws, &commits);
 
@@ -1842,8 +1897,47 @@ mod tests {
             ));
             assert_eq!(r3.try_recv().unwrap().unwrap(), EnqueueOutcome::Accepted);
         }
-        assert_eq!(event_rows(&conn), (4, 4));
-        assert_eq!(ws.current("default"), 4);
+        assert_eq!(event_rows(&conn), (6, 6));
+        assert_eq!(ws.current("default"), 6);
+    }
+
+    /// A claim that meets a row it cannot decode fails before it has leased anything, so it
+    /// fails alone (claims run without a savepoint), and no event is left in flight.
+    #[test]
+    fn a_claim_meeting_a_corrupt_row_fails_alone_and_leases_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = writer_for_test(dir.path());
+        let mut ws = WriterState::new(HashMap::new(), None);
+        let commits = AtomicU64::new(0);
+        for n in 0..3 {
+            tx_enqueue(&conn, &mut ws, &test_event(n), None, 100).unwrap();
+        }
+        // The second event to be picked no longer decodes.
+        conn.execute(
+            "UPDATE event_payloads SET signature = 'rot13' WHERE rid =
+                 (SELECT rid FROM events WHERE id = 'evt_0001')",
+            [],
+        )
+        .unwrap();
+        let (j1, mut r1) = enqueue_job(test_event(10));
+        let (j2, mut r2) = job(JobKind::Delivery, |conn, ws| {
+            tx_claim(conn, ws, "default", 2000, 10, 30_000)
+        });
+        let (j3, mut r3) = enqueue_job(test_event(11));
+
+        let rest = run_batch(&mut conn, vec![j1, j2, j3], &mut ws, &commits);
+
+        assert!(rest.is_empty());
+        assert!(matches!(r2.try_recv(), Ok(Err(StoreError::Corrupt(_)))));
+        assert_eq!(r1.try_recv().unwrap().unwrap(), EnqueueOutcome::Accepted);
+        assert_eq!(r3.try_recv().unwrap().unwrap(), EnqueueOutcome::Accepted);
+        let in_flight: i64 = conn
+            .query_row("SELECT COUNT(*) FROM events WHERE state <> 0", [], |r| {
+                r.get(0)
+            })
+            .unwrap();
+        assert_eq!(in_flight, 0);
+        assert_eq!(event_rows(&conn), (5, 5));
     }
 
     #[test]
