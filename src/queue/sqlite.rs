@@ -1061,6 +1061,9 @@ fn tx_claim(
 }
 
 /// What a claim does with one picked event.
+// Lives only between a claim's reads and its writes, and nearly every one is a `Deliver`:
+// boxing that variant would cost an allocation per claimed event for nothing.
+#[allow(clippy::large_enum_variant)]
 enum Lease {
     Deliver(ClaimedEvent),
     /// Its leases kept running out without a result.
