@@ -506,6 +506,76 @@ mod sqlite {
         store.close().await.unwrap();
     }
 
+    /// Enqueues `n` events with 1 KiB bodies, one at a time (so one batch and one commit
+    /// each, which rewrites the same few pages into the WAL every time).
+    async fn enqueue_kib_events(store: &SqliteStore, prefix: &str, n: usize) {
+        for i in 0..n {
+            let mut ev = cases::event(&format!("evt_{prefix}_{i}"), "t", "q", cases::T0);
+            ev.body = bytes::Bytes::from(vec![b'x'; 1024]);
+            assert_eq!(
+                store.enqueue(ev, None, u64::MAX).await.unwrap(),
+                EnqueueOutcome::Accepted
+            );
+        }
+    }
+
+    fn file_len(path: &Path) -> u64 {
+        std::fs::metadata(path).map(|m| m.len()).unwrap_or(0)
+    }
+
+    /// With no checkpoint running elsewhere, the writer itself keeps the WAL bounded: it
+    /// checkpoints once the WAL holds 4 x `checkpoint_frames` frames, and the next commit
+    /// starts the WAL over. (The WAL file never shrinks below its high-water mark until the
+    /// size limit truncates it, so its length shows the most frames it ever held.)
+    #[tokio::test]
+    async fn writer_bounds_the_wal_when_no_background_checkpoint_runs() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("wal.db");
+        let options = SqliteOptions {
+            fsync: false,
+            checkpoint_frames: 64,
+            background_checkpoints: false,
+            ..SqliteOptions::default()
+        };
+        let store = open_at(&path, options);
+        // Several thousand frames: unbounded, the WAL would reach well over 10 MiB.
+        enqueue_kib_events(&store, "a", 2000).await;
+        let frame = 4096 + 24;
+        let bound = 32 + (4 * 64 + 16) * frame;
+        let wal = file_len(&dir.path().join("wal.db-wal"));
+        assert!(wal > 0 && wal <= bound, "WAL is {wal} bytes, bound {bound}");
+        assert_eq!(store.stats("q", cases::T0).await.unwrap().ready, 2000);
+        store.close().await.unwrap();
+    }
+
+    /// With background checkpoints on, the checkpointer copies the WAL into the database file
+    /// long before the writer's own bound (4 x `checkpoint_frames`) is reached.
+    #[tokio::test]
+    async fn the_wal_is_checkpointed_in_the_background() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bg.db");
+        let options = SqliteOptions {
+            fsync: false,
+            checkpoint_frames: 1000,
+            ..SqliteOptions::default()
+        };
+        let store = open_at(&path, options);
+        let empty = file_len(&path);
+        // Past 1000 frames, far below the writer's 4000, and about 150 KiB of bodies alone.
+        enqueue_kib_events(&store, "b", 400).await;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while file_len(&path) < empty + 128 * 1024 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "nothing checkpointed: database file {} bytes, WAL {} bytes",
+                file_len(&path),
+                file_len(&dir.path().join("bg.db-wal"))
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        store.close().await.unwrap();
+    }
+
     /// A full database (here: the configured size cap) is `Unavailable`, never a panic; what
     /// was accepted before stays, and the store keeps working for reads and for purging.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
