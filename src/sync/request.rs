@@ -76,17 +76,20 @@ pub fn build(
             .unwrap_or(&envelope.event_id),
     );
     put(X_EVENT_TYPE, &envelope.event_type);
-    if is_w3c_trace_id(&envelope.trace_id) {
-        // A child span per attempt, so a tracing backend shows each try under the caller's trace.
-        headers.insert(TRACEPARENT, traceparent(&envelope.trace_id));
+    // A child span per attempt, so a tracing backend shows each try under the caller's trace.
+    if let Some(value) = traceparent(&envelope.trace_id) {
+        headers.insert(TRACEPARENT, value);
     }
     headers.insert(X_CALLBACK_MODE, HeaderValue::from_static(mode.as_str()));
     headers.insert(X_DELIVERY_ATTEMPT, HeaderValue::from(attempt));
     request
 }
 
-/// `00-<trace id>-<new span id>-01` for a trace id that [`is_w3c_trace_id`].
-fn traceparent(trace_id: &str) -> HeaderValue {
+/// `00-<trace id>-<new span id>-01`, if `trace_id` is one a `traceparent` can carry.
+fn traceparent(trace_id: &str) -> Option<HeaderValue> {
+    if !is_w3c_trace_id(trace_id) {
+        return None;
+    }
     let span_id: [u8; 8] = loop {
         let id = rand::random::<[u8; 8]>();
         if id != [0; 8] {
@@ -97,7 +100,7 @@ fn traceparent(trace_id: &str) -> HeaderValue {
     value[3..35].copy_from_slice(trace_id.as_bytes());
     // 8 bytes are exactly 16 hex digits, so encoding cannot fail.
     let _ = hex::encode_to_slice(span_id, &mut value[36..52]);
-    HeaderValue::from_bytes(&value).expect("hex digits and dashes are a valid header value")
+    HeaderValue::from_bytes(&value).ok()
 }
 
 /// 32 lowercase hex digits, not all zero: a trace id W3C `traceparent` can carry.
