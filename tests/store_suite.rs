@@ -66,6 +66,12 @@ macro_rules! store_cases {
 mod sqlite {
     use super::*;
 
+    /// The schema version a file declares (`PRAGMA user_version`).
+    fn schema_version(conn: &rusqlite::Connection) -> i64 {
+        conn.query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap()
+    }
+
     fn open_at(path: &Path, options: SqliteOptions) -> SqliteStore {
         SqliteStore::open(path, options).expect("open sqlite store")
     }
@@ -199,9 +205,7 @@ mod sqlite {
         let store = open_at(&path, SqliteOptions::default());
         store.close().await.unwrap();
         let conn = rusqlite::Connection::open(&path).unwrap();
-        let version: i64 = conn
-            .query_row("PRAGMA user_version", [], |r| r.get(0))
-            .unwrap();
+        let version = schema_version(&conn);
         assert_eq!(version, hookyard::queue::sqlite::SCHEMA_VERSION);
         let mode: String = conn
             .query_row("PRAGMA journal_mode", [], |r| r.get(0))
@@ -386,9 +390,7 @@ mod sqlite {
         store.close().await.unwrap();
 
         let conn = rusqlite::Connection::open(&path).unwrap();
-        let version: i64 = conn
-            .query_row("PRAGMA user_version", [], |r| r.get(0))
-            .unwrap();
+        let version = schema_version(&conn);
         assert_eq!(version, hookyard::queue::sqlite::SCHEMA_VERSION);
     }
 
@@ -424,9 +426,7 @@ mod sqlite {
         drop(conn);
         assert!(SqliteStore::open(&path, SqliteOptions::default()).is_err());
         let conn = rusqlite::Connection::open(&path).unwrap();
-        let version: i64 = conn
-            .query_row("PRAGMA user_version", [], |r| r.get(0))
-            .unwrap();
+        let version = schema_version(&conn);
         assert_eq!(version, 1);
         let (n, body): (i64, Vec<u8>) = conn
             .query_row(
