@@ -3,6 +3,9 @@
 #   1. directly to a fast loopback upstream,
 #   2. through HAProxy (plain http mode, keep-alive to the backend, http-reuse always),
 #   3. through a hookyard sync rule (pooled, signed, deadline 1500 ms),
+#   4. through examples/bare_proxy, if it is built: the same tokio + hyper stack as hookyard doing
+#      nothing but forwarding, which splits hookyard's gap to HAProxy into the stack's share and
+#      the share of hookyard's own work (cargo build --release --example bare_proxy),
 # each at $CONNS connections for $DURATION s after a $WARMUP s warm-up, with wrk.
 # Prints throughput, p50, p99 and the ratios hookyard/HAProxy and hookyard/direct, and writes
 # a markdown report to bench/results/.
@@ -10,10 +13,12 @@
 # Environment knobs (defaults in brackets):
 #   CONNS [64]  DURATION [10]  WARMUP [2]  WRK_THREADS [2]  ROUNDS [1]
 #   HAPROXY_NBTHREAD [2]  UPSTREAM [haproxy|receive]  HOOKYARD [target/release/hookyard]
+#   BARE_PROXY [target/release/examples/bare_proxy; a path that does not exist skips it]
 #   NO_REPORT=1 to skip writing the markdown file.
-# ROUNDS > 1 repeats the three measurements in turn (direct, haproxy, hookyard, then direct,
-# hookyard, haproxy, ...) and takes the median of each, which evens out load drift from other
-# work on the machine; it also reports the median of the per-round hookyard/HAProxy ratios.
+# ROUNDS > 1 repeats the measurements in turn, every other round in reverse order (direct,
+# haproxy, hookyard, bare, then bare, hookyard, haproxy, direct, ...), and takes the median of
+# each, which evens out load drift from other work on the machine; it also reports the median
+# of the per-round hookyard/HAProxy ratios.
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 
@@ -35,6 +40,13 @@ need haproxy
 need curl
 need ss iproute2
 [[ -x $HOOKYARD ]] || die "$HOOKYARD not found; run: cargo build --release"
+BARE_PROXY=${BARE_PROXY:-$ROOT/target/release/examples/bare_proxy}
+PATHS="direct haproxy hookyard"
+if [[ -x $BARE_PROXY ]]; then
+    PATHS+=" bare"
+else
+    log "$BARE_PROXY not found: measuring without the bare-stack reference (cargo build --release --example bare_proxy)"
+fi
 
 started_at=$(date -u +%Y-%m-%dT%H:%M:%SZ)
 note=$(machine_note)
@@ -44,6 +56,7 @@ UP_PORT=$(free_port)
 HAP_PORT=$(free_port)
 HY_PORT=$(free_port)
 HY_ADMIN_PORT=$(free_port)
+BARE_PORT=$(free_port)
 STATS_PORT=$(free_port)
 
 # --- upstream ---------------------------------------------------------------------------------
@@ -119,6 +132,11 @@ routing_rules:
 EOF
 RUST_LOG=warn start_bg HY_PID hookyard "$HYB" serve --config "$WORK/hookyard.yaml"
 wait_http "http://127.0.0.1:$HY_ADMIN_PORT/readyz" 20 "$HY_PID"
+BARE_PID=""
+if [[ $PATHS == *bare* ]]; then
+    start_bg BARE_PID bare_proxy "$BARE_PROXY" "127.0.0.1:$BARE_PORT" "127.0.0.1:$UP_PORT"
+    wait_http "http://127.0.0.1:$BARE_PORT/" 15 "$BARE_PID"
+fi
 # One request each to fail fast on a broken path instead of measuring errors.
 probe() {
     local code
@@ -147,9 +165,10 @@ declare -A URL=(
     [direct]="http://127.0.0.1:$UP_PORT/webhooks/payments"
     [haproxy]="http://127.0.0.1:$HAP_PORT/webhooks/payments"
     [hookyard]="http://127.0.0.1:$HY_PORT/v1/events/payment.authorize"
+    [bare]="http://127.0.0.1:$BARE_PORT/webhooks/payments"
 )
-declare -A PROXY_PID=([direct]="" [haproxy]=$HAP_PID [hookyard]=$HY_PID)
-for path in direct haproxy hookyard; do probe "${URL[$path]}"; done
+declare -A PROXY_PID=([direct]="" [haproxy]=$HAP_PID [hookyard]=$HY_PID [bare]=$BARE_PID)
+for path in $PATHS; do probe "${URL[$path]}"; done
 HY_RSS0=$(rss_kib "$HY_PID")
 HY_REQS=0
 
@@ -158,10 +177,10 @@ RAW="$WORK/raw.txt"
 declare -A RPS P50 P99 ERRS PCPU UCPU
 declare -A ROUND_RPS ROUND_P99
 for round in $(seq "$ROUNDS"); do
-    # HAProxy and hookyard swap places every round, so a load drift during a round does not
-    # always favour the same one of the pair.
-    order="direct haproxy hookyard"
-    ((round % 2 == 0)) && order="direct hookyard haproxy"
+    # Every other round runs in reverse order, so a load drift during a round does not always
+    # favour the same path; HAProxy and hookyard stay next to each other either way.
+    order=$PATHS
+    ((round % 2 == 0)) && order=$(tr ' ' '\n' <<<"$PATHS" | tac | tr '\n' ' ')
     for path in $order; do
         url=${URL[$path]}
         log "round $round/$ROUNDS $path: warm-up ${WARMUP}s"
@@ -176,6 +195,7 @@ for round in $(seq "$ROUNDS"); do
         check_alive upstream "$UP_PID"
         check_alive haproxy "$HAP_PID"
         check_alive hookyard "$HY_PID"
+        [[ -n $BARE_PID ]] && check_alive bare_proxy "$BARE_PID"
         { echo "### round $round: $path ($url)"; echo "$out"; echo; } >>"$RAW"
         line=$(grep '^RESULT' <<<"$out") || die "wrk printed no RESULT line for $path"
         declare -A r=()
@@ -209,7 +229,7 @@ done
 median_ratio() { tr ' ' '\n' <<<"$1" | grep . | sort -n | awk '{a[NR]=$1} END {printf "%.2f", (NR % 2) ? a[(NR+1)/2] : (a[NR/2] + a[NR/2+1]) / 2}'; }
 
 declare -A M50 M99 MRPS MP MU
-for path in direct haproxy hookyard; do
+for path in $PATHS; do
     MRPS[$path]=$(median "${RPS[$path]}")
     M50[$path]=$(median "${P50[$path]}")
     M99[$path]=$(median "${P99[$path]}")
@@ -220,7 +240,7 @@ done
 table=$(
     echo "| path | req/s | p50 ms | p99 ms | errors | proxy CPU ms / 1k req | upstream CPU ms / 1k req |"
     echo "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"
-    for path in direct haproxy hookyard; do
+    for path in $PATHS; do
         pc=${MP[$path]}; [[ $path == direct ]] && pc="-"
         echo "| $path | ${MRPS[$path]} | $(ms "${M50[$path]}") | $(ms "${M99[$path]}") | ${ERRS[$path]} | $pc | ${MU[$path]} |"
     done
@@ -234,6 +254,11 @@ table=$(
     echo "| hookyard / direct p99 | $(ratio "${M99[hookyard]}" "${M99[direct]}") | |"
     echo "| hookyard / HAProxy throughput, median of per-round ratios ($(echo $PAIRED_RPS | tr ' ' '/')) | $(median_ratio "$PAIRED_RPS") | |"
     echo "| hookyard / HAProxy p99, median of per-round ratios ($(echo $PAIRED_P99 | tr ' ' '/')) | $(median_ratio "$PAIRED_P99") | |"
+    if [[ $PATHS == *bare* ]]; then
+        echo "| bare stack / HAProxy throughput (the stack's share of the gap) | $(ratio "${MRPS[bare]}" "${MRPS[haproxy]}") | |"
+        echo "| hookyard / bare stack throughput (hookyard's own work) | $(ratio "${MRPS[hookyard]}" "${MRPS[bare]}") | |"
+        echo "| hookyard / bare stack proxy CPU per request | $(ratio "${MP[hookyard]}" "${MP[bare]}") | |"
+    fi
 )
 HY_RSS1=$(rss_kib "$HY_PID")
 rss_note="hookyard RSS: $((HY_RSS0 / 1024)) MiB before the load, $((HY_RSS1 / 1024)) MiB after ~$HY_REQS measured requests (plus warm-ups), with no /metrics scrape in between."
