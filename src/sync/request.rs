@@ -50,8 +50,19 @@ pub fn build(
             &envelope.body,
         )
         .expect("event ids are evt_<ULID>, always a valid header value");
-    for (name, value) in signed {
+    let [(id_name, id_value), timestamp, signature] = signed;
+    // Without a caller's key the event id is the idempotency key: the `webhook-id` value is
+    // shared (a reference count) instead of validated and copied a second time.
+    let idempotency_key = match envelope.idempotency_key.as_deref() {
+        Some(key) => HeaderValue::from_str(key).ok(),
+        None => Some(id_value.clone()),
+    };
+    headers.insert(id_name, id_value);
+    for (name, value) in [timestamp, signature] {
         headers.insert(name, value);
+    }
+    if let Some(key) = idempotency_key {
+        headers.insert(IDEMPOTENCY_KEY, key);
     }
     if let Some(ct) = envelope
         .content_type
@@ -68,21 +79,24 @@ pub fn build(
         }
     };
     put(X_TRACE_ID, &envelope.trace_id);
-    put(
-        IDEMPOTENCY_KEY,
-        envelope
-            .idempotency_key
-            .as_deref()
-            .unwrap_or(&envelope.event_id),
-    );
     put(X_EVENT_TYPE, &envelope.event_type);
     // A child span per attempt, so a tracing backend shows each try under the caller's trace.
     if let Some(value) = traceparent(&envelope.trace_id) {
         headers.insert(TRACEPARENT, value);
     }
     headers.insert(X_CALLBACK_MODE, HeaderValue::from_static(mode.as_str()));
-    headers.insert(X_DELIVERY_ATTEMPT, HeaderValue::from(attempt));
+    headers.insert(X_DELIVERY_ATTEMPT, attempt_value(attempt));
     request
+}
+
+/// `X-Delivery-Attempt`: a shared constant for the attempts nearly every delivery makes, so
+/// the sync path (always attempt 1) formats and allocates nothing for it.
+fn attempt_value(attempt: u32) -> HeaderValue {
+    const FIRST: [&str; 10] = ["0", "1", "2", "3", "4", "5", "6", "7", "8", "9"];
+    match FIRST.get(attempt as usize) {
+        Some(digit) => HeaderValue::from_static(digit),
+        None => HeaderValue::from(attempt),
+    }
 }
 
 /// `00-<trace id>-<new span id>-01`, if `trace_id` is one a `traceparent` can carry.
@@ -115,27 +129,62 @@ mod tests {
     use super::*;
     use crate::signing::Secret;
 
-    fn request_with_trace_id(trace_id: &str) -> Request<Full<Bytes>> {
-        let envelope = Envelope {
+    fn envelope(trace_id: &str, idempotency_key: Option<&str>) -> Envelope {
+        Envelope {
             event_id: "evt_01J0000000000000000000000".into(),
             event_type: "pay.authorize".into(),
             body: Bytes::from_static(b"{}"),
             content_type: None,
             trace_id: trace_id.into(),
-            idempotency_key: None,
+            idempotency_key: idempotency_key.map(str::to_string),
             signature: SignatureScheme::StandardWebhooks,
-        };
+        }
+    }
+
+    fn build_attempt(envelope: &Envelope, attempt: u32) -> Request<Full<Bytes>> {
         let secret = Secret::parse("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw").unwrap();
         let signer = Signer::new(vec![secret]).unwrap();
         let target: Uri = "http://127.0.0.1:9/hook".parse().unwrap();
         build(
             &target,
-            &envelope,
+            envelope,
             DeliveryMode::Sync,
-            1,
+            attempt,
             &signer,
             1_700_000_000,
         )
+    }
+
+    fn request_with_trace_id(trace_id: &str) -> Request<Full<Bytes>> {
+        build_attempt(&envelope(trace_id, None), 1)
+    }
+
+    #[test]
+    fn the_idempotency_key_is_the_callers_else_the_event_id() {
+        let own = build_attempt(&envelope("t", None), 1);
+        assert_eq!(
+            own.headers()[IDEMPOTENCY_KEY],
+            "evt_01J0000000000000000000000"
+        );
+        assert_eq!(own.headers()["webhook-id"], "evt_01J0000000000000000000000");
+        let callers = build_attempt(&envelope("t", Some("order-42")), 1);
+        assert_eq!(callers.headers()[IDEMPOTENCY_KEY], "order-42");
+        assert_eq!(
+            callers.headers()["webhook-id"],
+            "evt_01J0000000000000000000000"
+        );
+    }
+
+    #[test]
+    fn the_delivery_attempt_header_counts_past_the_shared_constants() {
+        for attempt in [1, 2, 9, 10, 11, 123, u32::MAX] {
+            let request = build_attempt(&envelope("t", None), attempt);
+            assert_eq!(
+                request.headers()[X_DELIVERY_ATTEMPT],
+                attempt.to_string().as_str(),
+                "attempt {attempt}"
+            );
+        }
     }
 
     #[test]
