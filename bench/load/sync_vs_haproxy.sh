@@ -276,7 +276,7 @@ if [[ -z ${NO_REPORT:-} ]]; then
     mkdir -p "$RESULTS_DIR"
     report="$RESULTS_DIR/sync_vs_haproxy-$(date -u +%Y%m%dT%H%M%SZ).md"
     {
-        echo "# Sync hop: direct vs HAProxy vs hookyard"
+        echo "# Sync hop: direct vs HAProxy vs hookyard${BARE_PID:+ vs the bare stack}"
         echo
         echo "- date: $started_at"
         echo "- command: \`CONNS=$CONNS DURATION=$DURATION WARMUP=$WARMUP WRK_THREADS=$WRK_THREADS ROUNDS=$ROUNDS HAPROXY_NBTHREAD=$HAPROXY_NBTHREAD UPSTREAM=$UPSTREAM bench/load/sync_vs_haproxy.sh\`"
