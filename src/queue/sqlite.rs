@@ -1783,9 +1783,7 @@ mod tests {
     #[test]
     fn claims_with_changing_limits_reuse_the_prepared_plan() {
         let dir = tempfile::tempdir().unwrap();
-        let (mut conn, _) =
-            open_writer(&dir.path().join("q.db"), &SqliteOptions::default()).unwrap();
-        schema::ensure(&mut conn).unwrap();
+        let conn = writer_for_test(dir.path());
         let mut ws = WriterState::new(HashMap::new(), None);
         for n in 0..20 {
             tx_enqueue(&conn, &mut ws, &test_event(n), None, 100).unwrap();
