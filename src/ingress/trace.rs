@@ -34,11 +34,17 @@ pub fn trace_id_from_headers(headers: &HeaderMap) -> Option<String> {
     let (version, trace, parent, flags) =
         (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
     let hex = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_hexdigit());
+    let not_zero = |s: &str| s.bytes().any(|b| b != b'0');
+    // Version 00 has exactly four fields; a later version may append more (W3C Trace
+    // Context, "versioning of traceparent"), which a version-00 reader ignores.
+    let fields_ok = version != "00" || parts.next().is_none();
     let valid = hex(version, 2)
         && version != "ff"
+        && fields_ok
         && hex(trace, 32)
-        && trace.bytes().any(|b| b != b'0')
+        && not_zero(trace)
         && hex(parent, 16)
+        && not_zero(parent)
         && hex(flags, 2);
     valid.then(|| trace.to_ascii_lowercase())
 }
@@ -100,5 +106,28 @@ mod tests {
                 "{id}"
             );
         }
+    }
+
+    #[test]
+    fn a_traceparent_with_a_zero_parent_id_or_extra_fields_is_ignored() {
+        let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+        for tp in [
+            format!("00-{trace}-0000000000000000-01"),
+            format!("00-{trace}-00f067aa0ba902b7-01-extra"),
+            format!("00-{trace}-00f067aa0ba902b7-01-"),
+        ] {
+            let mut h = HeaderMap::new();
+            h.insert("traceparent", tp.parse().unwrap());
+            assert_eq!(trace_id_from_headers(&h), None, "{tp}");
+        }
+        // A later version may carry more fields.
+        let mut h = HeaderMap::new();
+        h.insert(
+            "traceparent",
+            format!("01-{trace}-00f067aa0ba902b7-01-future")
+                .parse()
+                .unwrap(),
+        );
+        assert_eq!(trace_id_from_headers(&h).as_deref(), Some(trace));
     }
 }
