@@ -209,3 +209,44 @@ pub fn queue_stats(queue: &Arc<str>, stats: &crate::queue::QueueStats) {
 pub fn config_reload(result: &'static str) {
     counter!(CONFIG_RELOADS, "result" => result).increment(1);
 }
+
+/// Requests and connections refused at the edge, by `reason`.
+pub const EDGE_REFUSALS: &str = "hookyard_edge_refusals_total";
+
+/// Why the edge refused a client: each a bounded label value of [`EDGE_REFUSALS`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EdgeRefusal {
+    /// A new ingress connection past `ingress.max_connections`.
+    MaxConnections,
+    /// A new admin connection past the admin listener's cap.
+    AdminMaxConnections,
+    /// Headers or body not in within `ingress.request_timeout_ms`.
+    RequestTimeout,
+    /// A body that would pass `ingress.max_buffered_body_bytes`.
+    BodyBudget,
+}
+
+impl EdgeRefusal {
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::MaxConnections => "max_connections",
+            Self::AdminMaxConnections => "admin_max_connections",
+            Self::RequestTimeout => "request_timeout",
+            Self::BodyBudget => "body_budget",
+        }
+    }
+}
+
+/// Ingress body bytes held in memory right now.
+pub const BODY_BYTES_BUFFERED: &str = "hookyard_ingress_body_bytes_buffered";
+
+/// Sets the ingress body bytes held in memory (at scrape time).
+pub fn body_bytes_buffered(bytes: usize) {
+    gauge!(BODY_BYTES_BUFFERED).set(bytes as f64);
+}
+
+/// The edge refused a client for `reason`.
+pub fn edge_refusal(reason: EdgeRefusal) {
+    counter!(EDGE_REFUSALS, "reason" => reason.as_str()).increment(1);
+}

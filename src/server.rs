@@ -18,7 +18,10 @@ use crate::admin::Admin;
 use crate::clock::now_ms;
 use crate::config::Settings;
 use crate::dispatcher::{Dispatcher, StartError};
+use crate::httpserver::fd_limit::ADMIN_MAX_CONNECTIONS;
+use crate::httpserver::BodyBudget;
 use crate::ingress::Ingress;
+use crate::metrics::EdgeRefusal;
 use crate::reload::Reloader;
 
 /// How often expired dead letters, delivered history and idempotency keys are purged.
@@ -60,6 +63,9 @@ pub struct RunningServer {
 /// throughput, within the machine's noise.)
 struct Balancer {
     lanes: Vec<Lane>,
+    /// The most connections open across all loops, asked at each accept so a reload of
+    /// `ingress.max_connections` applies to the next one.
+    max_connections: Box<dyn Fn() -> usize + Send>,
 }
 
 struct Lane {
@@ -82,6 +88,15 @@ impl Balancer {
                 s = crate::httpserver::accept(&listener) => s,
                 _ = shutdown.wait_for(|stop| *stop) => break,
             };
+            let open: usize = self
+                .lanes
+                .iter()
+                .map(|l| l.open.load(Ordering::Relaxed))
+                .sum();
+            if open >= (self.max_connections)() {
+                crate::httpserver::refuse(stream, EdgeRefusal::MaxConnections);
+                continue;
+            }
             let Some(lane) = self.pick() else { break };
             // Deregistered here, registered again by the loop that serves it.
             let stream = match stream.into_std() {
@@ -107,7 +122,7 @@ fn spawn_ingress_thread(
     lane: usize,
     streams: mpsc::UnboundedReceiver<std::net::TcpStream>,
     open: Arc<AtomicUsize>,
-    dispatcher: Arc<Dispatcher>,
+    ingress: Arc<Ingress>,
     mut stop: watch::Receiver<bool>,
     drain: Duration,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
@@ -132,14 +147,7 @@ fn spawn_ingress_thread(
                 let closed = move || {
                     open.fetch_sub(1, Ordering::Relaxed);
                 };
-                crate::httpserver::serve_streams(
-                    streams,
-                    Ingress::new(dispatcher),
-                    stopped,
-                    drain,
-                    closed,
-                )
-                .await;
+                crate::httpserver::serve_streams(streams, ingress, stopped, drain, closed).await;
             });
         })
 }
@@ -170,7 +178,17 @@ pub async fn start(config_path: PathBuf, settings: Settings) -> Result<RunningSe
             addr: settings.admin_listen,
             source,
         })?;
+    let descriptors = crate::httpserver::fd_limit::plan(&settings);
+    tracing::info!(
+        soft_limit_before = descriptors.soft_before,
+        soft_limit = descriptors.soft,
+        reserved = descriptors.reserved,
+        max_connections = settings.edge.max_connections.min(descriptors.ingress_cap),
+        configured_max_connections = settings.edge.max_connections,
+        "file descriptors: ingress connections are capped below the limit, the rest is kept for upstream connections, the store and the admin port"
+    );
     let dispatcher = Dispatcher::from_config(settings).await?;
+    let budget = BodyBudget::new();
     let reloader = Reloader::new(dispatcher.clone(), config_path);
     let (shutdown, shutdown_rx) = watch::channel(false);
 
@@ -184,9 +202,15 @@ pub async fn start(config_path: PathBuf, settings: Settings) -> Result<RunningSe
     let tasks = vec![
         tokio::spawn(crate::httpserver::serve(
             admin_listener,
-            Admin::new(dispatcher.clone(), reloader.clone(), metrics),
+            Admin::new(
+                dispatcher.clone(),
+                reloader.clone(),
+                metrics,
+                budget.clone(),
+            ),
             stop(&shutdown_rx),
             Duration::from_secs(2),
+            ADMIN_MAX_CONNECTIONS,
         )),
         tokio::spawn(crate::delivery::run(
             dispatcher.clone(),
@@ -209,7 +233,7 @@ pub async fn start(config_path: PathBuf, settings: Settings) -> Result<RunningSe
             i + 1,
             received,
             open.clone(),
-            dispatcher.clone(),
+            Ingress::new(dispatcher.clone(), budget.clone()),
             shutdown_rx.clone(),
             sync_drain,
         )
@@ -222,8 +246,16 @@ pub async fn start(config_path: PathBuf, settings: Settings) -> Result<RunningSe
         lanes.push(Lane { streams, open });
     }
     let mut tasks = tasks;
+    let ingress_cap = descriptors.ingress_cap;
+    let limits_from = dispatcher.clone();
+    let balancer = Balancer {
+        lanes,
+        max_connections: Box::new(move || {
+            ingress_cap.min(limits_from.snapshot().settings.edge.max_connections)
+        }),
+    };
     tasks.push(tokio::spawn(
-        Balancer { lanes }.run(ingress_listener, shutdown_rx.clone()),
+        balancer.run(ingress_listener, shutdown_rx.clone()),
     ));
     tracing::info!(%ingress_addr, %admin_addr, event_loops = ingress_threads.len(), "hookyard is serving");
     Ok(RunningServer {
@@ -358,6 +390,7 @@ mod tests {
                     open: open[1].clone(),
                 },
             ],
+            max_connections: Box::new(|| usize::MAX),
         };
         let (stop, stop_rx) = watch::channel(false);
         let acceptor = tokio::spawn(balancer.run(listener, stop_rx));

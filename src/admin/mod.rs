@@ -6,6 +6,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
@@ -14,10 +15,11 @@ use hyper::body::Incoming;
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde::Deserialize;
 use serde_json::{json, Value};
+use tokio::time::Instant;
 
 use crate::clock::{now_ms, parse_rfc3339};
 use crate::dispatcher::Dispatcher;
-use crate::httpserver::{json, Handler};
+use crate::httpserver::{json, BodyBudget, Handler};
 use crate::queue::DlqFilter;
 use crate::reload::Reloader;
 
@@ -32,6 +34,8 @@ pub struct Admin {
     dispatcher: Arc<Dispatcher>,
     reloader: Arc<Reloader>,
     metrics: PrometheusHandle,
+    /// The ingress body budget, read at scrape time.
+    body_budget: Arc<BodyBudget>,
 }
 
 impl Admin {
@@ -40,11 +44,13 @@ impl Admin {
         dispatcher: Arc<Dispatcher>,
         reloader: Arc<Reloader>,
         metrics: PrometheusHandle,
+        body_budget: Arc<BodyBudget>,
     ) -> Arc<Self> {
         Arc::new(Self {
             dispatcher,
             reloader,
             metrics,
+            body_budget,
         })
     }
 }
@@ -170,7 +176,15 @@ struct BulkReplay {
 }
 
 impl Handler for Admin {
-    async fn handle(self: Arc<Self>, request: Request<Incoming>) -> Response<Full<Bytes>> {
+    fn request_timeout(&self) -> Duration {
+        self.dispatcher.snapshot().settings.edge.request_timeout
+    }
+
+    async fn handle(
+        self: Arc<Self>,
+        request: Request<Incoming>,
+        deadline: Instant,
+    ) -> Response<Full<Bytes>> {
         if let Some(token) = &self.dispatcher.snapshot().settings.admin_token {
             let given = request
                 .headers()
@@ -190,12 +204,12 @@ impl Handler for Admin {
                 return r;
             }
         }
-        self.route(request).await
+        self.route(request, deadline).await
     }
 }
 
 impl Admin {
-    async fn route(&self, request: Request<Incoming>) -> Response<Full<Bytes>> {
+    async fn route(&self, request: Request<Incoming>, deadline: Instant) -> Response<Full<Bytes>> {
         let path = request.uri().path().to_string();
         let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
         let method = request.method().clone();
@@ -225,7 +239,7 @@ impl Admin {
                 Err(e) => store_error(e),
             },
             (&Method::GET, ["v1", "dlq"]) => self.list_dlq(&request).await,
-            (&Method::POST, ["v1", "dlq", "replay"]) => self.bulk_replay(request).await,
+            (&Method::POST, ["v1", "dlq", "replay"]) => self.bulk_replay(request, deadline).await,
             (&Method::POST, ["v1", "dlq", id, "replay"]) => {
                 let id = id.to_string();
                 match self
@@ -275,6 +289,7 @@ impl Admin {
         queues.push("default".into());
         queues.sort();
         queues.dedup();
+        crate::metrics::body_bytes_buffered(self.body_budget.held());
         let now = now_ms();
         for q in &queues {
             if let Ok(stats) = self.dispatcher.store().stats(q, now).await {
@@ -331,13 +346,26 @@ impl Admin {
         }
     }
 
-    async fn bulk_replay(&self, request: Request<Incoming>) -> Response<Full<Bytes>> {
-        let body = match Limited::new(request.into_body(), MAX_ADMIN_BODY)
-            .collect()
-            .await
-        {
-            Ok(b) => b.to_bytes(),
-            Err(e) => return bad_request(format!("reading body: {e}")),
+    async fn bulk_replay(
+        &self,
+        request: Request<Incoming>,
+        deadline: Instant,
+    ) -> Response<Full<Bytes>> {
+        let body = Limited::new(request.into_body(), MAX_ADMIN_BODY).collect();
+        let body = match tokio::time::timeout_at(deadline, body).await {
+            Ok(Ok(b)) => b.to_bytes(),
+            Ok(Err(e)) => return bad_request(format!("reading body: {e}")),
+            Err(_elapsed) => {
+                let mut r = json(
+                    StatusCode::REQUEST_TIMEOUT,
+                    &json!({"error": "request_timeout", "reason": "the body did not arrive within ingress.request_timeout_ms"}),
+                );
+                r.headers_mut().insert(
+                    http::header::CONNECTION,
+                    http::HeaderValue::from_static("close"),
+                );
+                return r;
+            }
         };
         let req: BulkReplay = if body.is_empty() {
             BulkReplay::default()

@@ -11,10 +11,12 @@ use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 
+use super::schema::IngressSection;
 use super::schema::{
     BreakerSection, ConfigFile, DurationValue, Fallback, HostSection, Mode, Pos, QueueSection,
     RuleSection, SignatureChoice, StoreKind,
 };
+use super::EdgeLimits;
 use super::{
     env, ConfigError, HostPolicies, HostPolicy, Problem, QueuePolicies, QueuePolicy, Settings,
     StoreSettings, TlsTrust, DEVELOPMENT_SECRET,
@@ -113,6 +115,31 @@ impl Compiler<'_> {
         }
     }
 
+    fn edge(&mut self, ingress: &IngressSection) -> EdgeLimits {
+        let default = EdgeLimits::default();
+        EdgeLimits {
+            request_timeout: Duration::from_millis(self.positive(
+                &ingress.request_timeout_ms,
+                default.request_timeout.as_millis() as u64,
+                "ingress.request_timeout_ms",
+                // An hour: past that it is no longer a defence against slow clients.
+                3_600_000,
+            )),
+            max_connections: self.positive(
+                &ingress.max_connections,
+                default.max_connections as u64,
+                "ingress.max_connections",
+                10_000_000,
+            ) as usize,
+            max_buffered_body_bytes: self.positive(
+                &ingress.max_buffered_body_bytes,
+                default.max_buffered_body_bytes as u64,
+                "ingress.max_buffered_body_bytes",
+                i64::MAX,
+            ) as usize,
+        }
+    }
+
     fn duration_ms(&mut self, v: &Pos<DurationValue>, what: &str) -> Option<u64> {
         match v.value {
             DurationValue::Millis(ms) if ms < 0 => {
@@ -188,6 +215,7 @@ impl Compiler<'_> {
             "ingress.threads",
             (crate::sync::host::MAX_LANES - 1) as i64,
         ) as usize;
+        let edge = self.edge(&file.ingress);
         let store = self.store(path, &file.store);
         let (signer, uses_development_secret) = self.signing(&file.signing.secrets);
         let tls = self.tls(path, &file.tls);
@@ -205,6 +233,7 @@ impl Compiler<'_> {
             max_body_bytes,
             idempotency_window,
             ingress_threads,
+            edge,
             store: store?,
             signer: Arc::new(signer?),
             tls: tls?,

@@ -48,6 +48,8 @@ pub struct Settings {
     pub idempotency_window: Duration,
     /// Ingress event loops (threads); see `ingress.threads`.
     pub ingress_threads: usize,
+    /// Limits every ingress connection and request meets; see `ingress:`.
+    pub edge: EdgeLimits,
     pub store: StoreSettings,
     pub signer: Arc<Signer>,
     /// Trust roots for `https://` targets.
@@ -57,6 +59,27 @@ pub struct Settings {
     pub hosts: HostPolicies,
     pub queues: QueuePolicies,
     pub rules: RuleTable,
+}
+
+/// What a client of the ingress API may hold: time, connections and memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EdgeLimits {
+    /// Headers and the whole body must arrive within this, from the request's first byte.
+    pub request_timeout: Duration,
+    /// Open ingress connections at most (further capped by the file-descriptor limit).
+    pub max_connections: usize,
+    /// Body bytes held in memory at once across all ingress requests.
+    pub max_buffered_body_bytes: usize,
+}
+
+impl Default for EdgeLimits {
+    fn default() -> Self {
+        Self {
+            request_timeout: Duration::from_secs(10),
+            max_connections: 10_000,
+            max_buffered_body_bytes: 64 * 1024 * 1024,
+        }
+    }
 }
 
 /// The TLS client configuration every host's pool uses for `https://` targets.

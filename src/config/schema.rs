@@ -78,6 +78,18 @@ pub struct IngressSection {
     /// accepted connection goes to the loop with the fewest open. Default: one per CPU core.
     #[schemars(with = "Option<u32>")]
     pub threads: Option<Pos<i64>>,
+    /// How long a request's headers and whole body may take to arrive, from its first byte, in
+    /// ms. Past it the client gets `408` and the connection is closed. Default 10000.
+    #[schemars(with = "Option<u32>")]
+    pub request_timeout_ms: Option<Pos<i64>>,
+    /// Open ingress connections at most; past it a new connection is closed at once. Kept below
+    /// the process's file-descriptor limit. Default 10000.
+    #[schemars(with = "Option<u32>")]
+    pub max_connections: Option<Pos<i64>>,
+    /// Event bodies held in memory at once, in bytes, across all requests being read or
+    /// dispatched. Past it a new body gets `503` with `Retry-After`. Default 67108864 (64 MiB).
+    #[schemars(with = "Option<u64>")]
+    pub max_buffered_body_bytes: Option<Pos<i64>>,
 }
 
 /// `tls:` section.

@@ -9,15 +9,19 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{HeaderValue, ALLOW, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER};
+use http::header::{HeaderValue, ALLOW, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use serde_json::json;
+use tokio::time::Instant;
 
 use crate::dispatcher::{Dispatcher, Event, Outcome};
 use crate::headers::{IDEMPOTENCY_KEY, X_DISPATCH_MODE, X_EVENT_ID, X_TRACE_ID};
-use crate::httpserver::{json, Handler};
+use crate::httpserver::{
+    json, read_body, BodyBudget, BodyError, BodyLimits, BudgetCharge, Handler,
+};
+use crate::metrics::EdgeRefusal;
 use crate::routing::validate_event_type;
 use crate::sync::SyncFailure;
 
@@ -30,19 +34,29 @@ pub const MAX_IDEMPOTENCY_KEY_LEN: usize = 255;
 #[derive(Debug)]
 pub struct Ingress {
     dispatcher: Arc<Dispatcher>,
+    /// Shared by every ingress event loop: the bound is on the process's memory.
+    budget: Arc<BodyBudget>,
 }
 
 impl Ingress {
-    /// An ingress over `dispatcher`.
-    pub fn new(dispatcher: Arc<Dispatcher>) -> Arc<Self> {
-        Arc::new(Self { dispatcher })
+    /// An ingress over `dispatcher` whose bodies are held against `budget`.
+    pub fn new(dispatcher: Arc<Dispatcher>, budget: Arc<BodyBudget>) -> Arc<Self> {
+        Arc::new(Self { dispatcher, budget })
     }
 }
 
 impl Handler for Ingress {
-    async fn handle(self: Arc<Self>, request: Request<Incoming>) -> Response<Full<Bytes>> {
+    fn request_timeout(&self) -> Duration {
+        self.dispatcher.snapshot().settings.edge.request_timeout
+    }
+
+    async fn handle(
+        self: Arc<Self>,
+        request: Request<Incoming>,
+        deadline: Instant,
+    ) -> Response<Full<Bytes>> {
         let trace_id = trace_id_from_headers(request.headers()).unwrap_or_else(new_trace_id);
-        let mut response = self.answer(request, &trace_id).await;
+        let mut response = self.answer(request, &trace_id, deadline).await;
         if let Ok(v) = HeaderValue::from_str(&trace_id) {
             response.headers_mut().insert(X_TRACE_ID, v);
         }
@@ -58,7 +72,12 @@ fn error(status: StatusCode, error: &str, reason: &str, trace_id: &str) -> Respo
 }
 
 impl Ingress {
-    async fn answer(&self, request: Request<Incoming>, trace_id: &str) -> Response<Full<Bytes>> {
+    async fn answer(
+        &self,
+        request: Request<Incoming>,
+        trace_id: &str,
+        deadline: Instant,
+    ) -> Response<Full<Bytes>> {
         let Some(event_type) = request.uri().path().strip_prefix("/v1/events/") else {
             return error(
                 StatusCode::NOT_FOUND,
@@ -89,9 +108,9 @@ impl Ingress {
         let event_type = event_type.to_string();
         let idempotency_key = match request.headers().get(IDEMPOTENCY_KEY) {
             None => None,
-            Some(v) => match v.to_str() {
-                Ok(k) if !k.is_empty() && k.len() <= MAX_IDEMPOTENCY_KEY_LEN => Some(k.to_string()),
-                _ => {
+            Some(v) => match idempotency_key(v) {
+                Some(k) => Some(k.to_string()),
+                None => {
                     return error(
                         StatusCode::BAD_REQUEST,
                         "invalid_idempotency_key",
@@ -101,11 +120,20 @@ impl Ingress {
                 }
             },
         };
-        let content_type = request
-            .headers()
-            .get(CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string);
+        let content_type = match request.headers().get(CONTENT_TYPE).map(HeaderValue::to_str) {
+            None => None,
+            Some(Ok(ct)) => Some(ct.to_string()),
+            // Delivered as is, it could not be signed and relayed faithfully; dropping it
+            // would change how the target reads the body.
+            Some(Err(_)) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_content_type",
+                    "Content-Type must be visible ASCII",
+                    trace_id,
+                )
+            }
+        };
         // One snapshot per request: the body limit and the route come from the same rules.
         let snapshot = self.dispatcher.snapshot();
         let limit = snapshot.settings.max_body_bytes;
@@ -129,17 +157,49 @@ impl Ingress {
             linger(body);
             return too_large();
         }
-        let body = match read_body(&mut body, limit).await {
+        let limits = BodyLimits {
+            max_bytes: limit,
+            deadline,
+            budget_bytes: snapshot.settings.edge.max_buffered_body_bytes,
+        };
+        // Held until the answer is built: the body stays in memory while it is dispatched.
+        let mut charge = BudgetCharge::new(&self.budget);
+        let body = match read_body(&mut body, limits, &mut charge).await {
             Ok(bytes) => bytes,
-            Err(BodyError::TooLarge) => {
+            Err(BodyError::TooLarge(_)) => {
                 linger(body);
                 return too_large();
             }
-            Err(BodyError::Read(e)) => {
+            Err(BodyError::TimedOut) => {
+                crate::metrics::edge_refusal(EdgeRefusal::RequestTimeout);
+                let mut r = error(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "request_timeout",
+                    "the body did not arrive within ingress.request_timeout_ms",
+                    trace_id,
+                );
+                r.headers_mut()
+                    .insert(CONNECTION, HeaderValue::from_static("close"));
+                return r;
+            }
+            Err(BodyError::OverBudget) => {
+                crate::metrics::edge_refusal(EdgeRefusal::BodyBudget);
+                linger(body);
+                let mut r = error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "overloaded",
+                    "too many event bodies in flight (ingress.max_buffered_body_bytes)",
+                    trace_id,
+                );
+                r.headers_mut()
+                    .insert(RETRY_AFTER, HeaderValue::from_static("1"));
+                return r;
+            }
+            Err(e @ BodyError::Read(_)) => {
                 return error(
                     StatusCode::BAD_REQUEST,
                     "bad_body",
-                    &format!("reading body: {e}"),
+                    &e.to_string(),
                     trace_id,
                 )
             }
@@ -151,49 +211,28 @@ impl Ingress {
             trace_id: trace_id.to_string(),
             idempotency_key,
         };
-        respond(
+        let response = respond(
             self.dispatcher.dispatch_under(&snapshot, event).await,
             trace_id,
-        )
+        );
+        drop(charge);
+        response
     }
+}
+
+/// The `Idempotency-Key` if it is 1-255 visible ASCII characters (no spaces or tabs, which
+/// `HeaderValue::to_str` lets through).
+fn idempotency_key(value: &HeaderValue) -> Option<&str> {
+    let bytes = value.as_bytes();
+    let visible = bytes.iter().all(|b| (0x21..=0x7e).contains(b));
+    (visible && !bytes.is_empty() && bytes.len() <= MAX_IDEMPOTENCY_KEY_LEN)
+        .then(|| value.to_str().ok())
+        .flatten()
 }
 
 /// Most of a refused body read and thrown away after a 413, and for how long.
 const LINGER_BYTES: usize = 8 * 1024 * 1024;
 const LINGER_TIME: Duration = Duration::from_secs(2);
-
-enum BodyError {
-    TooLarge,
-    Read(hyper::Error),
-}
-
-/// The whole body, or `TooLarge` as soon as it passes `limit` (with the rest left unread).
-async fn read_body(body: &mut Incoming, limit: usize) -> Result<Bytes, BodyError> {
-    // The common case is a body that arrives in one piece: it is passed on as is, without a
-    // copy or an allocation; only a body in several pieces is joined into a new buffer.
-    let mut first: Option<Bytes> = None;
-    let mut joined = bytes::BytesMut::new();
-    let mut total = 0usize;
-    while let Some(frame) = body.frame().await {
-        let Ok(data) = frame.map_err(BodyError::Read)?.into_data() else {
-            continue; // trailers carry nothing hookyard forwards
-        };
-        total += data.len();
-        if total > limit {
-            return Err(BodyError::TooLarge);
-        }
-        match first.take() {
-            None if joined.is_empty() => first = Some(data),
-            earlier => {
-                if let Some(earlier) = earlier {
-                    joined.extend_from_slice(&earlier);
-                }
-                joined.extend_from_slice(&data);
-            }
-        }
-    }
-    Ok(first.unwrap_or_else(|| joined.freeze()))
-}
 
 /// Reads and discards what is left of a refused body (up to [`LINGER_BYTES`] for up to
 /// [`LINGER_TIME`]) while the 413 goes out. Closing a connection whose client is still sending
