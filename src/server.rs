@@ -220,7 +220,10 @@ pub async fn start(config_path: PathBuf, settings: Settings) -> Result<RunningSe
         // The watch is registered before `start` returns, so no change after it is missed.
         tokio::spawn(watch_config(
             reloader.clone(),
-            crate::config::watch::watch(reloader.path()),
+            crate::config::watch::watch(
+                reloader.path(),
+                Some(dispatcher.snapshot().settings.content_hash.clone()),
+            ),
             shutdown_rx.clone(),
         )),
     ];

@@ -203,3 +203,53 @@ async fn twenty_reloads_under_steady_load_lose_nothing_and_each_request_sees_one
     );
     assert_eq!(b.stats().duplicates_after_success, 0);
 }
+
+/// A Kubernetes ConfigMap volume: `config.yaml -> ..data/config.yaml`, `..data -> ..<stamp>/`.
+/// An update writes a new stamped directory, points `..data_tmp` at it and renames `..data_tmp`
+/// over `..data`; the file's own name never sees an event.
+#[tokio::test]
+async fn a_configmap_style_data_symlink_swap_is_picked_up() {
+    use std::os::unix::fs::symlink;
+    let rx = receiver().await;
+    let target = format!("http://{}/", rx.local_addr());
+    let dir = tempfile::tempdir().unwrap();
+    let volume = dir.path().join("volume");
+    std::fs::create_dir(&volume).unwrap();
+    let data_dir = tempfile::tempdir().unwrap();
+    let text = crate::util::config_yaml(data_dir.path(), &rule("sync", &target));
+    let stamp = |n: u32, text: &str| {
+        let d = volume.join(format!("..2026_12_03_00_00_0{n}.000"));
+        std::fs::create_dir(&d).unwrap();
+        std::fs::write(d.join("dispatcher-config.yaml"), text).unwrap();
+        d.file_name().unwrap().to_os_string()
+    };
+    let first = stamp(1, &text);
+    symlink(&first, volume.join("..data")).unwrap();
+    let config_path = volume.join("dispatcher-config.yaml");
+    symlink("..data/dispatcher-config.yaml", &config_path).unwrap();
+
+    let settings = hookyard::config::load(&config_path).unwrap();
+    let server = hookyard::server::start(config_path.clone(), settings)
+        .await
+        .unwrap();
+    let hy = Sidecar {
+        server: Some(server),
+        dir: data_dir,
+        config_path,
+        client: crate::util::http_client(),
+    };
+    assert_eq!(mode_of_flip(&hy).await, "sync");
+
+    let second = stamp(2, &text.replace("mode: sync", "mode: async"));
+    symlink(&second, volume.join("..data_tmp")).unwrap();
+    std::fs::rename(volume.join("..data_tmp"), volume.join("..data")).unwrap();
+    std::fs::remove_dir_all(volume.join(&first)).unwrap();
+    eventually(
+        Duration::from_secs(5),
+        "the ..data swap reloads",
+        async || mode_of_flip(&hy).await == "async",
+    )
+    .await;
+    assert_eq!(last_reload(&hy).await["trigger"], "file");
+    drop(dir);
+}
