@@ -11,6 +11,29 @@ use hookyard::receive::ReceiverConfig;
 use hookyard::signing::Secret;
 use serde_json::json;
 
+/// `print!` for command output: a reader that went away (`hookyard schema | head -1`) ends the
+/// command quietly, as Unix tools do, instead of panicking on the broken pipe.
+macro_rules! out {
+    ($($arg:tt)*) => { write_stdout(format_args!($($arg)*)) };
+}
+
+/// `println!` for command output; see [`out!`].
+macro_rules! outln {
+    ($($arg:tt)*) => { write_stdout(format_args!("{}\n", format_args!($($arg)*))) };
+}
+
+fn write_stdout(text: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    if let Err(e) = stdout.write_fmt(text).and_then(|()| stdout.flush()) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("error: writing to stdout: {e}");
+        std::process::exit(1);
+    }
+}
+
 // glibc malloc showed up at about 7% of the sync hop's CPU (many small, short-lived
 // allocations across threads); mimalloc's per-thread free lists serve that pattern better.
 #[global_allocator]
@@ -20,8 +43,8 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[derive(Parser)]
 #[command(name = "hookyard", version, about, long_about = None)]
 struct Args {
-    /// Log format on stderr.
-    #[arg(long, value_enum, default_value_t = LogFormat::Human, global = true)]
+    /// Log format on stderr: `human` (alias `text`) or `json`.
+    #[arg(long, value_enum, env = "HOOKYARD_LOG_FORMAT", default_value_t = LogFormat::Human, global = true)]
     log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
@@ -29,6 +52,7 @@ struct Args {
 
 #[derive(Clone, Copy, ValueEnum)]
 enum LogFormat {
+    #[value(alias = "text")]
     Human,
     Json,
 }
@@ -38,13 +62,23 @@ enum Command {
     /// Run the sidecar (ingress, admin API, delivery workers).
     Serve {
         /// Config file.
-        #[arg(long, short, default_value = "dispatcher-config.yaml")]
+        #[arg(
+            long,
+            short,
+            env = "HOOKYARD_CONFIG",
+            default_value = "dispatcher-config.yaml"
+        )]
         config: PathBuf,
     },
     /// Validate a config; print the compiled rules, or every error with file, line and column.
     Check {
         /// Config file.
-        #[arg(long, short, default_value = "dispatcher-config.yaml")]
+        #[arg(
+            long,
+            short,
+            env = "HOOKYARD_CONFIG",
+            default_value = "dispatcher-config.yaml"
+        )]
         config: PathBuf,
     },
     /// Print the JSON Schema of the config file (for editors).
@@ -218,11 +252,11 @@ async fn run(command: Command) -> Result<(), CliError> {
     match command {
         Command::Serve { config } => cli::serve(&config).await,
         Command::Check { config } => {
-            print!("{}", cli::check(&config)?);
+            out!("{}", cli::check(&config)?);
             Ok(())
         }
         Command::Schema => {
-            println!(
+            outln!(
                 "{}",
                 serde_json::to_string_pretty(&hookyard::config::json_schema()).unwrap_or_default()
             );
@@ -273,12 +307,12 @@ async fn run(command: Command) -> Result<(), CliError> {
                     );
                     let page = client.call(http::Method::GET, &path, None).await?;
                     if json {
-                        println!(
+                        outln!(
                             "{}",
                             serde_json::to_string_pretty(&page).unwrap_or_default()
                         );
                     } else {
-                        print!("{}", cli::dlq_table(&page));
+                        out!("{}", cli::dlq_table(&page));
                     }
                     Ok(())
                 }
@@ -298,7 +332,7 @@ async fn run(command: Command) -> Result<(), CliError> {
                     let result = client
                         .call(http::Method::POST, "/v1/dlq/replay", Some(body))
                         .await?;
-                    println!("replayed {}", result["replayed"]);
+                    outln!("replayed {}", result["replayed"]);
                     let replayed: Vec<&str> = result["ids"]
                         .as_array()
                         .map(|a| a.iter().filter_map(|v| v.as_str()).collect())
@@ -335,9 +369,9 @@ async fn run(command: Command) -> Result<(), CliError> {
             );
             let v = client.call(http::Method::GET, &path, None).await?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+                outln!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
             } else {
-                print!("{}", cli::fallbacks_table(&v));
+                out!("{}", cli::fallbacks_table(&v));
             }
             Ok(())
         }

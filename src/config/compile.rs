@@ -230,6 +230,7 @@ impl Compiler<'_> {
             listen,
             admin_listen,
             admin_token,
+            token_protects_metrics: file.admin.token_protects_metrics,
             max_body_bytes,
             idempotency_window,
             ingress_threads,

@@ -44,6 +44,8 @@ pub struct Settings {
     pub admin_listen: SocketAddr,
     /// Bearer token for the admin API; `None` means open (it binds to loopback by default).
     pub admin_token: Option<String>,
+    /// Whether `/metrics` needs the admin token too (`admin.token_protects_metrics`).
+    pub token_protects_metrics: bool,
     pub max_body_bytes: usize,
     pub idempotency_window: Duration,
     /// Ingress event loops (threads); see `ingress.threads`.

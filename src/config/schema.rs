@@ -62,6 +62,10 @@ pub struct AdminSection {
     /// Bearer token required on every admin request when set. `${VAR}` is expanded.
     #[schemars(with = "Option<String>")]
     pub token: Option<Pos<String>>,
+    /// When true, `GET /metrics` needs the token too. Default false: scrapers seldom carry one.
+    /// `/healthz` and `/readyz` never need it (a kubelet's probes cannot send one).
+    #[serde(default)]
+    pub token_protects_metrics: bool,
 }
 
 /// `ingress:` section.

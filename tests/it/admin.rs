@@ -19,7 +19,6 @@ async fn with_a_token_requests_without_it_get_401_and_change_nothing() {
     ))
     .await;
     for (method, path) in [
-        ("GET", "/metrics"),
         ("GET", "/v1/config"),
         ("POST", "/v1/config/reload"),
         ("GET", "/v1/dlq"),
@@ -40,6 +39,10 @@ async fn with_a_token_requests_without_it_get_401_and_change_nothing() {
         )
         .await;
         assert_eq!(wrong.status, 401, "{method} {path}");
+    }
+    // Probes and scrapes cannot carry a token.
+    for path in ["/healthz", "/readyz", "/metrics"] {
+        assert_eq!(hy.admin_get(path).await.status, 200, "{path}");
     }
     let reloads = hy.server().reloader.last();
     assert_eq!(
@@ -228,4 +231,27 @@ fn the_grafana_dashboard_only_uses_metric_names_hookyard_exports() {
         exported.len(),
         "every exported metric has a panel"
     );
+}
+
+#[tokio::test]
+async fn token_protects_metrics_puts_metrics_behind_the_token_but_never_the_probes() {
+    let rx = receiver().await;
+    let hy = Sidecar::start(&format!(
+        "admin:\n  token: s3cret-token\n  token_protects_metrics: true\n{}",
+        rules(&format!("http://{}/", rx.local_addr()), "async")
+    ))
+    .await;
+    assert_eq!(hy.admin_get("/metrics").await.status, 401);
+    assert_eq!(hy.admin_get("/healthz").await.status, 200);
+    assert_eq!(hy.admin_get("/readyz").await.status, 200);
+    let url = format!("{}/metrics", hy.admin());
+    let with = send(
+        &hy.client,
+        "GET",
+        &url,
+        &[("authorization", "Bearer s3cret-token")],
+        "",
+    )
+    .await;
+    assert_eq!(with.status, 200);
 }

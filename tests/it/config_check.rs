@@ -239,3 +239,19 @@ fn https_targets_are_accepted_and_a_missing_ca_file_is_an_error() {
         "cannot read CA file /nonexistent/ca.pem",
     );
 }
+
+#[test]
+fn output_to_a_reader_that_went_away_ends_quietly_instead_of_panicking() {
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_hookyard"))
+        .arg("schema")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Closed before the command writes a byte: its first write meets a broken pipe.
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(out.status.success(), "{:?} {stderr}", out.status);
+}

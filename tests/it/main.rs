@@ -8,6 +8,7 @@ mod admin;
 mod async_path;
 mod config_check;
 mod crash;
+mod deploy;
 mod edge;
 mod redis;
 mod reload;
