@@ -178,7 +178,7 @@ impl Handler for Admin {
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.strip_prefix("Bearer "))
                 .unwrap_or("");
-            if !token_matches(given.as_bytes(), token.as_bytes()) {
+            if !token_matches(given.as_bytes(), token.expose().as_bytes()) {
                 let mut r = json(
                     StatusCode::UNAUTHORIZED,
                     &json!({"error": "unauthorized", "reason": "missing or wrong bearer token"}),

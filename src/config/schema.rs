@@ -62,6 +62,11 @@ pub struct AdminSection {
     /// Bearer token required on every admin request when set. `${VAR}` is expanded.
     #[schemars(with = "Option<String>")]
     pub token: Option<Pos<String>>,
+    /// Serve an admin API without `token` on a non-loopback `admin_listen`. Off by default:
+    /// such a config is refused, because anyone who reaches the port could reload the config
+    /// and replay dead letters. Default false.
+    #[schemars(with = "Option<bool>")]
+    pub allow_unauthenticated_remote: Option<Pos<bool>>,
 }
 
 /// `ingress:` section.
