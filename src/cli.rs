@@ -185,8 +185,8 @@ impl AdminClient {
         body: Option<Value>,
     ) -> Result<Value, CliError> {
         let raw_url = format!("{}{}", self.base, path);
-        // Only the redacted form goes into messages.
-        let url = redact_url(&raw_url);
+        // Messages show the base redacted (it may carry userinfo); the path is our own.
+        let url = format!("{}{path}", redact_url(&self.base).trim_end_matches('/'));
         let mut builder = http::Request::builder().method(method).uri(&raw_url);
         if let Some(t) = &self.token {
             let mut value = http::HeaderValue::from_str(&format!("Bearer {}", t.expose()))

@@ -10,6 +10,7 @@ mod config_check;
 mod crash;
 mod redis;
 mod reload;
+mod secrets;
 #[path = "../common/sqlite_v1.rs"]
 mod sqlite_v1;
 mod sync_path;
