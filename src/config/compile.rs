@@ -201,18 +201,17 @@ impl Compiler<'_> {
             && !admin_listen.ip().is_loopback()
             && !allow_unauthenticated_remote_admin
         {
-            let at = file
-                .admin_listen
-                .as_ref()
-                .map_or(Problem::at(0, 0, ""), |a| Problem::spanned(a, ""));
-            self.problem(Problem {
-                message: format!(
-                    "admin_listen {admin_listen} is not a loopback address and admin.token is not set: \
-                     anyone who reaches it could read the config, reload it and replay dead letters. \
-                     Set admin.token (e.g. \"${{HOOKYARD_ADMIN_TOKEN}}\"), listen on 127.0.0.1, or \
-                     accept the risk with admin.allow_unauthenticated_remote: true"
-                ),
-                ..at
+            let message = format!(
+                "admin_listen {admin_listen} is not a loopback address and admin.token is not set: \
+                 anyone who reaches it could read the config, reload it and replay dead letters. \
+                 Set admin.token (e.g. \"${{HOOKYARD_ADMIN_TOKEN}}\"), listen on 127.0.0.1, or \
+                 accept the risk with admin.allow_unauthenticated_remote: true"
+            );
+            // Without `admin_listen` in the file the address is loopback, so this is reached
+            // only with a position to point at; the fallback keeps the function total.
+            self.problem(match &file.admin_listen {
+                Some(at) => Problem::spanned(at, message),
+                None => Problem::at(0, 0, message),
             });
         }
         let max_body_bytes = match &file.ingress.max_body_bytes {
