@@ -10,9 +10,7 @@ use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 
-#[path = "../common/redis_server.rs"]
-mod redis_server;
-
+use crate::redis::redis_server;
 use crate::util::{eventually, http_client, send, upstream, HttpClient};
 
 /// The distinctive text every secret below contains.
