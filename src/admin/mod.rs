@@ -307,6 +307,11 @@ impl Admin {
             "last_reload": self.reloader.last(),
             "listen": s.listen.to_string(),
             "admin_listen": s.admin_listen.to_string(),
+            // The token shows as "***" or null: whether one is set, never what it is.
+            "admin": {
+                "token": s.admin_token,
+                "allow_unauthenticated_remote": s.allow_unauthenticated_remote_admin,
+            },
             "store": s.store,
             "hosts": s.hosts,
             "queues": s.queues,

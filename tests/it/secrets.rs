@@ -265,6 +265,10 @@ async fn exercise_serve(store: &Store, format: &str) -> String {
     }
     let (_, config_body) = admin_get(&client, &admin_url, "/v1/config", true).await;
     assert!(config_body.contains("***@127.0.0.1"), "{config_body}");
+    assert!(
+        config_body.contains(r#""admin":{"allow_unauthenticated_remote":false,"token":"***"}"#),
+        "{config_body}"
+    );
 
     // A reload of a file whose target expands to something that is not a URL.
     let bad = config(
