@@ -14,6 +14,7 @@ use serde_json::Value;
 use crate::clock::rfc3339;
 use crate::config::{self, Settings};
 use crate::routing::DeliveryMode;
+use crate::secret::{redact_url, Redacted};
 
 /// A CLI failure, printed to stderr with a non-zero exit.
 #[derive(Debug, thiserror::Error)]
@@ -24,6 +25,9 @@ pub enum CliError {
     Serve(#[from] crate::server::ServeError),
     #[error("{0}")]
     Admin(String),
+    /// An argument that cannot be used (the message never quotes a secret argument).
+    #[error("{0}")]
+    Usage(String),
     #[error("{0}")]
     Io(#[from] std::io::Error),
 }
@@ -89,17 +93,10 @@ pub fn rule_table(settings: &Settings) -> String {
         settings.signer.secret_count(),
         match &settings.store {
             config::StoreSettings::Sqlite { path, .. } => format!("sqlite {}", path.display()),
-            config::StoreSettings::Redis { url, .. } => format!("redis {}", redact_url(url)),
+            config::StoreSettings::Redis { url, .. } => format!("redis {url}"),
         }
     );
     out
-}
-
-fn redact_url(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(s), Some(at)) if at > s => format!("{}://***@{}", &url[..s], &url[at + 1..]),
-        _ => url.to_string(),
-    }
 }
 
 /// `hookyard serve`: runs until SIGTERM or SIGINT; SIGHUP reloads the rules.
@@ -107,6 +104,9 @@ pub async fn serve(path: &Path) -> Result<(), CliError> {
     let settings = config::load(path)?;
     if settings.uses_development_secret {
         tracing::warn!("SIGNING WITH THE SHIPPED DEVELOPMENT SECRET: receivers cannot trust these signatures. Set HOOKYARD_SECRET=whsec_... (or edit signing.secrets) before production use.");
+    }
+    if settings.admin_is_open_remotely() {
+        crate::reload::warn_open_admin(&settings);
     }
     let server = crate::server::start(path.to_path_buf(), settings).await?;
     wait_for_signals(&server).await?;
@@ -161,14 +161,15 @@ pub async fn receive(
 
 /// A small client of the admin API for the `dlq` and `fallbacks` subcommands.
 pub struct AdminClient {
+    /// May carry userinfo; errors show it redacted.
     base: String,
-    token: Option<String>,
+    token: Option<Redacted>,
     client: Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>,
 }
 
 impl AdminClient {
     /// A client for the admin API at `base` (`http://127.0.0.1:9090`).
-    pub fn new(base: &str, token: Option<String>) -> Self {
+    pub fn new(base: &str, token: Option<Redacted>) -> Self {
         Self {
             base: base.trim_end_matches('/').to_string(),
             token,
@@ -183,10 +184,17 @@ impl AdminClient {
         path: &str,
         body: Option<Value>,
     ) -> Result<Value, CliError> {
-        let url = format!("{}{}", self.base, path);
-        let mut builder = http::Request::builder().method(method).uri(&url);
+        let raw_url = format!("{}{}", self.base, path);
+        // Messages show the base redacted (it may carry userinfo); the path is our own.
+        let url = format!("{}{path}", redact_url(&self.base).trim_end_matches('/'));
+        let mut builder = http::Request::builder().method(method).uri(&raw_url);
         if let Some(t) = &self.token {
-            builder = builder.header(http::header::AUTHORIZATION, format!("Bearer {t}"));
+            let mut value = http::HeaderValue::from_str(&format!("Bearer {}", t.expose()))
+                .map_err(|_| {
+                    CliError::Admin("the admin token is not a valid header value".into())
+                })?;
+            value.set_sensitive(true);
+            builder = builder.header(http::header::AUTHORIZATION, value);
         }
         let body = body.map(|b| Bytes::from(b.to_string())).unwrap_or_default();
         let request = builder

@@ -137,7 +137,7 @@ pub async fn open_store(settings: &StoreSettings) -> Result<Arc<dyn Store>, Star
                 wait_timeout_ms: *wait_timeout_ms,
                 ..Default::default()
             };
-            let store = crate::queue::redis::RedisStore::open(url, options).await?;
+            let store = crate::queue::redis::RedisStore::open(url.expose(), options).await?;
             Ok(Arc::new(store))
         }
     }
@@ -257,7 +257,7 @@ impl Dispatcher {
     /// Marks `target` disabled (it answered 410 Gone).
     pub fn disable(&self, target: &str) {
         tracing::warn!(
-            target_url = target,
+            target_url = %crate::secret::redact_url(target),
             "target answered 410 Gone; disabled until reload or admin re-enable"
         );
         self.disabled_targets
@@ -266,22 +266,23 @@ impl Dispatcher {
             .insert(target.to_string());
     }
 
-    /// Re-enables every disabled target; returns them.
+    /// Re-enables every disabled target; returns them, redacted for showing.
     pub fn enable_all(&self) -> Vec<String> {
         self.disabled_targets
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .drain()
+            .map(|t| crate::secret::redact_url(&t))
             .collect()
     }
 
-    /// Targets currently disabled.
+    /// Targets currently disabled, redacted for showing (the set keeps the stored URLs).
     pub fn disabled(&self) -> Vec<String> {
         self.disabled_targets
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .iter()
-            .cloned()
+            .map(|t| crate::secret::redact_url(t))
             .collect()
     }
 
@@ -393,7 +394,8 @@ impl Dispatcher {
             id: event_id.clone(),
             event_type: event.event_type,
             queue: rule.queue.to_string(),
-            target: rule.target.url.clone(),
+            // Stored whole (credentials too): a retry hours later must still authenticate.
+            target: rule.target.url.expose().to_string(),
             body: event.body,
             content_type: event.content_type,
             trace_id: event.trace_id,

@@ -18,6 +18,7 @@ pub mod queue;
 pub mod receive;
 pub mod reload;
 pub mod routing;
+pub mod secret;
 pub mod server;
 pub mod signing;
 pub mod sync;

@@ -8,6 +8,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand, ValueEnum};
 use hookyard::cli::{self, AdminClient, CliError};
 use hookyard::receive::ReceiverConfig;
+use hookyard::secret::Redacted;
 use hookyard::signing::Secret;
 use serde_json::json;
 
@@ -89,8 +90,10 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:9000")]
         listen: SocketAddr,
         /// whsec_ secret to verify with (repeat while rotating). Without it nothing is verified.
-        #[arg(long, env = "HOOKYARD_SECRET")]
-        secret: Vec<Secret>,
+        // Taken as `Redacted`, not parsed by clap: clap quotes a rejected value in its error,
+        // and `hide_env_values` keeps `--help` from printing the environment's value.
+        #[arg(long, env = "HOOKYARD_SECRET", hide_env_values = true)]
+        secret: Vec<Redacted>,
         /// Fraction of requests answered with --fail-status (0..=1).
         #[arg(long, default_value_t = 0.0)]
         fail_rate: f64,
@@ -136,11 +139,13 @@ enum Command {
 #[derive(clap::Args)]
 struct AdminArgs {
     /// Admin API of the running sidecar.
+    // The URL may carry userinfo, so `--help` does not print the environment's value.
     #[arg(
         long,
         env = "HOOKYARD_ADMIN_URL",
         default_value = "http://127.0.0.1:9090",
-        global = true
+        global = true,
+        hide_env_values = true
     )]
     admin_url: String,
     /// Bearer token, when the sidecar sets admin.token.
@@ -150,7 +155,7 @@ struct AdminArgs {
         global = true,
         hide_env_values = true
     )]
-    token: Option<String>,
+    token: Option<Redacted>,
 }
 
 #[derive(Subcommand)]
@@ -272,8 +277,18 @@ async fn run(command: Command) -> Result<(), CliError> {
             tolerance_secs,
             remember_ids,
         } => {
+            let secrets = secret
+                .iter()
+                .enumerate()
+                .map(|(i, s)| {
+                    // The error names which secret and why, never its value.
+                    Secret::parse(s.expose()).map_err(|e| {
+                        CliError::Usage(format!("--secret #{} (or HOOKYARD_SECRET): {e}", i + 1))
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>()?;
             let config = ReceiverConfig {
-                secrets: secret,
+                secrets,
                 tolerance: Duration::from_secs(tolerance_secs),
                 fail_rate,
                 fail_status,

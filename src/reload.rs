@@ -89,6 +89,9 @@ impl Reloader {
         };
         let result = match loaded {
             Ok(settings) => {
+                if settings.admin_is_open_remotely() {
+                    warn_open_admin(&settings);
+                }
                 let report = self.dispatcher.reload(settings);
                 status.needs_restart = report.needs_restart.clone();
                 if report.needs_restart.is_empty() {
@@ -111,4 +114,15 @@ impl Reloader {
         *self.last.lock().unwrap_or_else(|p| p.into_inner()) = status;
         result
     }
+}
+
+/// The warning logged at start and on every reload while the admin API is open beyond
+/// loopback (allowed only by `admin.allow_unauthenticated_remote: true`): it should be seen
+/// every time, not once in a log long rotated away.
+pub fn warn_open_admin(settings: &config::Settings) {
+    tracing::warn!(
+        admin_listen = %settings.admin_listen,
+        "THE ADMIN API IS OPEN TO THE NETWORK WITHOUT A TOKEN (admin.allow_unauthenticated_remote: true): \
+         anyone who reaches it can read the config, reload it and replay dead letters. Set admin.token."
+    );
 }

@@ -199,7 +199,7 @@ impl Handler for Admin {
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.strip_prefix("Bearer "))
                 .unwrap_or("");
-            if !token_matches(given.as_bytes(), token.as_bytes()) {
+            if !token_matches(given.as_bytes(), token.expose().as_bytes()) {
                 let mut r = json(
                     StatusCode::UNAUTHORIZED,
                     &json!({"error": "unauthorized", "reason": "missing or wrong bearer token"}),
@@ -329,6 +329,11 @@ impl Admin {
             "last_reload": self.reloader.last(),
             "listen": s.listen.to_string(),
             "admin_listen": s.admin_listen.to_string(),
+            // The token shows as "***" or null: whether one is set, never what it is.
+            "admin": {
+                "token": s.admin_token,
+                "allow_unauthenticated_remote": s.allow_unauthenticated_remote_admin,
+            },
             "store": s.store,
             "hosts": s.hosts,
             "queues": s.queues,

@@ -21,7 +21,8 @@ use super::{
     env, ConfigError, HostPolicies, HostPolicy, Problem, QueuePolicies, QueuePolicy, Settings,
     StoreSettings, TlsTrust, DEVELOPMENT_SECRET,
 };
-use crate::routing::{host_key, parse_pattern, DeliveryMode, Rule, RuleTable, Target};
+use crate::routing::{parse_pattern, DeliveryMode, Rule, RuleTable, Target};
+use crate::secret::Redacted;
 use crate::signing::{Secret, SignatureScheme, Signer};
 
 /// Default deadline of an async attempt when the rule sets none.
@@ -74,6 +75,21 @@ impl Compiler<'_> {
         }
     }
 
+    /// Expands a value that may hold a secret straight into a [`Redacted`], so the expanded
+    /// text never exists as a plain `String` that an error message could quote.
+    fn expand_secret(&mut self, value: &Pos<String>, kind: SecretKind) -> Option<Redacted> {
+        match env::expand(&value.value, self.lookup_env) {
+            Ok(s) => Some(match kind {
+                SecretKind::Opaque => Redacted::opaque(s),
+                SecretKind::Url => Redacted::url(s),
+            }),
+            Err(msg) => {
+                self.problem(secret_problem(value, kind, msg));
+                None
+            }
+        }
+    }
+
     fn addr(&mut self, value: &Option<Pos<String>>, default: &str, what: &str) -> SocketAddr {
         let fallback: SocketAddr = default
             .parse()
@@ -85,9 +101,19 @@ impl Compiler<'_> {
         match text.parse() {
             Ok(a) => a,
             Err(_) => {
+                // Quotes the file's text, never the expansion: whatever a variable holds is
+                // the environment's business, and errors are shown in many places.
+                let expanded = if v.value.contains("${") {
+                    " after ${VAR} expansion"
+                } else {
+                    ""
+                };
                 self.problem(Problem::spanned(
                     v,
-                    format!("{what} must be an IP:port address such as {default}, not {text:?}"),
+                    format!(
+                        "{what} must be an IP:port address such as {default}, not {:?}{expanded}",
+                        v.value
+                    ),
                 ));
                 fallback
             }
@@ -191,8 +217,30 @@ impl Compiler<'_> {
             .admin
             .token
             .as_ref()
-            .and_then(|t| self.expand(t))
+            .and_then(|t| self.expand_secret(t, SecretKind::Opaque))
             .filter(|t| !t.is_empty());
+        let allow_unauthenticated_remote_admin = file
+            .admin
+            .allow_unauthenticated_remote
+            .as_ref()
+            .is_some_and(|a| a.value);
+        if admin_token.is_none()
+            && !admin_listen.ip().is_loopback()
+            && !allow_unauthenticated_remote_admin
+        {
+            let message = format!(
+                "admin_listen {admin_listen} is not a loopback address and admin.token is not set: \
+                 anyone who reaches it could read the config, reload it and replay dead letters. \
+                 Set admin.token (e.g. \"${{HOOKYARD_ADMIN_TOKEN}}\"), listen on 127.0.0.1, or \
+                 accept the risk with admin.allow_unauthenticated_remote: true"
+            );
+            // Without `admin_listen` in the file the address is loopback, so this is reached
+            // only with a position to point at; the fallback keeps the function total.
+            self.problem(match &file.admin_listen {
+                Some(at) => Problem::spanned(at, message),
+                None => Problem::at(0, 0, message),
+            });
+        }
         let max_body_bytes = match &file.ingress.max_body_bytes {
             Some(p) if p.value == 0 => {
                 self.problem(Problem::spanned(p, "max_body_bytes must be greater than 0"));
@@ -231,6 +279,7 @@ impl Compiler<'_> {
             admin_listen,
             admin_token,
             token_protects_metrics: file.admin.token_protects_metrics,
+            allow_unauthenticated_remote_admin,
             max_body_bytes,
             idempotency_window,
             ingress_threads,
@@ -303,14 +352,16 @@ impl Compiler<'_> {
                     ));
                     return None;
                 };
-                let text = self.expand(url)?;
-                if !(text.starts_with("redis://")
-                    || text.starts_with("rediss://")
-                    || text.starts_with("redis+unix://"))
+                let text = self.expand_secret(url, SecretKind::Url)?;
+                let raw = text.expose();
+                if !(raw.starts_with("redis://")
+                    || raw.starts_with("rediss://")
+                    || raw.starts_with("redis+unix://"))
                 {
-                    self.problem(Problem::spanned(
+                    self.problem(secret_problem(
                         url,
-                        format!("url must start with redis:// or rediss://, got {text:?}"),
+                        SecretKind::Url,
+                        "store.url must start with redis://, rediss:// or redis+unix://",
                     ));
                     return None;
                 }
@@ -456,13 +507,18 @@ impl Compiler<'_> {
         }
         let mut parsed = Vec::new();
         let mut dev = false;
-        for s in &secrets.value {
-            let Some(text) = self.expand(s) else { continue };
-            dev |= text == DEVELOPMENT_SECRET;
-            match Secret::parse(&text) {
+        for (i, s) in secrets.value.iter().enumerate() {
+            let Some(text) = self.expand_secret(s, SecretKind::Opaque) else {
+                continue;
+            };
+            dev |= text.expose() == DEVELOPMENT_SECRET;
+            match Secret::parse(text.expose()) {
                 Ok(secret) => parsed.push(secret),
                 // The error names the format, never the secret's value.
-                Err(e) => self.problem(Problem::secret(s, format!("invalid signing secret: {e}"))),
+                Err(e) => self.problem(Problem::secret(
+                    s,
+                    format!("signing.secrets[{i}]: invalid signing secret: {e}"),
+                )),
             }
         }
         if parsed.len() != secrets.value.len() {
@@ -583,10 +639,10 @@ impl Compiler<'_> {
         }
         let mut table = RuleTable::default();
         let mut seen: HashMap<&str, u64> = HashMap::new();
-        for r in &rules.value {
+        for (index, r) in rules.value.iter().enumerate() {
             let pattern = r.event_type.value.as_str();
             // A duplicate is still compiled so that its other mistakes are reported too.
-            let rule = self.rule(r, queues);
+            let rule = self.rule(index, r, queues);
             if let Some(first_line) = seen.insert(pattern, r.event_type.referenced.line()) {
                 self.problem(Problem::spanned(
                     &r.event_type,
@@ -605,7 +661,7 @@ impl Compiler<'_> {
         table
     }
 
-    fn rule(&mut self, r: &RuleSection, queues: &QueuePolicies) -> Option<Rule> {
+    fn rule(&mut self, index: usize, r: &RuleSection, queues: &QueuePolicies) -> Option<Rule> {
         let pattern_ok = match parse_pattern(&r.event_type.value) {
             Ok(_) => true,
             Err(e) => {
@@ -616,7 +672,7 @@ impl Compiler<'_> {
                 false
             }
         };
-        let target = self.target(&r.target);
+        let target = self.target(index, &r.target);
         let mode = match r.mode.value {
             Mode::Sync => DeliveryMode::Sync,
             Mode::Async => DeliveryMode::Async,
@@ -681,30 +737,45 @@ impl Compiler<'_> {
         })
     }
 
-    fn target(&mut self, v: &Pos<String>) -> Option<Target> {
-        let url = self.expand(v)?;
-        let bad = |why: &str| {
-            format!("target must be an absolute http:// or https:// URL ({why}), got {url:?}")
-        };
-        let uri: http::Uri = match url.parse() {
-            Ok(u) => u,
+    fn target(&mut self, index: usize, v: &Pos<String>) -> Option<Target> {
+        let url = self.expand_secret(v, SecretKind::Url)?;
+        match Target::parse(url) {
+            Ok(t) => Some(t),
             Err(e) => {
-                self.problem(Problem::spanned(v, bad(&e.to_string())));
-                return None;
+                // The key and the reason; never the URL, which may hold a password once
+                // expanded (the snippet shows the file's text, with its `${VAR}`).
+                self.problem(secret_problem(
+                    v,
+                    SecretKind::Url,
+                    format!(
+                        "routing_rules[{index}].target must be an absolute http:// or https:// URL: {e}"
+                    ),
+                ));
+                None
             }
-        };
-        if !matches!(uri.scheme_str(), Some("http") | Some("https")) {
-            self.problem(Problem::spanned(v, bad("scheme must be http or https")));
-            return None;
         }
-        let Some(host) = host_key(&uri) else {
-            self.problem(Problem::spanned(
-                v,
-                bad("host missing, or credentials in the URL"),
-            ));
-            return None;
-        };
-        Some(Target { url, uri, host })
+    }
+}
+
+/// What kind of secret a value may hold, which decides how much of it can ever be shown.
+#[derive(Clone, Copy)]
+enum SecretKind {
+    /// A token or signing secret: never shown, nor the file line that holds it.
+    Opaque,
+    /// A URL: its line is shown unless the file itself spells out a password or query value.
+    Url,
+}
+
+/// A problem about a secret-bearing value: its line is printed only when it holds no literal
+/// secret (a `${VAR}` reference is fine: the snippet shows the reference, not its value).
+fn secret_problem(value: &Pos<String>, kind: SecretKind, message: impl Into<String>) -> Problem {
+    let hide = match kind {
+        SecretKind::Opaque => true,
+        SecretKind::Url => super::error::url_text_holds_secret(&value.value),
+    };
+    Problem {
+        hide_snippet: hide,
+        ..Problem::spanned(value, message)
     }
 }
 

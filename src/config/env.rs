@@ -25,7 +25,8 @@ pub fn expand(input: &str, lookup: impl Fn(&str) -> Option<String>) -> Result<St
         };
         let end = body
             .find('}')
-            .ok_or_else(|| format!("unterminated ${{ in {input:?}"))?;
+            // The input is not quoted: it may be a secret written into the file.
+            .ok_or_else(|| "unterminated ${ (no closing })".to_string())?;
         let expr = &body[..end];
         let (name, default) = match expr.split_once(":-") {
             Some((n, d)) => (n, Some(d)),

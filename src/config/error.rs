@@ -50,6 +50,49 @@ pub struct ConfigError {
     source_text: String,
 }
 
+/// True when the file text of a URL (before `${VAR}` expansion) spells out a password, a query
+/// value or a fragment, so that the line holding it must not be printed in an error.
+///
+/// `${NAME}` references are fine: they show the name, not the value. The default of
+/// `${NAME:-default}` is literal text and is judged like any other.
+pub(crate) fn url_text_holds_secret(raw: &str) -> bool {
+    // Each reference becomes a marker that is neither secret nor special in a URL; what is
+    // left around the markers is what the file spells out.
+    const MARK: &str = "hookyardvar";
+    let mut text = String::with_capacity(raw.len());
+    let mut rest = raw;
+    while let Some(i) = rest.find("${") {
+        text.push_str(&rest[..i]);
+        let after = &rest[i + 2..];
+        let Some(end) = after.find('}') else {
+            // Unterminated: judge the rest as literal text.
+            text.push_str(&rest[i..]);
+            rest = "";
+            break;
+        };
+        match after[..end].split_once(":-") {
+            Some((_, default)) => text.push_str(default),
+            None => text.push_str(MARK),
+        }
+        rest = &after[end + 1..];
+    }
+    text.push_str(rest);
+    let literal = |part: &str| !part.replace(MARK, "").is_empty();
+    match url::Url::parse(&text) {
+        Ok(url) => {
+            url.password().is_some_and(literal)
+                || url.query().is_some_and(|q| {
+                    q.split('&')
+                        .any(|pair| literal(pair.split_once('=').map_or(pair, |(_, v)| v)))
+                })
+                || url.fragment().is_some_and(literal)
+        }
+        // Not a URL even with the references filled in: print its line only if nothing in it
+        // could be userinfo or a query.
+        Err(_) => text.contains(['@', '?', '#']),
+    }
+}
+
 pub(crate) fn problem_from_yaml(err: &serde_saphyr::Error) -> Problem {
     let (line, column) = err
         .location()
@@ -150,5 +193,33 @@ impl fmt::Display for ConfigError {
             writeln!(f, "{:gutter$} | {pad}^", "")?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::url_text_holds_secret;
+
+    #[test]
+    fn url_lines_are_printable_only_without_literal_secrets() {
+        for shown in [
+            "http://h:1/x",
+            "http://user:${PW}@h:1/x",
+            "http://${USERINFO}@h:1/x?token=${TOKEN}",
+            "not a url",
+            "${TARGET}",
+        ] {
+            assert!(!url_text_holds_secret(shown), "{shown}");
+        }
+        for hidden in [
+            "http://user:hunter2@h:1/x",
+            "http://user:${PW:-hunter2}@h:1/x",
+            "http://user:pre${PW}@h:1/x",
+            "http://h:1/x?token=abc",
+            "http://h:1/x#abc",
+            "not a url with @ in it",
+        ] {
+            assert!(url_text_holds_secret(hidden), "{hidden}");
+        }
     }
 }

@@ -19,6 +19,7 @@ use std::time::Duration;
 use serde::Serialize;
 
 use crate::routing::RuleTable;
+use crate::secret::Redacted;
 use crate::signing::Signer;
 
 pub use error::{ConfigError, Problem};
@@ -42,8 +43,12 @@ pub struct Settings {
     pub content_hash: String,
     pub listen: SocketAddr,
     pub admin_listen: SocketAddr,
-    /// Bearer token for the admin API; `None` means open (it binds to loopback by default).
-    pub admin_token: Option<String>,
+    /// Bearer token for the admin API; `None` means open, which is allowed on loopback only
+    /// unless `admin.allow_unauthenticated_remote` says otherwise.
+    pub admin_token: Option<Redacted>,
+    /// `admin.allow_unauthenticated_remote`: the operator accepted an open admin API on a
+    /// non-loopback address.
+    pub allow_unauthenticated_remote_admin: bool,
     /// Whether `/metrics` needs the admin token too (`admin.token_protects_metrics`).
     pub token_protects_metrics: bool,
     pub max_body_bytes: usize,
@@ -127,7 +132,8 @@ pub enum StoreSettings {
         max_size_bytes: Option<u64>,
     },
     Redis {
-        url: String,
+        /// May carry a password; shown as `redis://***@host:port`.
+        url: Redacted,
         key_prefix: String,
         /// Idle time after which another instance takes over a leased event.
         claim_idle_ms: u64,
@@ -167,6 +173,15 @@ impl Default for HostPolicy {
             breaker_failures: 5,
             breaker_recovery: Duration::from_secs(30),
         }
+    }
+}
+
+impl Settings {
+    /// True when the admin API listens beyond loopback without a token, which compilation
+    /// allows only with `admin.allow_unauthenticated_remote: true`; serve and every reload
+    /// warn while it holds.
+    pub fn admin_is_open_remotely(&self) -> bool {
+        self.admin_token.is_none() && !self.admin_listen.ip().is_loopback()
     }
 }
 

@@ -66,6 +66,11 @@ pub struct AdminSection {
     /// `/healthz` and `/readyz` never need it (a kubelet's probes cannot send one).
     #[serde(default)]
     pub token_protects_metrics: bool,
+    /// Serve an admin API without `token` on a non-loopback `admin_listen`. Off by default:
+    /// such a config is refused, because anyone who reaches the port could reload the config
+    /// and replay dead letters. Default false.
+    #[schemars(with = "Option<bool>")]
+    pub allow_unauthenticated_remote: Option<Pos<bool>>,
 }
 
 /// `ingress:` section.

@@ -20,7 +20,8 @@ pub use classify::{classify, retry_delay, Verdict};
 use crate::clock::now_ms;
 use crate::dispatcher::{lease_for, Dispatcher};
 use crate::queue::{AttemptRecord, ClaimedEvent, Disposition};
-use crate::routing::DeliveryMode;
+use crate::routing::{DeliveryMode, Target};
+use crate::secret::Redacted;
 use crate::sync::{call, request, Envelope};
 
 /// Longest a worker sleeps without looking at the store, so events enqueued by another
@@ -266,10 +267,12 @@ async fn attempt(
             },
         );
     }
-    let uri: http::Uri = match event.target.parse() {
-        Ok(u) => u,
+    // The stored URL is the one the rule had when the event was accepted, credentials
+    // included; `Target::parse` splits them off into the Authorization header again.
+    let target = match Target::parse(Redacted::url(event.target.as_str())) {
+        Ok(t) => t,
         Err(e) => {
-            tracing::error!(event_id = %event.id, error = %e, "stored target is not a URL");
+            tracing::error!(event_id = %event.id, error = %e, "stored target is not a usable URL");
             return (
                 None,
                 Disposition::DeadLetter {
@@ -278,15 +281,7 @@ async fn attempt(
             );
         }
     };
-    let Some(host_key) = crate::routing::host_key(&uri) else {
-        return (
-            None,
-            Disposition::DeadLetter {
-                reason: "invalid_target".into(),
-            },
-        );
-    };
-    let host = dispatcher.host(&host_key);
+    let host = dispatcher.host(&target.host);
     let ticket = match host.breaker.admit() {
         Ok(t) => t,
         Err(open) => return defer(open.retry_after.max(Duration::from_millis(10))),
@@ -306,7 +301,7 @@ async fn attempt(
     };
     let started_at_ms = now_ms();
     let request = request::build(
-        &uri,
+        &target,
         &envelope,
         DeliveryMode::Async,
         event.attempt,

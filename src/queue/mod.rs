@@ -223,6 +223,8 @@ pub struct EventRecord {
     pub id: String,
     pub event_type: String,
     pub queue: String,
+    /// Shown redacted: a target URL may carry a password or a token.
+    #[serde(serialize_with = "crate::secret::serialize_url")]
     pub target: String,
     pub trace_id: String,
     pub state: EventState,
@@ -260,6 +262,8 @@ pub struct DeadLetter {
     pub id: String,
     pub event_type: String,
     pub queue: String,
+    /// Shown redacted: a target URL may carry a password or a token.
+    #[serde(serialize_with = "crate::secret::serialize_url")]
     pub target: String,
     pub trace_id: String,
     pub reason: String,
@@ -286,6 +290,8 @@ pub struct FallbackRecord {
     pub trace_id: String,
     pub event_type: String,
     pub reason: FallbackReason,
+    /// Shown redacted: a target URL may carry a password or a token.
+    #[serde(serialize_with = "crate::secret::serialize_url")]
     pub target: String,
     pub at_ms: UnixMillis,
     pub state: Reconciliation,

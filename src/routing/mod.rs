@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+use crate::secret::Redacted;
 use crate::signing::SignatureScheme;
 
 /// How a rule delivers.
@@ -34,15 +35,101 @@ impl DeliveryMode {
 }
 
 /// Where a rule delivers.
-#[derive(Debug, Clone, Serialize)]
+///
+/// A target may carry credentials: `https://user:pass@host/hook` is delivered to
+/// `https://host/hook` with `Authorization: Basic`, as browsers and curl do, and a token in the
+/// query is sent as written. Both are secrets, so the URL is kept as [`Redacted`] and shown as
+/// `https://***@host/hook?token=***`; `uri` (what the connection is made to) has no userinfo,
+/// so the `Host` header, pool keys and metric labels never see it.
+#[derive(Clone, Serialize)]
 pub struct Target {
-    /// The URL as configured (after `${VAR}` expansion).
-    pub url: String,
-    /// Parsed form used by the HTTP client.
+    /// The URL as configured (after `${VAR}` expansion); serialized redacted.
+    pub url: Redacted,
+    /// The URL without its userinfo, used by the HTTP client.
     #[serde(skip)]
     pub uri: http::Uri,
     /// `host:port`: the key of the per-host pool, gate and breaker.
     pub host: Arc<str>,
+    /// `Basic` credentials from the URL's userinfo, marked sensitive.
+    #[serde(skip)]
+    pub authorization: Option<http::HeaderValue>,
+}
+
+impl std::fmt::Debug for Target {
+    // Written by hand: `uri` would print the query (a token) and the derived form would too.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Target")
+            .field("url", &self.url)
+            .field("host", &self.host)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why a string cannot be a target. Messages never quote the URL: it may hold a password.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TargetError {
+    /// Not a URL at all; the parser's reason names the kind of mistake, not the text.
+    #[error("not a URL ({0})")]
+    Invalid(String),
+    #[error("scheme must be http or https")]
+    Scheme,
+    #[error("host missing")]
+    NoHost,
+    #[error("the user name or password is not a valid header value")]
+    BadCredentials,
+}
+
+impl Target {
+    /// Parses and checks an absolute `http://` or `https://` URL, splitting any userinfo off
+    /// into `Authorization: Basic`. Config compilation and async delivery (which reads the
+    /// URL stored with the event) both build their targets here.
+    pub fn parse(url: Redacted) -> Result<Target, TargetError> {
+        let uri: http::Uri = url
+            .expose()
+            .parse()
+            .map_err(|e: http::uri::InvalidUri| TargetError::Invalid(e.to_string()))?;
+        if !matches!(uri.scheme_str(), Some("http") | Some("https")) {
+            return Err(TargetError::Scheme);
+        }
+        let host = host_key(&uri).ok_or(TargetError::NoHost)?;
+        let (uri, authorization) = split_userinfo(uri)?;
+        Ok(Target {
+            url,
+            uri,
+            host,
+            authorization,
+        })
+    }
+}
+
+/// `uri` without its userinfo, and the userinfo as a sensitive `Basic` header value.
+fn split_userinfo(uri: http::Uri) -> Result<(http::Uri, Option<http::HeaderValue>), TargetError> {
+    use base64::Engine as _;
+    let Some((userinfo, host_port)) = uri
+        .authority()
+        .and_then(|a| a.as_str().rsplit_once('@'))
+        .map(|(u, h)| (u.to_string(), h.to_string()))
+    else {
+        return Ok((uri, None));
+    };
+    let mut parts = uri.into_parts();
+    parts.authority = Some(
+        host_port
+            .parse()
+            .map_err(|e: http::uri::InvalidUri| TargetError::Invalid(e.to_string()))?,
+    );
+    let uri = http::Uri::from_parts(parts).map_err(|e| TargetError::Invalid(e.to_string()))?;
+    let (user, password) = userinfo.split_once(':').unwrap_or((&userinfo, ""));
+    let decode = |s: &str| percent_encoding::percent_decode_str(s).collect::<Vec<u8>>();
+    let mut credentials = decode(user);
+    credentials.push(b':');
+    credentials.extend(decode(password));
+    let encoded = base64::engine::general_purpose::STANDARD.encode(credentials);
+    let mut value = http::HeaderValue::from_str(&format!("Basic {encoded}"))
+        .map_err(|_| TargetError::BadCredentials)?;
+    // Keeps it out of HTTP/2 header compression tables and `Debug` output.
+    value.set_sensitive(true);
+    Ok((uri, Some(value)))
 }
 
 /// One compiled routing rule.
@@ -70,10 +157,10 @@ pub struct Rule {
 }
 
 /// The `host:port` key of a target URL (the port defaults by scheme), or `None` when the URL
-/// has no usable host (or carries credentials, which must never reach logs or metric labels).
+/// has no host. Userinfo is not part of it, so credentials never reach logs or metric labels.
 pub fn host_key(uri: &http::Uri) -> Option<Arc<str>> {
     let authority = uri.authority()?;
-    if authority.host().is_empty() || authority.as_str().contains('@') {
+    if authority.host().is_empty() {
         return None;
     }
     let default_port = if uri.scheme_str() == Some("https") {
@@ -250,11 +337,7 @@ mod tests {
         Rule {
             pattern: pattern.into(),
             mode: DeliveryMode::Async,
-            target: Target {
-                url: "http://127.0.0.1:1/".into(),
-                uri: http::Uri::from_static("http://127.0.0.1:1/"),
-                host: "127.0.0.1:1".into(),
-            },
+            target: Target::parse(Redacted::url("http://127.0.0.1:1/")).unwrap(),
             timeout: Duration::from_millis(100),
             fallback_to_async: false,
             queue: "default".into(),
@@ -263,6 +346,36 @@ mod tests {
             signature: SignatureScheme::StandardWebhooks,
             metrics: Default::default(),
         }
+    }
+
+    #[test]
+    fn target_userinfo_becomes_basic_auth_and_leaves_the_uri() {
+        let t = Target::parse(Redacted::url(
+            "http://us%40er:p%3Ass@h.example:81/x?token=t1",
+        ))
+        .unwrap();
+        assert_eq!(t.uri.to_string(), "http://h.example:81/x?token=t1");
+        assert_eq!(&*t.host, "h.example:81");
+        let auth = t.authorization.as_ref().unwrap();
+        assert!(auth.is_sensitive());
+        // base64("us@er:p:ss")
+        assert_eq!(auth.to_str().unwrap(), "Basic dXNAZXI6cDpzcw==");
+        let shown = format!("{t:?} {}", serde_json::to_string(&t).unwrap());
+        assert!(
+            !shown.contains("p%3Ass") && !shown.contains("t1"),
+            "{shown}"
+        );
+        assert!(
+            shown.contains("http://***@h.example:81/x?token=***"),
+            "{shown}"
+        );
+        let plain = Target::parse(Redacted::url("https://h.example/x")).unwrap();
+        assert_eq!(&*plain.host, "h.example:443");
+        assert!(plain.authorization.is_none());
+        assert_eq!(
+            Target::parse(Redacted::url("ftp://u:pw@h/")).unwrap_err(),
+            TargetError::Scheme
+        );
     }
 
     fn table(patterns: &[&str]) -> RuleTable {

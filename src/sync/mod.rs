@@ -70,7 +70,7 @@ pub async fn deliver(
         return Err(SyncFailure::Shed);
     };
     let request = request::build(
-        &rule.target.uri,
+        &rule.target,
         envelope,
         DeliveryMode::Sync,
         1,

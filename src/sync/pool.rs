@@ -190,7 +190,7 @@ fn origin_form(
     let target = request.uri().clone();
     let authority = target
         .authority()
-        .ok_or_else(|| CallError::Connect(format!("target {target} has no host")))?;
+        .ok_or_else(|| CallError::Connect("target has no host".to_string()))?;
     if !request.headers().contains_key(HOST) {
         let host = HeaderValue::from_str(authority.as_str()).map_err(|_| {
             CallError::Connect(format!("target host {authority} is not a valid header"))

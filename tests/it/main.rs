@@ -12,6 +12,7 @@ mod deploy;
 mod edge;
 mod redis;
 mod reload;
+mod secrets;
 #[path = "../common/sqlite_v1.rs"]
 mod sqlite_v1;
 mod sync_path;

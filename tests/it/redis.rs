@@ -14,7 +14,7 @@ use hookyard::receive::ReceiverConfig;
 use serde_json::Value;
 
 #[path = "../common/redis_server.rs"]
-mod redis_server;
+pub(crate) mod redis_server;
 
 use crate::util::{
     eventually, http_client, receiver, receiver_with, send, upstream, Sidecar, SECRET,
