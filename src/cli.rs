@@ -32,6 +32,20 @@ pub enum CliError {
     Io(#[from] std::io::Error),
 }
 
+/// Writes command output to stdout. A reader that went away (`hookyard schema | head -1`) ends
+/// the output quietly, as Unix tools do, instead of a panic on the broken pipe.
+pub fn print(text: &str) -> Result<(), CliError> {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    match stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush())
+    {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => Ok(other?),
+    }
+}
+
 /// `hookyard check`: the compiled rule table.
 pub fn check(path: &Path) -> Result<String, CliError> {
     let settings = config::load(path)?;
@@ -145,18 +159,17 @@ pub async fn receive(
     config: crate::receive::ReceiverConfig,
 ) -> Result<(), CliError> {
     let receiver = crate::receive::Receiver::bind(addr, config).await?;
-    println!(
-        "receiving on http://{} (GET /stats for counts); Ctrl-C to stop",
+    print(&format!(
+        "receiving on http://{} (GET /stats for counts); Ctrl-C to stop\n",
         receiver.local_addr()
-    );
+    ))?;
     tokio::signal::ctrl_c().await?;
     let stats = receiver.stats();
     receiver.shutdown().await;
-    println!(
-        "{}",
+    print(&format!(
+        "{}\n",
         serde_json::to_string_pretty(&stats).unwrap_or_default()
-    );
-    Ok(())
+    ))
 }
 
 /// A small client of the admin API for the `dlq` and `fallbacks` subcommands.
@@ -285,5 +298,223 @@ pub fn fallbacks_table(v: &Value) -> String {
         );
     }
     let _ = writeln!(out, "{} fallback(s)", items.len());
+    out
+}
+
+/// The dead letters a `dlq` command works on; every field narrows the selection.
+#[derive(Debug, Clone, Default)]
+pub struct DlqSelection {
+    pub event_type: Option<String>,
+    pub queue: Option<String>,
+    /// RFC 3339, inclusive.
+    pub since: Option<String>,
+    /// RFC 3339, exclusive.
+    pub until: Option<String>,
+}
+
+impl DlqSelection {
+    fn pairs(&self) -> [(&'static str, Option<&str>); 4] {
+        [
+            ("event_type", self.event_type.as_deref()),
+            ("queue", self.queue.as_deref()),
+            ("since", self.since.as_deref()),
+            ("until", self.until.as_deref()),
+        ]
+    }
+
+    fn is_empty(&self) -> bool {
+        self.pairs().iter().all(|(_, v)| v.is_none())
+    }
+}
+
+/// `?k=v&…` of the pairs that are set, percent-encoded; empty when none is.
+fn query<'a>(pairs: impl IntoIterator<Item = (&'a str, Option<&'a str>)>) -> String {
+    let mut query = url::form_urlencoded::Serializer::new(String::new());
+    let mut any = false;
+    for (key, value) in pairs {
+        if let Some(value) = value {
+            query.append_pair(key, value);
+            any = true;
+        }
+    }
+    if any {
+        format!("?{}", query.finish())
+    } else {
+        String::new()
+    }
+}
+
+/// `hookyard dlq list`.
+pub async fn dlq_list(
+    client: &AdminClient,
+    selection: &DlqSelection,
+    limit: usize,
+    cursor: Option<String>,
+    json: bool,
+) -> Result<(), CliError> {
+    let limit = limit.to_string();
+    let path = format!(
+        "/v1/dlq{}",
+        query(selection.pairs().into_iter().chain([
+            ("limit", Some(limit.as_str())),
+            ("cursor", cursor.as_deref())
+        ]))
+    );
+    let page = client.call(http::Method::GET, &path, None).await?;
+    if json {
+        print(&format!(
+            "{}\n",
+            serde_json::to_string_pretty(&page).unwrap_or_default()
+        ))
+    } else {
+        print(&dlq_table(&page))
+    }
+}
+
+/// `hookyard dlq replay`: the given ids, or with `all` every dead letter the selection matches.
+pub async fn dlq_replay(
+    client: &AdminClient,
+    ids: Vec<String>,
+    all: bool,
+    selection: &DlqSelection,
+) -> Result<(), CliError> {
+    let body = match (all, selection.is_empty()) {
+        (true, true) => serde_json::json!({"all": true}),
+        (true, false) => {
+            let mut filter = serde_json::Map::new();
+            for (key, value) in selection.pairs() {
+                if let Some(value) = value {
+                    filter.insert(key.into(), value.into());
+                }
+            }
+            Value::Object(filter)
+        }
+        (false, true) => serde_json::json!({"ids": ids}),
+        (false, false) => {
+            return Err(CliError::Usage(
+                "--event-type, --queue, --since and --until select with --all, not with ids".into(),
+            ))
+        }
+    };
+    let result = client
+        .call(http::Method::POST, "/v1/dlq/replay", Some(body))
+        .await?;
+    print(&format!("replayed {}\n", result["replayed"]))?;
+    let replayed: Vec<&str> = result["ids"]
+        .as_array()
+        .map(|a| a.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    let missing: Vec<&str> = ids
+        .iter()
+        .map(String::as_str)
+        .filter(|id| !replayed.contains(id))
+        .collect();
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(CliError::Admin(format!(
+            "not in the dead-letter queue: {}",
+            missing.join(", ")
+        )))
+    }
+}
+
+/// `hookyard fallbacks`.
+pub async fn fallbacks(
+    client: &AdminClient,
+    since: Option<String>,
+    limit: usize,
+    json: bool,
+) -> Result<(), CliError> {
+    let limit = limit.to_string();
+    let path = format!(
+        "/v1/fallbacks{}",
+        query([("since", since.as_deref()), ("limit", Some(limit.as_str()))])
+    );
+    let v = client.call(http::Method::GET, &path, None).await?;
+    if json {
+        print(&format!(
+            "{}\n",
+            serde_json::to_string_pretty(&v).unwrap_or_default()
+        ))
+    } else {
+        print(&fallbacks_table(&v))
+    }
+}
+
+/// `hookyard reload`: what the reload changed, or why the file was refused.
+pub async fn reload(client: &AdminClient) -> Result<(), CliError> {
+    let v = client
+        .call(http::Method::POST, "/v1/config/reload", None)
+        .await?;
+    let report = &v["report"];
+    let mut out = format!(
+        "reloaded: {} rule(s), content hash {}\n",
+        report["rules"],
+        report["content_hash"].as_str().unwrap_or("?")
+    );
+    if let Some(restart) = report["needs_restart"].as_array().filter(|a| !a.is_empty()) {
+        let names: Vec<&str> = restart.iter().filter_map(Value::as_str).collect();
+        let _ = writeln!(
+            out,
+            "changed but not applied until a restart: {}",
+            names.join(", ")
+        );
+    }
+    print(&out)
+}
+
+/// `hookyard circuits`.
+pub async fn circuits(client: &AdminClient, json: bool) -> Result<(), CliError> {
+    let v = client.call(http::Method::GET, "/v1/circuits", None).await?;
+    if json {
+        return print(&format!(
+            "{}\n",
+            serde_json::to_string_pretty(&v).unwrap_or_default()
+        ));
+    }
+    print(&circuits_table(&v))
+}
+
+/// Formats `GET /v1/circuits` output as a table.
+pub fn circuits_table(v: &Value) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{:<28}  {:<9}  {:>7}  {:>8}  {:>6}  {:>9}  NEXT PROBE",
+        "HOST", "STATE", "CALLS", "FAILURES", "RATE", "IN FLIGHT"
+    );
+    let hosts = v["hosts"].as_array().cloned().unwrap_or_default();
+    for h in &hosts {
+        let b = &h["breaker"];
+        let number = |v: &Value| v.as_u64().map_or_else(|| "-".into(), |n| n.to_string());
+        let _ = writeln!(
+            out,
+            "{:<28}  {:<9}  {:>7}  {:>8}  {:>6}  {:>9}  {}",
+            h["host"].as_str().unwrap_or(""),
+            b["state"].as_str().unwrap_or(""),
+            number(&b["calls"]),
+            number(&b["failures"]),
+            b["rate"]
+                .as_f64()
+                .map_or_else(|| "-".into(), |r| format!("{:.0}%", r * 100.0)),
+            format!(
+                "{}/{}",
+                number(&h["in_flight"]),
+                number(&h["max_connections"])
+            ),
+            b["next_probe_at_ms"]
+                .as_i64()
+                .map_or_else(|| "-".into(), rfc3339),
+        );
+    }
+    if let Some(disabled) = v["disabled_targets"].as_array().filter(|d| !d.is_empty()) {
+        let names: Vec<&str> = disabled.iter().filter_map(Value::as_str).collect();
+        let _ = writeln!(
+            out,
+            "disabled by 410 Gone (POST /v1/targets/enable): {}",
+            names.join(", ")
+        );
+    }
     out
 }

@@ -1,54 +1,47 @@
-//! The `hookyard` command line: parses arguments and calls into the library.
+//! The `hookyard` command line: parses arguments and calls into the library (`hookyard::cli`).
 
+use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand, ValueEnum};
-use hookyard::cli::{self, AdminClient, CliError};
+use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
+use hookyard::cli::{self, AdminClient, CliError, DlqSelection};
 use hookyard::receive::ReceiverConfig;
 use hookyard::secret::Redacted;
 use hookyard::signing::Secret;
-use serde_json::json;
-
-/// `print!` for command output: a reader that went away (`hookyard schema | head -1`) ends the
-/// command quietly, as Unix tools do, instead of panicking on the broken pipe.
-macro_rules! out {
-    ($($arg:tt)*) => { write_stdout(format_args!($($arg)*)) };
-}
-
-/// `println!` for command output; see [`out!`].
-macro_rules! outln {
-    ($($arg:tt)*) => { write_stdout(format_args!("{}\n", format_args!($($arg)*))) };
-}
-
-fn write_stdout(text: std::fmt::Arguments<'_>) {
-    use std::io::Write;
-    let mut stdout = std::io::stdout().lock();
-    if let Err(e) = stdout.write_fmt(text).and_then(|()| stdout.flush()) {
-        if e.kind() == std::io::ErrorKind::BrokenPipe {
-            std::process::exit(0);
-        }
-        eprintln!("error: writing to stdout: {e}");
-        std::process::exit(1);
-    }
-}
 
 // glibc malloc showed up at about 7% of the sync hop's CPU (many small, short-lived
 // allocations across threads); mimalloc's per-thread free lists serve that pattern better.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// `hookyard --version`: the crate version, the commit and the build date (see `build.rs`).
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (",
+    env!("HOOKYARD_BUILD_COMMIT"),
+    " ",
+    env!("HOOKYARD_BUILD_DATE"),
+    ")"
+);
+
 /// A hybrid sync/async webhook dispatcher sidecar.
 #[derive(Parser)]
-#[command(name = "hookyard", version, about, long_about = None)]
+#[command(name = "hookyard", version = VERSION, about, long_about = None)]
 struct Args {
-    /// Log format on stderr: `human` (alias `text`) or `json`.
-    #[arg(long, value_enum, env = "HOOKYARD_LOG_FORMAT", default_value_t = LogFormat::Human, global = true)]
-    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+/// How the commands that log (`serve`, `receive`) write their log lines to stderr.
+#[derive(clap::Args)]
+struct LogArgs {
+    /// Log format: `human` (alias `text`; coloured only on a terminal, never with NO_COLOR)
+    /// or `json` (one object per line). Verbosity: RUST_LOG (default `info`).
+    #[arg(long, value_enum, env = "HOOKYARD_LOG_FORMAT", default_value_t = LogFormat::Human)]
+    log_format: LogFormat,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -70,6 +63,8 @@ enum Command {
             default_value = "dispatcher-config.yaml"
         )]
         config: PathBuf,
+        #[command(flatten)]
+        log: LogArgs,
     },
     /// Validate a config; print the compiled rules, or every error with file, line and column.
     Check {
@@ -84,6 +79,11 @@ enum Command {
     },
     /// Print the JSON Schema of the config file (for editors).
     Schema,
+    /// Print a shell completion script, e.g. `hookyard completions bash > /etc/bash_completion.d/hookyard`.
+    Completions {
+        /// The shell to complete in.
+        shell: clap_complete::Shell,
+    },
     /// A verifying test receiver: checks signatures, counts duplicates, injects failures.
     Receive {
         /// Address to listen on.
@@ -112,6 +112,8 @@ enum Command {
         /// How many webhook-ids answered 2xx to remember for duplicate counting (bounds memory).
         #[arg(long, default_value_t = 1_000_000, value_parser = clap::value_parser!(u64).range(2..))]
         remember_ids: u64,
+        #[command(flatten)]
+        log: LogArgs,
     },
     /// Inspect and re-drive the dead-letter queue of a running sidecar.
     Dlq {
@@ -130,6 +132,19 @@ enum Command {
         /// Most rows to show.
         #[arg(long, default_value_t = 100)]
         limit: usize,
+        /// Print the raw JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Ask a running sidecar to reload its config file now (as SIGHUP does).
+    Reload {
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Show each upstream host's circuit breaker, in-flight requests and connection cap.
+    Circuits {
+        #[command(flatten)]
+        admin: AdminArgs,
         /// Print the raw JSON instead of a table.
         #[arg(long)]
         json: bool,
@@ -158,42 +173,75 @@ struct AdminArgs {
     token: Option<Redacted>,
 }
 
+impl AdminArgs {
+    fn client(self) -> AdminClient {
+        AdminClient::new(&self.admin_url, self.token)
+    }
+}
+
+/// Which dead letters a `dlq` command works on.
+#[derive(clap::Args)]
+struct DlqFilterArgs {
+    /// Only dead letters of this event type.
+    #[arg(long)]
+    event_type: Option<String>,
+    /// Only dead letters of this queue.
+    #[arg(long)]
+    queue: Option<String>,
+    /// Only dead letters dead-lettered at or after this time (RFC 3339).
+    #[arg(long)]
+    since: Option<String>,
+    /// Only dead letters dead-lettered before this time (RFC 3339).
+    #[arg(long)]
+    until: Option<String>,
+}
+
+impl From<DlqFilterArgs> for DlqSelection {
+    fn from(f: DlqFilterArgs) -> Self {
+        DlqSelection {
+            event_type: f.event_type,
+            queue: f.queue,
+            since: f.since,
+            until: f.until,
+        }
+    }
+}
+
 #[derive(Subcommand)]
 enum DlqAction {
     /// List dead letters, newest first.
     List {
-        #[arg(long)]
-        event_type: Option<String>,
-        #[arg(long)]
-        queue: Option<String>,
-        /// Dead-lettered at or after (RFC 3339).
-        #[arg(long)]
-        since: Option<String>,
+        #[command(flatten)]
+        filter: DlqFilterArgs,
+        /// Most rows to show on this page.
         #[arg(long, default_value_t = 100)]
         limit: usize,
-        /// Continue from a previous page.
+        /// Continue from a previous page (the cursor it printed).
         #[arg(long)]
         cursor: Option<String>,
         /// Print the raw JSON instead of a table.
         #[arg(long)]
         json: bool,
     },
-    /// Replay dead letters by id, or all of them (optionally of one event type).
+    /// Replay dead letters by id, or every one that matches the filters given with --all.
     Replay {
         /// Event ids to replay.
         #[arg(required_unless_present = "all", conflicts_with = "all")]
         ids: Vec<String>,
-        /// Replay every dead letter (narrow with --event-type).
+        /// Replay every dead letter that matches the filters (all of them without one).
         #[arg(long)]
         all: bool,
-        #[arg(long, requires = "all")]
-        event_type: Option<String>,
+        #[command(flatten)]
+        filter: DlqFilterArgs,
     },
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    init_logging(args.log_format);
+    match &args.command {
+        Command::Serve { log, .. } | Command::Receive { log, .. } => init_logging(log.log_format),
+        _ => {}
+    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -221,8 +269,11 @@ fn render_error(e: &CliError) -> String {
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Colour codes are for people at a terminal; in a file or a log pipeline they are noise.
+    let ansi = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(ansi)
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Human => builder.init(),
@@ -230,42 +281,18 @@ fn init_logging(format: LogFormat) {
     }
 }
 
-fn query(pairs: &[(&str, Option<String>)]) -> String {
-    let parts: Vec<String> = pairs
-        .iter()
-        .filter_map(|(k, v)| v.as_ref().map(|v| format!("{k}={}", encode(v))))
-        .collect();
-    if parts.is_empty() {
-        String::new()
-    } else {
-        format!("?{}", parts.join("&"))
-    }
-}
-
-fn encode(v: &str) -> String {
-    v.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
-}
-
 async fn run(command: Command) -> Result<(), CliError> {
     match command {
-        Command::Serve { config } => cli::serve(&config).await,
-        Command::Check { config } => {
-            out!("{}", cli::check(&config)?);
-            Ok(())
-        }
-        Command::Schema => {
-            outln!(
-                "{}",
-                serde_json::to_string_pretty(&hookyard::config::json_schema()).unwrap_or_default()
-            );
-            Ok(())
+        Command::Serve { config, .. } => cli::serve(&config).await,
+        Command::Check { config } => cli::print(&cli::check(&config)?),
+        Command::Schema => cli::print(&format!(
+            "{}\n",
+            serde_json::to_string_pretty(&hookyard::config::json_schema()).unwrap_or_default()
+        )),
+        Command::Completions { shell } => {
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Args::command(), "hookyard", &mut script);
+            cli::print(&String::from_utf8_lossy(&script))
         }
         Command::Receive {
             listen,
@@ -276,6 +303,7 @@ async fn run(command: Command) -> Result<(), CliError> {
             status,
             tolerance_secs,
             remember_ids,
+            log: _,
         } => {
             let secrets = secret
                 .iter()
@@ -299,96 +327,24 @@ async fn run(command: Command) -> Result<(), CliError> {
             };
             cli::receive(listen, config).await
         }
-        Command::Dlq { admin, action } => {
-            let client = AdminClient::new(&admin.admin_url, admin.token);
-            match action {
-                DlqAction::List {
-                    event_type,
-                    queue,
-                    since,
-                    limit,
-                    cursor,
-                    json,
-                } => {
-                    let path = format!(
-                        "/v1/dlq{}",
-                        query(&[
-                            ("event_type", event_type),
-                            ("queue", queue),
-                            ("since", since),
-                            ("limit", Some(limit.to_string())),
-                            ("cursor", cursor),
-                        ])
-                    );
-                    let page = client.call(http::Method::GET, &path, None).await?;
-                    if json {
-                        outln!(
-                            "{}",
-                            serde_json::to_string_pretty(&page).unwrap_or_default()
-                        );
-                    } else {
-                        out!("{}", cli::dlq_table(&page));
-                    }
-                    Ok(())
-                }
-                DlqAction::Replay {
-                    ids,
-                    all,
-                    event_type,
-                } => {
-                    let body = if all {
-                        match event_type {
-                            Some(t) => json!({"event_type": t}),
-                            None => json!({"all": true}),
-                        }
-                    } else {
-                        json!({"ids": ids})
-                    };
-                    let result = client
-                        .call(http::Method::POST, "/v1/dlq/replay", Some(body))
-                        .await?;
-                    outln!("replayed {}", result["replayed"]);
-                    let replayed: Vec<&str> = result["ids"]
-                        .as_array()
-                        .map(|a| a.iter().filter_map(|v| v.as_str()).collect())
-                        .unwrap_or_default();
-                    let missing: Vec<&String> = ids
-                        .iter()
-                        .filter(|id| !replayed.contains(&id.as_str()))
-                        .collect();
-                    if missing.is_empty() {
-                        Ok(())
-                    } else {
-                        Err(CliError::Admin(format!(
-                            "not in the dead-letter queue: {}",
-                            missing
-                                .iter()
-                                .map(|s| s.as_str())
-                                .collect::<Vec<_>>()
-                                .join(", ")
-                        )))
-                    }
-                }
+        Command::Dlq { admin, action } => match action {
+            DlqAction::List {
+                filter,
+                limit,
+                cursor,
+                json,
+            } => cli::dlq_list(&admin.client(), &filter.into(), limit, cursor, json).await,
+            DlqAction::Replay { ids, all, filter } => {
+                cli::dlq_replay(&admin.client(), ids, all, &filter.into()).await
             }
-        }
+        },
         Command::Fallbacks {
             admin,
             since,
             limit,
             json,
-        } => {
-            let client = AdminClient::new(&admin.admin_url, admin.token);
-            let path = format!(
-                "/v1/fallbacks{}",
-                query(&[("since", since), ("limit", Some(limit.to_string()))])
-            );
-            let v = client.call(http::Method::GET, &path, None).await?;
-            if json {
-                outln!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
-            } else {
-                out!("{}", cli::fallbacks_table(&v));
-            }
-            Ok(())
-        }
+        } => cli::fallbacks(&admin.client(), since, limit, json).await,
+        Command::Reload { admin } => cli::reload(&admin.client()).await,
+        Command::Circuits { admin, json } => cli::circuits(&admin.client(), json).await,
     }
 }

@@ -217,7 +217,7 @@ impl Limited {
             .arg(format!("--nofile={nofile}:{nofile}"))
             .arg("--")
             .arg(env!("CARGO_BIN_EXE_hookyard"))
-            .args(["--log-format", "json", "serve", "--config"])
+            .args(["serve", "--log-format", "json", "--config"])
             .arg(config)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())

@@ -143,7 +143,7 @@ impl Serve {
         let log = dir.join(format!("serve-{format}.log"));
         let file = std::fs::File::create(&log).unwrap();
         let child = hookyard()
-            .args(["--log-format", format, "serve", "--config"])
+            .args(["serve", "--log-format", format, "--config"])
             .arg(config)
             .stdout(Stdio::from(file.try_clone().unwrap()))
             .stderr(Stdio::from(file))
