@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use super::breaker::Breaker;
+use super::breaker::{Breaker, CloseHook};
 use super::gate::Gate;
 use super::pool::{connector, ConnPool, Connector};
 use crate::config::{HostPolicy, TlsTrust};
@@ -57,7 +57,6 @@ impl Lanes {
 }
 
 /// An upstream host and the machinery guarding it.
-#[derive(Debug)]
 pub struct Host {
     pub key: Arc<str>,
     pub policy: HostPolicy,
@@ -68,6 +67,18 @@ pub struct Host {
     pub metrics: Arc<crate::metrics::HostMetrics>,
     /// Which trust roots the pool was built with.
     tls_fingerprint: String,
+    /// Handed to every breaker this host builds (the queue's "make deferred events due").
+    on_close: Option<CloseHook>,
+}
+
+impl std::fmt::Debug for Host {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Host")
+            .field("key", &self.key)
+            .field("policy", &self.policy)
+            .field("breaker", &self.breaker)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Host {
@@ -76,20 +87,28 @@ impl Host {
         self.lanes.current()
     }
 
-    /// A host with a fresh pool, gate and breaker.
-    pub fn new(key: Arc<str>, policy: &HostPolicy, tls: &TlsTrust) -> Arc<Self> {
+    /// A host with a fresh pool, gate and breaker; `on_close` runs when its breaker closes
+    /// after a successful probe.
+    pub fn new(
+        key: Arc<str>,
+        policy: &HostPolicy,
+        tls: &TlsTrust,
+        on_close: Option<CloseHook>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             gate: Gate::new(policy.max_connections, policy.shed_threshold()),
             metrics: Arc::new(crate::metrics::HostMetrics::new(&key)),
-            breaker: Breaker::new(
+            breaker: Breaker::with_clock(
                 key.clone(),
-                policy.breaker_failures,
-                policy.breaker_recovery,
+                policy.circuit_breaker,
+                crate::clock::Clock::System,
+                on_close.clone(),
             ),
             lanes: Lanes::new(policy, tls),
             tls_fingerprint: tls.fingerprint.clone(),
             policy: policy.clone(),
             key,
+            on_close,
         })
     }
 
@@ -102,16 +121,15 @@ impl Host {
         }
         self.gate
             .set_limits(policy.max_connections, policy.shed_threshold());
-        let breaker = if self
-            .breaker
-            .has_policy(policy.breaker_failures, policy.breaker_recovery)
-        {
+        // Same policy, same thresholds: the breaker (open or not, its window) carries over.
+        let breaker = if *self.breaker.settings() == policy.circuit_breaker {
             self.breaker.clone()
         } else {
-            Breaker::new(
+            Breaker::with_clock(
                 self.key.clone(),
-                policy.breaker_failures,
-                policy.breaker_recovery,
+                policy.circuit_breaker,
+                crate::clock::Clock::System,
+                self.on_close.clone(),
             )
         };
         let lanes = if self.policy.connect_timeout == policy.connect_timeout
@@ -130,6 +148,7 @@ impl Host {
             lanes,
             metrics: self.metrics.clone(),
             tls_fingerprint: tls.fingerprint.clone(),
+            on_close: self.on_close.clone(),
         })
     }
 }
@@ -140,16 +159,26 @@ pub type HostMap = HashMap<Arc<str>, Arc<Host>>;
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::{BreakerPolicy, BreakerSettings};
     use crate::sync::breaker::BreakerState;
+
+    fn consecutive(n: u32) -> BreakerSettings {
+        BreakerSettings {
+            policy: BreakerPolicy::Consecutive {
+                consecutive_failures: n,
+            },
+            ..BreakerSettings::default()
+        }
+    }
 
     #[tokio::test]
     async fn a_new_policy_keeps_the_gate_count_and_a_breaker_whose_thresholds_did_not_change() {
         let policy = HostPolicy {
-            breaker_failures: 1,
+            circuit_breaker: consecutive(1),
             ..HostPolicy::default()
         };
         let tls = TlsTrust::new(Vec::new()).unwrap();
-        let host = Host::new("h:1".into(), &policy, &tls);
+        let host = Host::new("h:1".into(), &policy, &tls, None);
         host.breaker.admit().unwrap().failure();
         assert_eq!(host.breaker.state(), BreakerState::Open);
         let held = host.gate.try_enter().unwrap();
@@ -179,7 +208,7 @@ mod tests {
         drop(held);
 
         let stricter = HostPolicy {
-            breaker_failures: 3,
+            circuit_breaker: consecutive(3),
             ..wider
         };
         let rebuilt = reloaded.with_policy(&stricter, &tls);
