@@ -781,6 +781,21 @@ mod tests {
         );
     }
 
+    /// The outer deadline cancels the future that holds the ticket: the outcome is not lost.
+    #[tokio::test]
+    async fn a_call_cancelled_by_an_outer_deadline_records_a_failure() {
+        let (b, _clock) = breaker(consecutive(1));
+        let call = async {
+            let _ticket = b.admit().expect("admitted");
+            std::future::pending::<()>().await;
+        };
+        assert!(tokio::time::timeout(Duration::from_millis(5), call)
+            .await
+            .is_err());
+        assert_eq!(b.snapshot().failures, 1);
+        assert_eq!(b.state(), BreakerState::Open);
+    }
+
     #[test]
     fn consecutive_policy_opens_after_n_in_a_row_and_successes_reset_it() {
         let (b, clock) = breaker(consecutive(3));

@@ -218,4 +218,41 @@ mod tests {
             "new thresholds, new breaker"
         );
     }
+
+    #[tokio::test]
+    async fn a_failure_rate_breaker_survives_a_reload_that_keeps_its_thresholds() {
+        let settings = BreakerSettings {
+            policy: BreakerPolicy::FailureRate {
+                failure_rate: 0.5,
+                window_ms: 10_000,
+                min_calls: 2,
+            },
+            ..BreakerSettings::default()
+        };
+        let policy = HostPolicy {
+            circuit_breaker: settings,
+            ..HostPolicy::default()
+        };
+        let tls = TlsTrust::new(Vec::new()).unwrap();
+        let host = Host::new("h:2".into(), &policy, &tls, None);
+        host.breaker.admit().unwrap().failure();
+        host.breaker.admit().unwrap().failure();
+        assert_eq!(host.breaker.state(), BreakerState::Open);
+
+        let other_pool = HostPolicy {
+            connect_timeout: std::time::Duration::from_millis(900),
+            ..policy.clone()
+        };
+        let reloaded = host.with_policy(&other_pool, &tls);
+        assert_eq!(reloaded.breaker.state(), BreakerState::Open);
+        assert_eq!(reloaded.breaker.snapshot().failures, 2, "its window too");
+
+        let switched = HostPolicy {
+            circuit_breaker: consecutive(2),
+            ..other_pool
+        };
+        let rebuilt = reloaded.with_policy(&switched, &tls);
+        assert_eq!(rebuilt.breaker.state(), BreakerState::Closed);
+        assert_eq!(rebuilt.breaker.settings().policy.name(), "consecutive");
+    }
 }
