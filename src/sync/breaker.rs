@@ -288,8 +288,9 @@ pub struct BreakerSnapshot {
     pub failures: u64,
     /// `failures / calls` in the window (0 with no calls).
     pub rate: f64,
-    /// Length of the window those counts cover.
-    pub window_ms: u64,
+    /// Length of the window those counts cover (for the consecutive policy, which has no
+    /// window of its own, 10 s).
+    pub counts_window_ms: u64,
     /// Failures in a row right now.
     pub consecutive_failures: u32,
     /// Unix ms when an open breaker lets its probes through.
@@ -593,7 +594,7 @@ impl Breaker {
             } else {
                 failures as f64 / calls as f64
             },
-            window_ms: inner.window.bucket_ms as u64 * u64::from(inner.window.used),
+            counts_window_ms: inner.window.bucket_ms as u64 * u64::from(inner.window.used),
             consecutive_failures: inner.consecutive.load(Ordering::Acquire),
             next_probe_at_ms: (state == BreakerState::Open)
                 .then(|| inner.open_until_ms.load(Ordering::Acquire)),

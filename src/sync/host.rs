@@ -125,6 +125,13 @@ impl Host {
         let breaker = if *self.breaker.settings() == policy.circuit_breaker {
             self.breaker.clone()
         } else {
+            // The old breaker is gone with whatever it held back: a fresh breaker is closed,
+            // so the events the old one deferred are due now, as after a close.
+            if self.breaker.state() != super::breaker::BreakerState::Closed {
+                if let Some(hook) = &self.on_close {
+                    hook(&self.key);
+                }
+            }
             Breaker::with_clock(
                 self.key.clone(),
                 policy.circuit_breaker,
