@@ -942,15 +942,12 @@ impl Store for RedisStore {
         Box::pin(async move {
             let hosts_key = format!("{}:bdhosts", self.inner.prefix);
             let hosts: Vec<String> = self
-                .run(|mut conn| {
-                    let hosts_key = hosts_key.clone();
-                    async move {
-                        redis::cmd("SMEMBERS")
-                            .arg(&hosts_key)
-                            .query_async(&mut conn)
-                            .await
-                            .map_err(unavailable)
-                    }
+                .run(|mut conn| async move {
+                    redis::cmd("SMEMBERS")
+                        .arg(&hosts_key)
+                        .query_async(&mut conn)
+                        .await
+                        .map_err(unavailable)
                 })
                 .await?;
             let mut total = 0;
