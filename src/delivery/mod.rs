@@ -4,7 +4,10 @@
 //! its own task. It sleeps exactly until the next due time (or until an enqueue wakes it), so
 //! retry delays are honoured to the millisecond without a polling loop. Async deliveries pass
 //! through the same per-host gate and breaker as sync calls: an open breaker or a full gate
-//! *defers* the event (no attempt is counted); it never drops it.
+//! *defers* the event (no attempt is counted); it never drops it. A breaker deferral is recorded
+//! with the host, until the next probe time; when a probe closes that breaker,
+//! [`undefer_on_close`] makes those events due at once, and at startup it makes every breaker
+//! deferral due (the breakers that made them died with the previous process).
 
 mod classify;
 
