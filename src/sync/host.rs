@@ -262,4 +262,37 @@ mod tests {
         assert_eq!(rebuilt.breaker.state(), BreakerState::Closed);
         assert_eq!(rebuilt.breaker.settings().policy.name(), "consecutive");
     }
+
+    #[tokio::test]
+    async fn replacing_an_open_breaker_frees_the_events_it_deferred() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let freed = Arc::new(AtomicUsize::new(0));
+        let seen = freed.clone();
+        let hook: CloseHook = Arc::new(move |_host: &Arc<str>| {
+            seen.fetch_add(1, Ordering::SeqCst);
+        });
+        let policy = HostPolicy {
+            circuit_breaker: consecutive(1),
+            ..HostPolicy::default()
+        };
+        let tls = TlsTrust::new(Vec::new()).unwrap();
+        let host = Host::new("h:3".into(), &policy, &tls, Some(hook));
+        let closed_swap = host.with_policy(
+            &HostPolicy {
+                circuit_breaker: consecutive(2),
+                ..policy.clone()
+            },
+            &tls,
+        );
+        assert_eq!(
+            freed.load(Ordering::SeqCst),
+            0,
+            "a closed breaker held nothing"
+        );
+        closed_swap.breaker.admit().unwrap().failure();
+        closed_swap.breaker.admit().unwrap().failure();
+        assert_eq!(closed_swap.breaker.state(), BreakerState::Open);
+        let _replaced = closed_swap.with_policy(&policy, &tls);
+        assert_eq!(freed.load(Ordering::SeqCst), 1);
+    }
 }
