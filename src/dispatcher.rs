@@ -17,6 +17,7 @@ use crate::clock::now_ms;
 use crate::config::{Settings, StoreSettings};
 use crate::queue::{EnqueueOutcome, FallbackReason, IdempotencyClaim, NewEvent, Store, StoreError};
 use crate::routing::{DeliveryMode, Rule};
+use crate::sync::breaker::CloseHook;
 use crate::sync::{self, Envelope, Host, HostMap, SyncFailure, UpstreamResponse};
 
 /// An event handed to hookyard by a service.
@@ -85,6 +86,10 @@ pub struct Dispatcher {
     disabled_targets: Mutex<HashSet<String>>,
     /// Wakes the delivery workers when an event is enqueued.
     pub(crate) enqueued: tokio::sync::Notify,
+    /// Given to every host's breaker: sends the host's key when a probe closes it.
+    on_close: CloseHook,
+    /// The other end, taken once by the delivery workers (they make the deferred events due).
+    closes: Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<Arc<str>>>>,
 }
 
 impl std::fmt::Debug for Dispatcher {
@@ -156,8 +161,15 @@ pub fn new_event_id() -> String {
 impl Dispatcher {
     /// A dispatcher running `settings` on `store`.
     pub fn new(settings: Settings, store: Arc<dyn Store>) -> Arc<Self> {
-        let hosts = build_hosts(&settings, &HostMap::new());
+        let (close_tx, close_rx) = tokio::sync::mpsc::unbounded_channel();
+        // Unbounded, but it carries one host key per breaker close: transitions, not calls.
+        let on_close: CloseHook = Arc::new(move |host: &Arc<str>| {
+            let _ = close_tx.send(host.clone());
+        });
+        let hosts = build_hosts(&settings, &HostMap::new(), &on_close);
         Arc::new(Self {
+            on_close,
+            closes: Mutex::new(Some(close_rx)),
             snapshot: ArcSwap::from_pointee(Snapshot {
                 settings: Arc::new(settings),
                 loaded_at_ms: now_ms(),
@@ -185,6 +197,12 @@ impl Dispatcher {
         &self.store
     }
 
+    /// The stream of breaker closes (host keys), for the one task that acts on them; `None`
+    /// once taken.
+    pub fn take_breaker_closes(&self) -> Option<tokio::sync::mpsc::UnboundedReceiver<Arc<str>>> {
+        self.closes.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+
     /// Every host, with its gate and breaker.
     pub fn hosts(&self) -> Arc<HostMap> {
         self.hosts.load_full()
@@ -205,13 +223,15 @@ impl Dispatcher {
             let mut map = HostMap::clone(map);
             let host = map
                 .entry(key.clone())
-                .or_insert_with(|| Host::new(key.clone(), &policy, tls))
+                .or_insert_with(|| {
+                    Host::new(key.clone(), &policy, tls, Some(self.on_close.clone()))
+                })
                 .clone();
             created = Some(host);
             map
         });
         // rcu ran the closure at least once, so `created` is set.
-        created.unwrap_or_else(|| Host::new(key, &policy, tls))
+        created.unwrap_or_else(|| Host::new(key, &policy, tls, Some(self.on_close.clone())))
     }
 
     /// Replaces the running settings with `new` (already validated and compiled).
@@ -228,7 +248,7 @@ impl Dispatcher {
         if new.store != old.settings.store {
             needs_restart.push("store");
         }
-        let hosts = build_hosts(&new, &self.hosts.load());
+        let hosts = build_hosts(&new, &self.hosts.load(), &self.on_close);
         let report = ReloadReport {
             content_hash: new.content_hash.clone(),
             rules: new.rules.len(),
@@ -445,14 +465,14 @@ fn outcome_label(outcome: &Outcome) -> &'static str {
 }
 
 /// Hosts for every rule target under the new settings, reusing what `old` already has.
-fn build_hosts(settings: &Settings, old: &HostMap) -> HostMap {
+fn build_hosts(settings: &Settings, old: &HostMap, on_close: &CloseHook) -> HostMap {
     let mut hosts = HostMap::new();
     for rule in settings.rules.rules() {
         let key = &rule.target.host;
         let policy = settings.hosts.for_host(key);
         let host = match old.get(key) {
             Some(existing) => existing.with_policy(policy, &settings.tls),
-            None => Host::new(key.clone(), policy, &settings.tls),
+            None => Host::new(key.clone(), policy, &settings.tls, Some(on_close.clone())),
         };
         hosts.insert(key.clone(), host);
     }

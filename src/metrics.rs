@@ -105,11 +105,22 @@ impl HostMetrics {
             })
         };
         let latency = |mode: DeliveryMode| histogram!(DELIVERY_LATENCY, "host" => host.clone(), "mode" => mode.as_str());
-        Self {
+        let metrics = Self {
             attempts: [per_mode(DeliveryMode::Sync), per_mode(DeliveryMode::Async)],
             latency: [latency(DeliveryMode::Sync), latency(DeliveryMode::Async)],
             shed: counter!(SHED, "host" => host.clone()),
+        };
+        // Every host's breaker series exist from the first scrape, at zero (closed, no
+        // transitions), so an alert on them never waits for the first trip.
+        gauge!(CIRCUIT_STATE, "host" => host.clone()).set(0.0);
+        for to in [
+            BreakerState::Closed,
+            BreakerState::Open,
+            BreakerState::HalfOpen,
+        ] {
+            counter!(CIRCUIT_TRANSITIONS, "host" => host.clone(), "to" => to.as_str()).increment(0);
         }
+        metrics
     }
 
     /// One delivery attempt finished with `class` after `latency`.
@@ -176,6 +187,11 @@ pub fn status_class(status: u16) -> &'static str {
 pub fn host_gauges(host: &Arc<str>, in_flight: u32, max_connections: u32) {
     gauge!(HOST_IN_FLIGHT, "host" => host.clone()).set(f64::from(in_flight));
     gauge!(HOST_MAX_CONNECTIONS, "host" => host.clone()).set(f64::from(max_connections));
+}
+
+/// The state of `host`'s breaker, set at scrape time.
+pub fn circuit_state(host: &Arc<str>, state: BreakerState) {
+    gauge!(CIRCUIT_STATE, "host" => host.clone()).set(state as u8 as f64);
 }
 
 /// The breaker of `host` moved to `state`.

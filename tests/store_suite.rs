@@ -30,6 +30,8 @@ macro_rules! with_cases {
         leases_that_keep_running_out_dead_letter_the_event,
         retry_reschedules_and_counts_attempts,
         defer_does_not_count_an_attempt,
+        breaker_deferrals_are_due_at_once_when_that_breaker_closes,
+        undefer_all_makes_every_breaker_deferral_due,
         dead_letter_listing_filters_and_paging,
         replay_starts_fresh_round_with_same_id,
         replay_matching_replays_filtered_set,

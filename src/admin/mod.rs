@@ -309,6 +309,9 @@ impl Admin {
                 host.gate.in_flight(),
                 host.gate.max_connections(),
             );
+            // Read at scrape time, so a breaker rebuilt by a reload (new thresholds) shows its
+            // own state rather than the last transition of the one it replaced.
+            crate::metrics::circuit_state(&host.key, host.breaker.state());
         }
         let mut r = Response::new(Full::new(Bytes::from(self.metrics.render())));
         r.headers_mut().insert(

@@ -151,9 +151,80 @@ pub struct HostPolicy {
     pub shed_at: f64,
     #[serde(serialize_with = "as_ms")]
     pub connect_timeout: Duration,
-    pub breaker_failures: u32,
-    #[serde(serialize_with = "as_ms")]
-    pub breaker_recovery: Duration,
+    /// When the host's circuit breaker opens and how it recovers.
+    pub circuit_breaker: BreakerSettings,
+}
+
+/// What opens a host's circuit breaker.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[serde(tag = "policy", rename_all = "snake_case")]
+pub enum BreakerPolicy {
+    /// Open when, over the rolling `window_ms`, at least `min_calls` calls finished and the
+    /// failed share of them reached `failure_rate`. A host failing a steady minority of calls
+    /// at random is never cut off; one failing most calls is cut off within one window.
+    FailureRate {
+        failure_rate: f64,
+        window_ms: u64,
+        min_calls: u32,
+    },
+    /// Open after `consecutive_failures` failures in a row (in completion order).
+    Consecutive { consecutive_failures: u32 },
+}
+
+impl BreakerPolicy {
+    /// `failure_rate` or `consecutive`, as in the file and on `/v1/circuits`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::FailureRate { .. } => "failure_rate",
+            Self::Consecutive { .. } => "consecutive",
+        }
+    }
+
+    /// `(failure_rate, window_ms, min_calls)` of this policy, or the failure-rate defaults when
+    /// it is the consecutive one: the base a section switching policies starts from.
+    pub fn failure_rate_or_default(&self) -> (f64, u64, u32) {
+        match *self {
+            Self::FailureRate {
+                failure_rate,
+                window_ms,
+                min_calls,
+            } => (failure_rate, window_ms, min_calls),
+            Self::Consecutive { .. } => DEFAULT_FAILURE_RATE.failure_rate_or_default(),
+        }
+    }
+}
+
+/// Defaults of the failure-rate policy (seed 000): 50% over 10 s, with no verdict on fewer
+/// than 20 calls.
+pub const DEFAULT_FAILURE_RATE: BreakerPolicy = BreakerPolicy::FailureRate {
+    failure_rate: 0.5,
+    window_ms: 10_000,
+    min_calls: 20,
+};
+
+/// Default of the consecutive policy when it is chosen without a threshold.
+pub const DEFAULT_CONSECUTIVE_FAILURES: u32 = 5;
+
+/// A host's circuit breaker settings.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct BreakerSettings {
+    /// What opens it.
+    #[serde(flatten)]
+    pub policy: BreakerPolicy,
+    /// How long it stays open before half-open probes go through.
+    pub recovery_ms: u64,
+    /// Calls let through once half-open; all must succeed to close it, one failure re-opens it.
+    pub half_open_probes: u32,
+}
+
+impl Default for BreakerSettings {
+    fn default() -> Self {
+        Self {
+            policy: DEFAULT_FAILURE_RATE,
+            recovery_ms: 10_000,
+            half_open_probes: 1,
+        }
+    }
 }
 
 impl HostPolicy {
@@ -170,8 +241,7 @@ impl Default for HostPolicy {
             max_connections: 128,
             shed_at: 0.8,
             connect_timeout: Duration::from_millis(500),
-            breaker_failures: 5,
-            breaker_recovery: Duration::from_secs(30),
+            circuit_breaker: BreakerSettings::default(),
         }
     }
 }

@@ -182,16 +182,47 @@ pub struct HostSection {
     pub circuit_breaker: Option<BreakerSection>,
 }
 
-/// `circuit_breaker:` of a host.
+/// `circuit_breaker:` of a host. Failures are 5xx answers, timeouts and connection errors;
+/// a 4xx never counts against the host.
 #[derive(Debug, Default, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BreakerSection {
-    /// Consecutive failures (5xx, timeout, connect error) that open the breaker. Default 5.
+    /// What opens the breaker. Default `failure_rate`; writing `consecutive_failures` without
+    /// `policy` selects `consecutive`. Keys of the other policy are an error.
+    #[schemars(with = "Option<BreakerPolicyChoice>")]
+    pub policy: Option<Pos<BreakerPolicyChoice>>,
+    /// `failure_rate` policy: open when this share of the calls in the window failed. In (0, 1].
+    /// Default 0.5.
+    #[schemars(with = "Option<f64>")]
+    pub failure_rate: Option<Pos<f64>>,
+    /// `failure_rate` policy: length of the rolling window, in ms. Default 10000.
+    #[schemars(with = "Option<u64>")]
+    pub window_ms: Option<Pos<i64>>,
+    /// `failure_rate` policy: no verdict on fewer finished calls than this in the window.
+    /// At least 1. Default 20.
+    #[schemars(with = "Option<u32>")]
+    pub min_calls: Option<Pos<i64>>,
+    /// `consecutive` policy: failures in a row that open the breaker. Default 5.
     #[schemars(with = "Option<u32>")]
     pub consecutive_failures: Option<Pos<i64>>,
-    /// How long the breaker stays open before one probe is let through, in ms. Default 30000.
+    /// How long the breaker stays open before half-open probes go through, in ms. Default 10000.
     #[schemars(with = "Option<u64>")]
     pub recovery_ms: Option<Pos<i64>>,
+    /// Calls let through once half-open; all must succeed to close the breaker, and one
+    /// failure re-opens it. At least 1. Default 1.
+    #[schemars(with = "Option<u32>")]
+    pub half_open_probes: Option<Pos<i64>>,
+}
+
+/// The breaker policies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum BreakerPolicyChoice {
+    /// Open at a failed share of the calls over a rolling window (`failure_rate`,
+    /// `window_ms`, `min_calls`).
+    FailureRate,
+    /// Open after `consecutive_failures` failures in a row.
+    Consecutive,
 }
 
 /// One async queue's settings.

@@ -4,7 +4,10 @@
 //! its own task. It sleeps exactly until the next due time (or until an enqueue wakes it), so
 //! retry delays are honoured to the millisecond without a polling loop. Async deliveries pass
 //! through the same per-host gate and breaker as sync calls: an open breaker or a full gate
-//! *defers* the event (no attempt is counted); it never drops it.
+//! *defers* the event (no attempt is counted); it never drops it. A breaker deferral is recorded
+//! with the host, until the next probe time; when a probe closes that breaker,
+//! [`undefer_on_close`] makes those events due at once, and at startup it makes every breaker
+//! deferral due (the breakers that made them died with the previous process).
 
 mod classify;
 
@@ -37,6 +40,13 @@ const STORE_ERROR_BACKOFF: Duration = Duration::from_millis(250);
 pub async fn run(dispatcher: Arc<Dispatcher>, shutdown: watch::Receiver<bool>) {
     let mut queues: HashSet<Arc<str>> = HashSet::new();
     let mut set = JoinSet::new();
+    if let Some(closes) = dispatcher.take_breaker_closes() {
+        set.spawn(undefer_on_close(
+            dispatcher.clone(),
+            closes,
+            shutdown.clone(),
+        ));
+    }
     let mut shutdown_rx = shutdown.clone();
     loop {
         // Queues can appear with a reload: start a claimer for each new one.
@@ -87,8 +97,10 @@ async fn run_queue(
                 continue;
             }
             if let Some(pause) = streak.take_pause() {
+                // A breaker that closes makes its deferred events due now and wakes us.
                 tokio::select! {
                     _ = tokio::time::sleep(pause) => {}
+                    _ = dispatcher.enqueued.notified() => {}
                     _ = shutdown.changed() => {}
                 }
                 continue;
@@ -219,10 +231,10 @@ pub async fn deliver(
     event: ClaimedEvent,
     slot: OwnedSemaphorePermit,
 ) -> Option<i64> {
-    let (attempt, disposition) = attempt(dispatcher, &event).await;
+    let (attempt, disposition, deferral) = attempt(dispatcher, &event).await;
     drop(slot);
     let deferred_until = match disposition {
-        Disposition::Defer { due_at_ms } => Some(due_at_ms),
+        Disposition::Defer { due_at_ms, .. } => Some(due_at_ms),
         _ => None,
     };
     match &disposition {
@@ -244,27 +256,81 @@ pub async fn deliver(
     {
         tracing::error!(event_id = %event.id, error = %e, "could not record delivery result; the lease will expire and the event will be retried");
     }
+    if let Some(d) = deferral {
+        // The breaker closed while this deferral was being written: the close's undefer may
+        // have run before the write landed and missed this event. Make it due now.
+        if d.host.breaker.closes() != d.closes_seen {
+            undefer(dispatcher, &d.host.key).await;
+        }
+    }
     deferred_until
+}
+
+/// An event deferred by an open breaker: which host, and how many times that breaker had
+/// closed when it refused the event.
+struct BreakerDeferral {
+    host: Arc<crate::sync::Host>,
+    closes_seen: u64,
+}
+
+/// Makes the events `host`'s breaker deferred due now and wakes the claimers.
+pub async fn undefer(dispatcher: &Dispatcher, host: &str) {
+    match dispatcher.store().undefer(host, now_ms()).await {
+        Ok(n) => {
+            if n > 0 {
+                tracing::info!(
+                    host,
+                    events = n,
+                    "circuit closed: deferred events are due now"
+                );
+            }
+            dispatcher.enqueued.notify_waiters();
+        }
+        // They stay due at the next probe time they were given; nothing is lost.
+        Err(e) => tracing::warn!(host, error = %e, "could not make breaker-deferred events due"),
+    }
+}
+
+/// Makes every breaker-deferred event due (at startup, when no breaker that deferred one is
+/// alive), then makes the events of each breaker that closes due as it closes, until shutdown.
+pub async fn undefer_on_close(
+    dispatcher: Arc<Dispatcher>,
+    mut closes: tokio::sync::mpsc::UnboundedReceiver<Arc<str>>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    match dispatcher.store().undefer_all(now_ms()).await {
+        Ok(n) if n > 0 => {
+            tracing::info!(
+                events = n,
+                "events deferred by breakers of a previous run are due now"
+            );
+            dispatcher.enqueued.notify_waiters();
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "could not make breaker-deferred events due"),
+    }
+    loop {
+        tokio::select! {
+            host = closes.recv() => match host {
+                Some(host) => undefer(&dispatcher, &host).await,
+                None => return,
+            },
+            _ = shutdown.changed() => return,
+        }
+    }
 }
 
 async fn attempt(
     dispatcher: &Dispatcher,
     event: &ClaimedEvent,
-) -> (Option<AttemptRecord>, Disposition) {
-    let defer = |d: Duration| {
-        (
-            None,
-            Disposition::Defer {
-                due_at_ms: now_ms() + d.as_millis() as i64,
-            },
-        )
-    };
+) -> (Option<AttemptRecord>, Disposition, Option<BreakerDeferral>) {
     if dispatcher.is_disabled(&event.target) {
         return (
             None,
             Disposition::DeadLetter {
                 reason: "target_disabled".into(),
             },
+            None,
         );
     }
     // The stored URL is the one the rule had when the event was accepted, credentials
@@ -278,16 +344,42 @@ async fn attempt(
                 Disposition::DeadLetter {
                     reason: "invalid_target".into(),
                 },
+                None,
             );
         }
     };
     let host = dispatcher.host(&target.host);
+    let closes_seen = host.breaker.closes();
     let ticket = match host.breaker.admit() {
         Ok(t) => t,
-        Err(open) => return defer(open.retry_after.max(Duration::from_millis(10))),
+        Err(open) => {
+            // Until the next probe time (or, while probes are out, the open period a failed
+            // probe would start); a probe that closes the breaker makes it due sooner.
+            let due_at_ms =
+                now_ms() + open.retry_after.max(Duration::from_millis(10)).as_millis() as i64;
+            return (
+                None,
+                Disposition::Defer {
+                    due_at_ms,
+                    breaker: Some(host.key.to_string()),
+                },
+                Some(BreakerDeferral {
+                    host: host.clone(),
+                    closes_seen,
+                }),
+            );
+        }
     };
     let Some(_permit) = host.gate.try_enter() else {
-        return defer(GATE_FULL_DEFER);
+        ticket.forgo();
+        return (
+            None,
+            Disposition::Defer {
+                due_at_ms: now_ms() + GATE_FULL_DEFER.as_millis() as i64,
+                breaker: None,
+            },
+            None,
+        );
     };
     let settings = dispatcher.snapshot().settings.clone();
     let envelope = Envelope {
@@ -374,5 +466,5 @@ async fn attempt(
             }
         }
     };
-    (Some(record), disposition)
+    (Some(record), disposition, None)
 }

@@ -14,6 +14,9 @@
 //!   being handed out forever;
 //! - an event is never claimable before its `due_at_ms`, and becomes claimable at it, to the
 //!   millisecond;
+//! - an event deferred by an open breaker (`Disposition::Defer` with `breaker`) remembers the
+//!   host; `undefer(host)` makes those events due at once when the breaker closes, and
+//!   `undefer_all` does so for every host at startup (the breaker that deferred them is gone);
 //! - times are passed in by the caller (`now_ms`), so tests drive the clock.
 
 pub mod redis;
@@ -202,6 +205,9 @@ pub enum Disposition {
     /// unchanged, nothing recorded as an attempt.
     Defer {
         due_at_ms: UnixMillis,
+        /// The host (`host:port`) whose open breaker deferred it, if that was the reason.
+        /// [`Store::undefer`] makes such events due at once when that breaker closes.
+        breaker: Option<String>,
     },
 }
 
@@ -354,6 +360,16 @@ pub trait Store: Send + Sync + 'static {
         disposition: Disposition,
         now_ms: UnixMillis,
     ) -> StoreFuture<'_, bool>;
+
+    /// Makes every pending event that `host`'s breaker deferred due at `now_ms` (unless it is
+    /// due sooner) and forgets who deferred it; returns how many. Called when that breaker
+    /// closes after a successful probe, so a recovered host gets its backlog at once rather
+    /// than at each event's deferred time.
+    fn undefer(&self, host: &str, now_ms: UnixMillis) -> StoreFuture<'_, u64>;
+
+    /// [`Store::undefer`] for every host. Called at startup: the breakers that deferred those
+    /// events died with the previous process, so nothing is holding them back any more.
+    fn undefer_all(&self, now_ms: UnixMillis) -> StoreFuture<'_, u64>;
 
     /// Returns leased events to the queue, due at `now_ms` (graceful shutdown).
     fn release(&self, leases: Vec<(String, String)>, now_ms: UnixMillis) -> StoreFuture<'_, ()>;

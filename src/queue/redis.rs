@@ -536,10 +536,14 @@ impl RedisStore {
             }
             _ => String::new(),
         };
+        let mut deferred_by = String::new();
         let (kind, due, reason) = match disposition {
             Disposition::Delivered => ("delivered", now_ms, String::new()),
             Disposition::Retry { due_at_ms } => ("retry", due_at_ms, String::new()),
-            Disposition::Defer { due_at_ms } => ("defer", due_at_ms, String::new()),
+            Disposition::Defer { due_at_ms, breaker } => {
+                deferred_by = breaker.unwrap_or_default();
+                ("defer", due_at_ms, String::new())
+            }
             Disposition::DeadLetter { reason } => ("dead", now_ms, reason),
         };
         let mut inv = self.script(&self.inner.scripts.complete);
@@ -550,11 +554,31 @@ impl RedisStore {
             .arg(now_ms)
             .arg(reason)
             .arg(dlq_member(now_ms, event_id))
-            .arg(attempt_json);
+            .arg(attempt_json)
+            .arg(deferred_by);
         let done: i64 = self
             .run(|mut conn| async move { inv.invoke_async(&mut conn).await.map_err(unavailable) })
             .await?;
         Ok(done == 1)
+    }
+
+    /// Runs [`UNDEFER`](super::redis_lua) in chunks, so one host's long backlog never holds
+    /// Redis for long.
+    async fn do_undefer(&self, host: &str, now_ms: UnixMillis) -> Result<u64, StoreError> {
+        let mut total = 0u64;
+        loop {
+            let mut inv = self.script(&self.inner.scripts.undefer);
+            inv.arg(host).arg(now_ms).arg(MAINTENANCE_CHUNK);
+            let (made_due, taken): (u64, usize) =
+                self.run(|mut conn| async move {
+                    inv.invoke_async(&mut conn).await.map_err(unavailable)
+                })
+                .await?;
+            total += made_due;
+            if taken < MAINTENANCE_CHUNK {
+                return Ok(total);
+            }
+        }
     }
 
     async fn do_event(&self, event_id: &str) -> Result<Option<EventRecord>, StoreError> {
@@ -906,6 +930,31 @@ impl Store for RedisStore {
         Box::pin(async move {
             self.do_complete(&event_id, &lease_token, attempt, disposition, now_ms)
                 .await
+        })
+    }
+
+    fn undefer(&self, host: &str, now_ms: UnixMillis) -> StoreFuture<'_, u64> {
+        let host = host.to_owned();
+        Box::pin(async move { self.do_undefer(&host, now_ms).await })
+    }
+
+    fn undefer_all(&self, now_ms: UnixMillis) -> StoreFuture<'_, u64> {
+        Box::pin(async move {
+            let hosts_key = format!("{}:bdhosts", self.inner.prefix);
+            let hosts: Vec<String> = self
+                .run(|mut conn| async move {
+                    redis::cmd("SMEMBERS")
+                        .arg(&hosts_key)
+                        .query_async(&mut conn)
+                        .await
+                        .map_err(unavailable)
+                })
+                .await?;
+            let mut total = 0;
+            for host in hosts {
+                total += self.do_undefer(&host, now_ms).await?;
+            }
+            Ok(total)
         })
     }
 

@@ -204,8 +204,13 @@ return out
 "#;
 
 /// `ARGV`: prefix, id, token, kind (`delivered` | `retry` | `defer` | `dead`), due_at, now,
-/// dead-letter reason, dlq member, attempt JSON ('' for none). Returns 1, or 0 when the token
-/// no longer holds the lease.
+/// dead-letter reason, dlq member, attempt JSON ('' for none), the host whose breaker deferred
+/// it ('' for none). Returns 1, or 0 when the token no longer holds the lease.
+///
+/// A breaker deferral is remembered twice: the event's `bd` field names the host, and the
+/// host's set `bd:<host>` (listed in `bdhosts`) holds the event, so [`UNDEFER`] finds them
+/// without a scan. The field is the truth; a set member whose field no longer matches (the
+/// event was claimed and completed since) is skipped.
 const COMPLETE: &str = r#"
 local id, tok, kind = ARGV[2], ARGV[3], ARGV[4]
 local key = ev(id)
@@ -214,7 +219,12 @@ if st[1] ~= 'f' or st[2] ~= tok then return 0 end
 local q = st[4]
 if st[3] then drop_entry(qk(q, 'ready'), st[3]) end
 redis.call('ZREM', qk(q, 'leased'), id)
-redis.call('HDEL', key, 'tok', 'until', 'sid', 'lx')
+redis.call('HDEL', key, 'tok', 'until', 'sid', 'lx', 'bd')
+if ARGV[10] ~= '' then
+  redis.call('HSET', key, 'bd', ARGV[10])
+  redis.call('SADD', P .. ':bd:' .. ARGV[10], id)
+  redis.call('SADD', P .. ':bdhosts', ARGV[10])
+end
 if kind ~= 'defer' then
   local made = tonumber(st[5] or '0') + 1
   redis.call('HSET', key, 'made', made)
@@ -241,6 +251,30 @@ else
   redis.call('ZADD', qk(q, 'delayed'), ARGV[5], id)
 end
 return 1
+"#;
+
+/// `ARGV`: prefix, host, now, chunk. Takes up to `chunk` events from the host's deferral set
+/// and makes each that is still pending and still deferred by that host due at `now` (unless
+/// it is due sooner). Returns `{made_due, taken}`; the caller repeats while `taken == chunk`.
+const UNDEFER: &str = r#"
+local host, now, chunk = ARGV[2], ARGV[3], tonumber(ARGV[4])
+local set = P .. ':bd:' .. host
+local ids = redis.call('SPOP', set, chunk)
+local n = 0
+for _, id in ipairs(ids) do
+  local key = ev(id)
+  local st = redis.call('HMGET', key, 'state', 'bd', 'queue', 'due')
+  if st[1] == 'p' and st[2] == host then
+    redis.call('HDEL', key, 'bd')
+    if tonumber(st[4]) > tonumber(now) then
+      redis.call('HSET', key, 'due', now)
+      redis.call('ZADD', qk(st[3], 'delayed'), now, id)
+    end
+    n = n + 1
+  end
+end
+if redis.call('SCARD', set) == 0 then redis.call('SREM', P .. ':bdhosts', host) end
+return {n, #ids}
 "#;
 
 /// `ARGV`: prefix, now, then (id, token) pairs. Returns how many leases were handed back.
@@ -385,6 +419,7 @@ pub(super) struct Scripts {
     pub claim: redis::Script,
     pub complete: redis::Script,
     pub release: redis::Script,
+    pub undefer: redis::Script,
     pub replay: redis::Script,
     pub purge: redis::Script,
     pub stats: redis::Script,
@@ -400,6 +435,7 @@ impl Scripts {
             claim: with(CLAIM),
             complete: with(COMPLETE),
             release: with(RELEASE),
+            undefer: with(UNDEFER),
             replay: with(REPLAY),
             purge: with(PURGE),
             stats: gauge(STATS),

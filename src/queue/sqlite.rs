@@ -1120,9 +1120,12 @@ fn tx_complete(
     now_ms: UnixMillis,
 ) -> Result<bool, StoreError> {
     let counts = !matches!(disposition, Disposition::Defer { .. });
+    let mut deferred_by = None;
     let (state, due_at, delivered_at, dead_at, reason) = match disposition {
         Disposition::Delivered => (DELIVERED, None, Some(now_ms), None, None),
-        Disposition::Retry { due_at_ms } | Disposition::Defer { due_at_ms } => {
+        Disposition::Retry { due_at_ms } => (PENDING, Some(due_at_ms), None, None, None),
+        Disposition::Defer { due_at_ms, breaker } => {
+            deferred_by = breaker;
             (PENDING, Some(due_at_ms), None, None, None)
         }
         Disposition::DeadLetter { reason } => {
@@ -1139,13 +1142,13 @@ fn tx_complete(
         .prepare_cached(if by_rid.is_some() {
             "UPDATE events SET state = ?1, due_at = ?2, lease_token = NULL, lease_expiries = 0,
                  attempts_made = attempts_made + ?3, delivered_at = ?4, dead_lettered_at = ?5,
-                 dead_letter_reason = ?6
+                 dead_letter_reason = ?6, deferred_by = ?10
              WHERE rid = ?9 AND id = ?7 AND state = 1 AND lease_token = ?8
              RETURNING queue, attempts_made, round"
         } else {
             "UPDATE events SET state = ?1, due_at = ?2, lease_token = NULL, lease_expiries = 0,
                  attempts_made = attempts_made + ?3, delivered_at = ?4, dead_lettered_at = ?5,
-                 dead_letter_reason = ?6
+                 dead_letter_reason = ?6, deferred_by = ?10
              WHERE id = ?7 AND state = 1 AND lease_token = ?8 AND ?9 IS NULL
              RETURNING queue, attempts_made, round"
         })?
@@ -1159,7 +1162,8 @@ fn tx_complete(
                 reason,
                 event_id,
                 lease_token,
-                by_rid
+                by_rid,
+                deferred_by
             ],
             |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
         )
@@ -1190,6 +1194,22 @@ fn tx_complete(
         ws.adjust(&queue, -1);
     }
     Ok(true)
+}
+
+/// Makes the pending events deferred by `host`'s breaker (every breaker, for `None`) due at
+/// `now_ms`, or sooner if they already were. Uses the partial `events_deferred` index.
+fn tx_undefer(
+    conn: &Connection,
+    host: Option<&str>,
+    now_ms: UnixMillis,
+) -> Result<u64, StoreError> {
+    let changed = conn
+        .prepare_cached(
+            "UPDATE events SET due_at = MIN(due_at, ?1), deferred_by = NULL
+             WHERE deferred_by IS NOT NULL AND (?2 IS NULL OR deferred_by = ?2) AND state = 0",
+        )?
+        .execute(params![now_ms, host])?;
+    Ok(changed as u64)
 }
 
 fn tx_release(
@@ -1556,6 +1576,19 @@ impl Store for SqliteStore {
         }))
     }
 
+    fn undefer(&self, host: &str, now_ms: UnixMillis) -> StoreFuture<'_, u64> {
+        let host = host.to_owned();
+        Box::pin(self.write(JobKind::Other, move |conn, _| {
+            tx_undefer(conn, Some(&host), now_ms)
+        }))
+    }
+
+    fn undefer_all(&self, now_ms: UnixMillis) -> StoreFuture<'_, u64> {
+        Box::pin(self.write(JobKind::Other, move |conn, _| {
+            tx_undefer(conn, None, now_ms)
+        }))
+    }
+
     fn release(&self, leases: Vec<(String, String)>, now_ms: UnixMillis) -> StoreFuture<'_, ()> {
         Box::pin(self.write(JobKind::Other, move |conn, _| {
             tx_release(conn, &leases, now_ms)
@@ -1696,7 +1729,8 @@ mod tests {
         }
     }
 
-    /// A schema 3 file (full claim index, no per-queue dead-letter index) is brought to 4.
+    /// A schema 3 file (full claim index, no per-queue dead-letter index, no `deferred_by`)
+    /// is brought to the current version.
     #[test]
     fn schema_3_gets_the_partial_claim_index() {
         let mut conn = Connection::open_in_memory().unwrap();
@@ -1704,6 +1738,8 @@ mod tests {
         conn.execute_batch(
             "DROP INDEX events_claim;
              DROP INDEX events_dead_queue;
+             DROP INDEX events_deferred;
+             ALTER TABLE events DROP COLUMN deferred_by;
              CREATE INDEX events_claim ON events(queue, state, due_at);
              PRAGMA user_version = 3;",
         )
@@ -1722,6 +1758,7 @@ mod tests {
             .unwrap()
             .ends_with("WHERE state < 2"));
         assert!(index_sql("events_dead_queue").is_some());
+        assert!(index_sql("events_deferred").is_some());
         let version: i64 = conn
             .query_row("PRAGMA user_version", [], |r| r.get(0))
             .unwrap();

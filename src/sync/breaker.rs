@@ -1,24 +1,48 @@
-//! Per-host circuit breaker: failsafe's state machine plus a single half-open probe.
+//! Per-host circuit breaker: a failure-rate or consecutive-failures policy, a bounded number of
+//! half-open probes, and no lock or allocation on the path of a call.
 //!
-//! failsafe decides when to open (N consecutive failures) and when the open period is over.
-//! Two things are added here. First, failsafe lets *every* call through once half-open; a host
-//! that just came back should see one probe, not the whole backlog, so a probe flag admits
-//! exactly one call while half-open. Second, the state, failure count and next probe time are
-//! mirrored in atomics so `/v1/circuits` and the metrics read them without taking failsafe's lock.
+//! # Why its own state machine
+//!
+//! hookyard used `failsafe` before; it has no failure-rate policy, lets *every* call through
+//! once half-open, and its backoff panics below one second. `tower-resilience-circuitbreaker`
+//! has a failure rate and a probe limit, but takes a `tokio::sync::Mutex` around every recorded
+//! outcome, keeps its time-based window as a `VecDeque` with one record pushed per call, reads
+//! `Instant::now()` itself (no clock to inject in tests), records nothing for a call whose
+//! future is cancelled, and is shaped as a tower `Service` where hookyard needs an admit/report
+//! ticket that both the sync relay and the async workers (which *defer* rather than fail) use.
+//! The state machine below is small enough to own.
+//!
+//! # The invariants
+//!
+//! - The state, the half-open probe allowance, the probe successes so far and a generation are
+//!   one `AtomicU64`, changed only by compare-and-swap: a transition is decided by exactly one
+//!   caller, which alone reports it (log, metric, close signal).
+//! - The rolling window is [`BUCKETS`] buckets, each one `AtomicU64` holding its time slot and
+//!   its call and failure counts. Recording a call is one compare-and-swap on the current
+//!   bucket; buckets older than the window are ignored when summed and reused when their slot
+//!   comes round again. Both policies keep the window (it is what `/v1/circuits` shows).
+//! - A [`Ticket`] that is dropped without a verdict (its future was cancelled by an outer
+//!   deadline) records a failure: a host slower than the caller's patience is not healthy. A
+//!   ticket whose call was never made (the gate was full) is given back with
+//!   [`Ticket::forgo`].
+//! - A probe's verdict counts only in the half-open period that issued it (the generation
+//!   check); a call admitted while closed that ends during half-open only feeds the window.
 //!
 //! Only failures that say the host is unwell count: 5xx, timeouts, connection errors. A 4xx is
 //! the caller's problem and counts as a success for the host.
 
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use failsafe::backoff::{self, Constant};
-use failsafe::failure_policy::{consecutive_failures, ConsecutiveFailures};
-use failsafe::{Config, Instrument, StateMachine};
 use serde::Serialize;
 
-use crate::clock::now_ms;
+use crate::clock::Clock;
+use crate::config::{BreakerPolicy, BreakerSettings};
+
+/// Buckets per rolling window. Ten keeps the window's edge within a tenth of `window_ms` while
+/// summing it stays ten loads.
+pub const BUCKETS: usize = 10;
 
 /// Breaker state as reported by the admin API and the `hookyard_circuit_state` gauge.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -30,8 +54,8 @@ pub enum BreakerState {
 }
 
 impl BreakerState {
-    fn from_u8(v: u8) -> Self {
-        match v {
+    fn from_bits(v: u64) -> Self {
+        match v & 0b11 {
             1 => Self::Open,
             2 => Self::HalfOpen,
             _ => Self::Closed,
@@ -48,116 +72,204 @@ impl BreakerState {
     }
 }
 
-#[derive(Debug)]
-struct Mirror {
-    host: Arc<str>,
-    state: AtomicU8,
-    consecutive_failures: AtomicU32,
-    /// When the open period ends (unix ms), 0 when not open.
-    next_probe_at_ms: AtomicI64,
-    recovery_ms: u64,
-    probe_in_flight: AtomicBool,
+/// The packed core: bits 0-1 state, 2-17 probes still to admit, 18-33 probe successes,
+/// 34-63 generation (bumped on every entry to half-open).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Core {
+    state: BreakerState,
+    probes_left: u16,
+    successes: u16,
+    generation: u32,
 }
 
-/// failsafe calls these on every transition.
-#[derive(Debug, Clone)]
-struct Observer(Arc<Mirror>);
+impl Core {
+    const GEN_MASK: u32 = (1 << 30) - 1;
 
-impl Observer {
-    fn set(&self, state: BreakerState) {
-        let old = BreakerState::from_u8(self.0.state.swap(state as u8, Ordering::AcqRel));
-        if old != state {
-            crate::metrics::circuit_transition(&self.0.host, state);
-            tracing::info!(host = %self.0.host, from = old.as_str(), to = state.as_str(), "circuit breaker transition");
+    fn unpack(v: u64) -> Self {
+        Self {
+            state: BreakerState::from_bits(v),
+            probes_left: ((v >> 2) & 0xffff) as u16,
+            successes: ((v >> 18) & 0xffff) as u16,
+            generation: (v >> 34) as u32 & Self::GEN_MASK,
+        }
+    }
+
+    fn pack(self) -> u64 {
+        self.state as u64
+            | u64::from(self.probes_left) << 2
+            | u64::from(self.successes) << 18
+            | u64::from(self.generation & Self::GEN_MASK) << 34
+    }
+}
+
+/// One bucket of the window packed in a `u64`: bits 32-63 the bucket's slot number
+/// (`now / bucket_ms`, truncated), 16-31 calls, 0-15 failures. A bucket that reaches 65535
+/// calls stops counting: the rest of its slot is judged by that sample, which keeps the ratio
+/// right (both counts stop together) at any traffic.
+#[derive(Debug, Default)]
+struct Bucket(AtomicU64);
+
+const COUNT_MAX: u64 = 0xffff;
+
+impl Bucket {
+    fn decode(v: u64) -> (u32, u64, u64) {
+        ((v >> 32) as u32, (v >> 16) & COUNT_MAX, v & COUNT_MAX)
+    }
+
+    fn record(&self, slot: u32, failed: bool) {
+        let mut cur = self.0.load(Ordering::Relaxed);
+        loop {
+            let (s, calls, failures) = Self::decode(cur);
+            let (calls, failures) = if s == slot { (calls, failures) } else { (0, 0) };
+            if calls == COUNT_MAX {
+                return;
+            }
+            let next = u64::from(slot) << 32 | (calls + 1) << 16 | (failures + u64::from(failed));
+            match self
+                .0
+                .compare_exchange_weak(cur, next, Ordering::AcqRel, Ordering::Relaxed)
+            {
+                Ok(_) => return,
+                Err(actual) => cur = actual,
+            }
         }
     }
 }
 
-impl Instrument for Observer {
-    fn on_call_rejected(&self) {}
-    fn on_open(&self) {
-        self.0
-            .next_probe_at_ms
-            .store(now_ms() + self.0.recovery_ms as i64, Ordering::Release);
-        self.set(BreakerState::Open);
+/// The rolling window: calls and failures over the last `window_ms`.
+#[derive(Debug)]
+struct Window {
+    buckets: [Bucket; BUCKETS],
+    /// Buckets in use (fewer than [`BUCKETS`] only for a window under 10 ms).
+    used: u32,
+    bucket_ms: i64,
+}
+
+impl Window {
+    fn new(window_ms: u64) -> Self {
+        let used = (window_ms.clamp(1, BUCKETS as u64)) as u32;
+        Self {
+            buckets: Default::default(),
+            used,
+            bucket_ms: (window_ms / u64::from(used)).max(1) as i64,
+        }
     }
-    fn on_half_open(&self) {
-        self.set(BreakerState::HalfOpen);
+
+    fn slot(&self, now_ms: i64) -> u32 {
+        (now_ms.max(0) / self.bucket_ms) as u32
     }
-    fn on_closed(&self) {
-        self.0.next_probe_at_ms.store(0, Ordering::Release);
-        self.set(BreakerState::Closed);
+
+    fn record(&self, now_ms: i64, failed: bool) {
+        let slot = self.slot(now_ms);
+        self.buckets[(slot % self.used) as usize].record(slot, failed);
+    }
+
+    /// (calls, failures) in the buckets of the last `used` slots, the current one included.
+    fn totals(&self, now_ms: i64) -> (u64, u64) {
+        let current = self.slot(now_ms);
+        let mut calls = 0;
+        let mut failures = 0;
+        for b in &self.buckets[..self.used as usize] {
+            let (slot, c, f) = Bucket::decode(b.0.load(Ordering::Acquire));
+            if current.wrapping_sub(slot) < self.used {
+                calls += c;
+                failures += f;
+            }
+        }
+        (calls, failures)
+    }
+
+    fn clear(&self) {
+        for b in &self.buckets {
+            b.0.store(0, Ordering::Release);
+        }
     }
 }
 
-type Machine = StateMachine<ConsecutiveFailures<Constant>, Observer>;
+/// Called with the host's key each time its breaker closes after a successful probe, so the
+/// queue can make the events it deferred due at once.
+pub type CloseHook = Arc<dyn Fn(&Arc<str>) + Send + Sync>;
 
-/// The circuit breaker of one host.
+struct Inner {
+    host: Arc<str>,
+    settings: BreakerSettings,
+    clock: Clock,
+    core: AtomicU64,
+    window: Window,
+    consecutive: AtomicU32,
+    /// When the open period ends (unix ms); meaningful only while open.
+    open_until_ms: AtomicI64,
+    /// Times the breaker closed after probing; lets a deferral notice it raced a close.
+    closes: AtomicU64,
+    on_close: Option<CloseHook>,
+}
+
+impl std::fmt::Debug for Inner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Breaker")
+            .field("host", &self.host)
+            .field("settings", &self.settings)
+            .field("core", &Core::unpack(self.core.load(Ordering::Relaxed)))
+            .finish_non_exhaustive()
+    }
+}
+
+/// The circuit breaker of one host. Clones share one state.
 #[derive(Debug, Clone)]
 pub struct Breaker {
-    machine: Machine,
-    mirror: Arc<Mirror>,
-    failure_threshold: u32,
+    inner: Arc<Inner>,
 }
 
 /// The breaker refused the call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CircuitOpen {
-    /// When the next probe may go through.
+    /// How long until a call may be admitted again: the rest of the open period, or (while
+    /// half-open probes decide) the open period a failed probe would start.
     pub retry_after: Duration,
+    /// True when the breaker is half-open and its probes are out; their verdict, not a time,
+    /// ends the wait.
+    pub probing: bool,
 }
 
-/// Permission to make one call; report its result with `success` or `failure`.
-/// Dropped without a report (the caller gave up), it records nothing and frees the probe.
+/// Permission to make one call. Report its outcome with [`Ticket::success`] or
+/// [`Ticket::failure`]; dropped without either (the caller's future was cancelled), it records
+/// a failure. A call that was not made after all is given back with [`Ticket::forgo`].
 #[derive(Debug)]
+#[must_use = "report the call's outcome, or forgo the ticket"]
 pub struct Ticket<'a> {
     breaker: &'a Breaker,
-    probe: bool,
-    reported: bool,
+    /// The half-open generation this probe belongs to, for probes.
+    probe: Option<u32>,
+    done: bool,
 }
 
 impl Ticket<'_> {
     /// The host answered in a way that shows it is healthy (2xx-4xx).
     pub fn success(mut self) {
-        self.reported = true;
-        let failures_before = self
-            .breaker
-            .mirror
-            .consecutive_failures
-            .swap(0, Ordering::AcqRel);
-        // A success on a closed breaker with no failures counted changes nothing in failsafe;
-        // skipping it keeps failsafe's lock (shared by every event loop) off the hot path.
-        if failures_before > 0 || self.probe || self.breaker.state() != BreakerState::Closed {
-            self.breaker.machine.on_success();
-        }
-        self.release_probe();
+        self.done = true;
+        self.breaker.record(self.probe, false);
     }
 
     /// 5xx, timeout, or connection error.
     pub fn failure(mut self) {
-        self.reported = true;
-        self.breaker
-            .mirror
-            .consecutive_failures
-            .fetch_add(1, Ordering::AcqRel);
-        self.breaker.machine.on_error();
-        self.release_probe();
+        self.done = true;
+        self.breaker.record(self.probe, true);
     }
 
-    fn release_probe(&self) {
-        if self.probe {
-            self.breaker
-                .mirror
-                .probe_in_flight
-                .store(false, Ordering::Release);
+    /// The call was not made (the host's gate was full): nothing is recorded, and a probe's
+    /// place is given back to the half-open period that issued it.
+    pub fn forgo(mut self) {
+        self.done = true;
+        if let Some(generation) = self.probe {
+            self.breaker.return_probe(generation);
         }
     }
 }
 
 impl Drop for Ticket<'_> {
     fn drop(&mut self) {
-        if !self.reported {
-            self.release_probe();
+        if !self.done {
+            self.breaker.record(self.probe, true);
         }
     }
 }
@@ -166,91 +278,326 @@ impl Drop for Ticket<'_> {
 #[derive(Debug, Clone, Serialize)]
 pub struct BreakerSnapshot {
     pub state: BreakerState,
-    pub consecutive_failures: u32,
-    pub failure_threshold: u32,
+    /// `failure_rate` or `consecutive`, with that policy's thresholds.
+    #[serde(flatten)]
+    pub policy: BreakerPolicy,
     pub recovery_ms: u64,
-    /// Unix ms when an open breaker lets its probe through.
+    pub half_open_probes: u32,
+    /// Calls finished in the current rolling window, and how many of them failed.
+    pub calls: u64,
+    pub failures: u64,
+    /// `failures / calls` in the window (0 with no calls).
+    pub rate: f64,
+    /// Length of the window those counts cover (for the consecutive policy, which has no
+    /// window of its own, 10 s).
+    pub counts_window_ms: u64,
+    /// Failures in a row right now.
+    pub consecutive_failures: u32,
+    /// Unix ms when an open breaker lets its probes through.
     pub next_probe_at_ms: Option<i64>,
 }
 
 impl Breaker {
-    /// A closed breaker that opens after `failures` consecutive failures for `recovery`.
-    pub fn new(host: Arc<str>, failures: u32, recovery: Duration) -> Self {
-        let mirror = Arc::new(Mirror {
-            host,
-            state: AtomicU8::new(BreakerState::Closed as u8),
-            consecutive_failures: AtomicU32::new(0),
-            next_probe_at_ms: AtomicI64::new(0),
-            recovery_ms: recovery.as_millis() as u64,
-            probe_in_flight: AtomicBool::new(false),
-        });
-        let machine = Config::new()
-            .failure_policy(consecutive_failures(failures, backoff::constant(recovery)))
-            .instrument(Observer(mirror.clone()))
-            .build();
+    /// A closed breaker with `settings`, on the system clock.
+    pub fn new(host: Arc<str>, settings: BreakerSettings) -> Self {
+        Self::with_clock(host, settings, Clock::System, None)
+    }
+
+    /// A closed breaker reading time from `clock`, calling `on_close` when a probe closes it.
+    pub fn with_clock(
+        host: Arc<str>,
+        settings: BreakerSettings,
+        clock: Clock,
+        on_close: Option<CloseHook>,
+    ) -> Self {
+        // The consecutive policy has no window of its own; its window only feeds the admin
+        // view, over the failure-rate policy's default length.
+        let window_ms = match settings.policy {
+            BreakerPolicy::FailureRate { window_ms, .. } => window_ms,
+            BreakerPolicy::Consecutive { .. } => 10_000,
+        };
         Self {
-            machine,
-            mirror,
-            failure_threshold: failures,
+            inner: Arc::new(Inner {
+                host,
+                settings,
+                clock,
+                core: AtomicU64::new(
+                    Core {
+                        state: BreakerState::Closed,
+                        probes_left: 0,
+                        successes: 0,
+                        generation: 0,
+                    }
+                    .pack(),
+                ),
+                window: Window::new(window_ms),
+                consecutive: AtomicU32::new(0),
+                open_until_ms: AtomicI64::new(0),
+                closes: AtomicU64::new(0),
+                on_close,
+            }),
         }
     }
 
     /// Asks to make a call.
     pub fn admit(&self) -> Result<Ticket<'_>, CircuitOpen> {
-        // Closed admits every call; failsafe's lock is needed only to decide when an open
-        // breaker turns half-open. The mirror is updated inside failsafe's transitions, so a
-        // call racing a transition to open is at most one more call to a failing host.
-        let closed = self.state() == BreakerState::Closed;
-        if !closed && !self.machine.is_call_permitted() {
-            return Err(self.open_error());
+        let inner = &*self.inner;
+        let mut raw = inner.core.load(Ordering::Acquire);
+        loop {
+            let core = Core::unpack(raw);
+            let next = match core.state {
+                // The common case: one load, no write.
+                BreakerState::Closed => {
+                    return Ok(Ticket {
+                        breaker: self,
+                        probe: None,
+                        done: false,
+                    })
+                }
+                BreakerState::Open => {
+                    let now = inner.clock.now_ms();
+                    let until = inner.open_until_ms.load(Ordering::Acquire);
+                    if now < until {
+                        return Err(CircuitOpen {
+                            retry_after: Duration::from_millis((until - now) as u64),
+                            probing: false,
+                        });
+                    }
+                    Core {
+                        state: BreakerState::HalfOpen,
+                        probes_left: self.probes().saturating_sub(1),
+                        successes: 0,
+                        generation: core.generation.wrapping_add(1) & Core::GEN_MASK,
+                    }
+                }
+                BreakerState::HalfOpen if core.probes_left == 0 => {
+                    return Err(CircuitOpen {
+                        retry_after: Duration::from_millis(inner.settings.recovery_ms),
+                        probing: true,
+                    })
+                }
+                BreakerState::HalfOpen => Core {
+                    probes_left: core.probes_left - 1,
+                    ..core
+                },
+            };
+            match inner.core.compare_exchange_weak(
+                raw,
+                next.pack(),
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => {
+                    if core.state == BreakerState::Open {
+                        self.announce(BreakerState::Open, BreakerState::HalfOpen);
+                    }
+                    return Ok(Ticket {
+                        breaker: self,
+                        probe: Some(next.generation),
+                        done: false,
+                    });
+                }
+                Err(actual) => raw = actual,
+            }
         }
-        let probe = self.state() == BreakerState::HalfOpen;
-        if probe
-            && self
-                .mirror
-                .probe_in_flight
-                .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
-                .is_err()
-        {
-            // Another call is already probing; wait for its verdict.
-            return Err(CircuitOpen {
-                retry_after: Duration::from_secs(1),
-            });
-        }
-        Ok(Ticket {
-            breaker: self,
-            probe,
-            reported: false,
-        })
     }
 
-    fn open_error(&self) -> CircuitOpen {
-        let at = self.mirror.next_probe_at_ms.load(Ordering::Acquire);
-        let wait = (at - now_ms()).max(0) as u64;
-        CircuitOpen {
-            retry_after: Duration::from_millis(wait),
+    fn probes(&self) -> u16 {
+        self.inner
+            .settings
+            .half_open_probes
+            .clamp(1, u32::from(u16::MAX)) as u16
+    }
+
+    fn record(&self, probe: Option<u32>, failed: bool) {
+        let inner = &*self.inner;
+        let now = inner.clock.now_ms();
+        inner.window.record(now, failed);
+        if let Some(generation) = probe {
+            return self.probe_verdict(generation, failed, now);
         }
+        let tripped = if failed {
+            match inner.settings.policy {
+                BreakerPolicy::Consecutive {
+                    consecutive_failures,
+                } => inner.consecutive.fetch_add(1, Ordering::AcqRel) + 1 >= consecutive_failures,
+                BreakerPolicy::FailureRate {
+                    failure_rate,
+                    min_calls,
+                    ..
+                } => {
+                    inner.consecutive.fetch_add(1, Ordering::AcqRel);
+                    let (calls, failures) = inner.window.totals(now);
+                    calls >= u64::from(min_calls) && failures as f64 >= failure_rate * calls as f64
+                }
+            }
+        } else {
+            // Read before writing: a healthy host's successes leave the line unmodified.
+            if inner.consecutive.load(Ordering::Relaxed) != 0 {
+                inner.consecutive.store(0, Ordering::Release);
+            }
+            false
+        };
+        if tripped {
+            self.open_from(BreakerState::Closed, None, now);
+        }
+    }
+
+    fn probe_verdict(&self, generation: u32, failed: bool, now: i64) {
+        let inner = &*self.inner;
+        let mut raw = inner.core.load(Ordering::Acquire);
+        loop {
+            let core = Core::unpack(raw);
+            if core.state != BreakerState::HalfOpen || core.generation != generation {
+                return; // a verdict on a half-open period that is over
+            }
+            if failed {
+                return self.open_from(BreakerState::HalfOpen, Some(generation), now);
+            }
+            let successes = core.successes.saturating_add(1);
+            let closing = successes >= self.probes();
+            let next = if closing {
+                Core {
+                    state: BreakerState::Closed,
+                    probes_left: 0,
+                    successes: 0,
+                    generation,
+                }
+            } else {
+                Core { successes, ..core }
+            };
+            match inner.core.compare_exchange_weak(
+                raw,
+                next.pack(),
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => {
+                    if closing {
+                        // A fresh start: the failures that opened it must not re-open it.
+                        inner.window.clear();
+                        inner.consecutive.store(0, Ordering::Release);
+                        inner.closes.fetch_add(1, Ordering::AcqRel);
+                        self.announce(BreakerState::HalfOpen, BreakerState::Closed);
+                        if let Some(hook) = &inner.on_close {
+                            hook(&inner.host);
+                        }
+                    }
+                    return;
+                }
+                Err(actual) => raw = actual,
+            }
+        }
+    }
+
+    /// Opens the breaker if it is still `from` (and, from half-open, still in `generation`).
+    fn open_from(&self, from: BreakerState, generation: Option<u32>, now: i64) {
+        let inner = &*self.inner;
+        let mut raw = inner.core.load(Ordering::Acquire);
+        loop {
+            let core = Core::unpack(raw);
+            if core.state != from || generation.is_some_and(|g| g != core.generation) {
+                return;
+            }
+            // Written before the state flips, so whoever sees `Open` sees its end. Callers
+            // racing to open write nearly the same instant.
+            inner
+                .open_until_ms
+                .store(now + inner.settings.recovery_ms as i64, Ordering::Release);
+            let next = Core {
+                state: BreakerState::Open,
+                probes_left: 0,
+                successes: 0,
+                generation: core.generation,
+            };
+            match inner.core.compare_exchange_weak(
+                raw,
+                next.pack(),
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => return self.announce(from, BreakerState::Open),
+                Err(actual) => raw = actual,
+            }
+        }
+    }
+
+    fn return_probe(&self, generation: u32) {
+        let inner = &*self.inner;
+        let mut raw = inner.core.load(Ordering::Acquire);
+        loop {
+            let core = Core::unpack(raw);
+            if core.state != BreakerState::HalfOpen || core.generation != generation {
+                return;
+            }
+            let next = Core {
+                probes_left: core.probes_left.saturating_add(1),
+                ..core
+            };
+            match inner.core.compare_exchange_weak(
+                raw,
+                next.pack(),
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => return,
+                Err(actual) => raw = actual,
+            }
+        }
+    }
+
+    fn announce(&self, from: BreakerState, to: BreakerState) {
+        let inner = &*self.inner;
+        crate::metrics::circuit_transition(&inner.host, to);
+        let (calls, failures) = inner.window.totals(inner.clock.now_ms());
+        tracing::info!(
+            host = %inner.host,
+            policy = inner.settings.policy.name(),
+            from = from.as_str(),
+            to = to.as_str(),
+            calls,
+            failures,
+            "circuit breaker transition"
+        );
     }
 
     /// The state right now.
     pub fn state(&self) -> BreakerState {
-        BreakerState::from_u8(self.mirror.state.load(Ordering::Acquire))
+        Core::unpack(self.inner.core.load(Ordering::Acquire)).state
     }
 
-    /// True when the breaker was built with these thresholds (a reload keeps it then).
-    pub fn has_policy(&self, failures: u32, recovery: Duration) -> bool {
-        self.failure_threshold == failures && self.mirror.recovery_ms == recovery.as_millis() as u64
+    /// How many times a probe has closed this breaker; a deferral that saw the count change
+    /// while it was being written knows it raced a close.
+    pub fn closes(&self) -> u64 {
+        self.inner.closes.load(Ordering::Acquire)
     }
 
-    /// State, counts and next probe time.
+    /// The settings it was built with.
+    pub fn settings(&self) -> &BreakerSettings {
+        &self.inner.settings
+    }
+
+    /// State, window counts and next probe time.
     pub fn snapshot(&self) -> BreakerSnapshot {
-        let next = self.mirror.next_probe_at_ms.load(Ordering::Acquire);
+        let inner = &*self.inner;
+        let state = self.state();
+        let (calls, failures) = inner.window.totals(inner.clock.now_ms());
         BreakerSnapshot {
-            state: self.state(),
-            consecutive_failures: self.mirror.consecutive_failures.load(Ordering::Acquire),
-            failure_threshold: self.failure_threshold,
-            recovery_ms: self.mirror.recovery_ms,
-            next_probe_at_ms: (next > 0).then_some(next),
+            state,
+            policy: inner.settings.policy,
+            recovery_ms: inner.settings.recovery_ms,
+            half_open_probes: inner.settings.half_open_probes,
+            calls,
+            failures,
+            rate: if calls == 0 {
+                0.0
+            } else {
+                failures as f64 / calls as f64
+            },
+            counts_window_ms: inner.window.bucket_ms as u64 * u64::from(inner.window.used),
+            consecutive_failures: inner.consecutive.load(Ordering::Acquire),
+            next_probe_at_ms: (state == BreakerState::Open)
+                .then(|| inner.open_until_ms.load(Ordering::Acquire)),
         }
     }
 }
@@ -258,43 +605,263 @@ impl Breaker {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::clock::ManualClock;
+
+    fn rate(failure_rate: f64, window_ms: u64, min_calls: u32, probes: u32) -> BreakerSettings {
+        BreakerSettings {
+            policy: BreakerPolicy::FailureRate {
+                failure_rate,
+                window_ms,
+                min_calls,
+            },
+            recovery_ms: 1_000,
+            half_open_probes: probes,
+        }
+    }
+
+    fn consecutive(n: u32) -> BreakerSettings {
+        BreakerSettings {
+            policy: BreakerPolicy::Consecutive {
+                consecutive_failures: n,
+            },
+            recovery_ms: 1_000,
+            half_open_probes: 1,
+        }
+    }
+
+    fn breaker(settings: BreakerSettings) -> (Breaker, ManualClock) {
+        let clock = ManualClock::new(1_000_000);
+        (
+            Breaker::with_clock("h:1".into(), settings, clock.clock(), None),
+            clock,
+        )
+    }
+
+    fn calls(b: &Breaker, n: usize, failed: bool) {
+        for _ in 0..n {
+            let t = b.admit().expect("admitted");
+            if failed {
+                t.failure()
+            } else {
+                t.success()
+            }
+        }
+    }
 
     #[test]
-    fn opens_after_consecutive_failures_and_admits_one_probe() {
-        let b = Breaker::new("h:1".into(), 3, Duration::from_millis(30));
-        for _ in 0..3 {
-            b.admit().unwrap().failure();
+    fn window_buckets_roll_over_and_old_buckets_expire() {
+        let (b, clock) = breaker(rate(0.5, 1_000, 1_000, 1));
+        calls(&b, 3, true);
+        calls(&b, 2, false);
+        assert_eq!((b.snapshot().calls, b.snapshot().failures), (5, 3));
+        clock.advance(500); // five buckets on: still inside the window
+        calls(&b, 1, false);
+        assert_eq!((b.snapshot().calls, b.snapshot().failures), (6, 3));
+        clock.advance(500); // the first bucket's slot has left the window
+        assert_eq!((b.snapshot().calls, b.snapshot().failures), (1, 0));
+        clock.advance(1_000); // and so has everything else
+        assert_eq!(b.snapshot().calls, 0);
+        // A bucket reused a whole window later starts from zero, not from its old counts.
+        calls(&b, 1, true);
+        assert_eq!((b.snapshot().calls, b.snapshot().failures), (1, 1));
+    }
+
+    #[test]
+    fn a_minority_of_failures_never_opens_the_failure_rate_breaker() {
+        let (b, clock) = breaker(rate(0.5, 10_000, 20, 1));
+        // Ten failures in a row, then successes: 10 of 50 is 20%.
+        calls(&b, 10, true);
+        calls(&b, 40, false);
+        for _ in 0..100 {
+            calls(&b, 1, true);
+            calls(&b, 4, false);
+            clock.advance(100);
         }
+        assert_eq!(b.state(), BreakerState::Closed);
+    }
+
+    #[test]
+    fn failures_at_the_rate_open_it_once_min_calls_have_finished() {
+        let (b, _clock) = breaker(rate(0.5, 10_000, 20, 1));
+        calls(&b, 19, true);
+        assert_eq!(b.state(), BreakerState::Closed, "19 calls: below min_calls");
+        calls(&b, 1, true);
         assert_eq!(b.state(), BreakerState::Open);
-        assert!(b.admit().is_err());
-        std::thread::sleep(Duration::from_millis(40));
-        let probe = b.admit().expect("probe after recovery");
+        let open = b.admit().expect_err("open refuses");
+        assert_eq!(open.retry_after, Duration::from_millis(1_000));
+        assert!(!open.probing);
+        assert!(b.snapshot().next_probe_at_ms.is_some());
+    }
+
+    #[test]
+    fn min_calls_holds_it_closed_below_the_volume_until_old_calls_expire() {
+        let (b, clock) = breaker(rate(0.5, 1_000, 5, 1));
+        calls(&b, 4, true);
+        clock.advance(1_000);
+        calls(&b, 4, true);
+        assert_eq!(
+            b.state(),
+            BreakerState::Closed,
+            "never 5 calls inside one window"
+        );
+        calls(&b, 1, true);
+        assert_eq!(b.state(), BreakerState::Open);
+    }
+
+    #[test]
+    fn half_open_admits_exactly_the_configured_probes_and_all_must_succeed() {
+        let (b, clock) = breaker(rate(0.5, 10_000, 2, 3));
+        calls(&b, 2, true);
+        assert_eq!(b.state(), BreakerState::Open);
+        clock.advance(1_000);
+        let p1 = b.admit().expect("probe 1");
         assert_eq!(b.state(), BreakerState::HalfOpen);
-        assert!(b.admit().is_err(), "only one probe while half-open");
+        let p2 = b.admit().expect("probe 2");
+        let p3 = b.admit().expect("probe 3");
+        let refused = b.admit().expect_err("a fourth call waits for the verdict");
+        assert!(refused.probing);
+        p1.success();
+        p2.success();
+        assert_eq!(
+            b.state(),
+            BreakerState::HalfOpen,
+            "two of three is not enough"
+        );
+        p3.success();
+        assert_eq!(b.state(), BreakerState::Closed);
+        assert_eq!(b.closes(), 1);
+        assert_eq!(b.snapshot().calls, 0, "closing starts a fresh window");
+        calls(&b, 1, true);
+        assert_eq!(
+            b.state(),
+            BreakerState::Closed,
+            "old failures do not re-open it"
+        );
+    }
+
+    #[test]
+    fn a_failed_probe_reopens_for_another_recovery_period() {
+        let (b, clock) = breaker(rate(0.5, 10_000, 1, 2));
+        calls(&b, 1, true);
+        clock.advance(1_000);
+        let p1 = b.admit().expect("probe");
+        let p2 = b.admit().expect("probe");
+        p1.success();
+        p2.failure();
+        assert_eq!(b.state(), BreakerState::Open);
+        assert_eq!(
+            b.admit().expect_err("open").retry_after,
+            Duration::from_millis(1_000)
+        );
+        clock.advance(999);
+        assert!(b.admit().is_err());
+        clock.advance(1);
+        b.admit().expect("next probe").success();
+        assert_eq!(b.state(), BreakerState::HalfOpen, "needs both probes again");
+    }
+
+    #[test]
+    fn a_dropped_ticket_is_a_failure_and_a_forgone_one_returns_its_probe() {
+        let (b, clock) = breaker(consecutive(2));
+        drop(b.admit().expect("admitted"));
+        drop(b.admit().expect("admitted"));
+        assert_eq!(
+            b.state(),
+            BreakerState::Open,
+            "two cancelled calls are two failures"
+        );
+        clock.advance(1_000);
+        b.admit().expect("probe").forgo();
+        assert_eq!(b.state(), BreakerState::HalfOpen);
+        let probe = b.admit().expect("the forgone probe's place is free again");
+        drop(probe);
+        assert_eq!(
+            b.state(),
+            BreakerState::Open,
+            "a cancelled probe re-opens it"
+        );
+    }
+
+    /// The outer deadline cancels the future that holds the ticket: the outcome is not lost.
+    #[tokio::test]
+    async fn a_call_cancelled_by_an_outer_deadline_records_a_failure() {
+        let (b, _clock) = breaker(consecutive(1));
+        let call = async {
+            let _ticket = b.admit().expect("admitted");
+            std::future::pending::<()>().await;
+        };
+        assert!(tokio::time::timeout(Duration::from_millis(5), call)
+            .await
+            .is_err());
+        assert_eq!(b.snapshot().failures, 1);
+        assert_eq!(b.state(), BreakerState::Open);
+    }
+
+    #[test]
+    fn consecutive_policy_opens_after_n_in_a_row_and_successes_reset_it() {
+        let (b, clock) = breaker(consecutive(3));
+        calls(&b, 2, true);
+        calls(&b, 1, false);
+        calls(&b, 2, true);
+        assert_eq!(b.state(), BreakerState::Closed);
+        assert_eq!(b.snapshot().consecutive_failures, 2);
+        calls(&b, 1, true);
+        assert_eq!(b.state(), BreakerState::Open);
+        clock.advance(1_000);
+        let probe = b.admit().expect("probe");
+        assert!(b.admit().is_err(), "one probe by default");
         probe.success();
         assert_eq!(b.state(), BreakerState::Closed);
-        assert!(b.admit().is_ok());
     }
 
     #[test]
-    fn a_failed_probe_reopens_and_an_abandoned_probe_frees_the_slot() {
-        let b = Breaker::new("h:2".into(), 1, Duration::from_millis(20));
-        b.admit().unwrap().failure();
-        std::thread::sleep(Duration::from_millis(30));
-        drop(b.admit().expect("probe"));
-        let probe = b.admit().expect("abandoned probe frees the slot");
-        probe.failure();
-        assert_eq!(b.state(), BreakerState::Open);
-        assert!(b.admit().is_err());
-    }
-
-    #[test]
-    fn successes_reset_the_consecutive_count() {
-        let b = Breaker::new("h:3".into(), 2, Duration::from_secs(60));
-        b.admit().unwrap().failure();
-        b.admit().unwrap().success();
-        b.admit().unwrap().failure();
+    fn a_call_admitted_while_closed_does_not_decide_the_half_open_period() {
+        let (b, clock) = breaker(consecutive(1));
+        let slow = b.admit().expect("admitted while closed");
+        calls(&b, 1, true);
+        clock.advance(1_000);
+        let probe = b.admit().expect("probe");
+        slow.failure();
+        assert_eq!(b.state(), BreakerState::HalfOpen);
+        probe.success();
         assert_eq!(b.state(), BreakerState::Closed);
-        assert_eq!(b.snapshot().consecutive_failures, 1);
+    }
+
+    #[test]
+    fn the_close_hook_runs_once_per_close() {
+        let clock = ManualClock::new(0);
+        let seen = Arc::new(AtomicU32::new(0));
+        let hook_seen = seen.clone();
+        let hook: CloseHook = Arc::new(move |_host: &Arc<str>| {
+            hook_seen.fetch_add(1, Ordering::SeqCst);
+        });
+        let b = Breaker::with_clock("h:9".into(), consecutive(1), clock.clock(), Some(hook));
+        calls(&b, 1, true);
+        clock.advance(1_000);
+        b.admit().expect("probe").success();
+        calls(&b, 1, false);
+        assert_eq!(seen.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn concurrent_calls_count_exactly() {
+        let (b, _clock) = breaker(rate(0.99, 10_000, u32::MAX, 1));
+        std::thread::scope(|s| {
+            for _ in 0..4 {
+                s.spawn(|| {
+                    for i in 0..1_000 {
+                        let t = b.admit().expect("closed");
+                        if i % 5 == 0 {
+                            t.failure()
+                        } else {
+                            t.success()
+                        }
+                    }
+                });
+            }
+        });
+        let snap = b.snapshot();
+        assert_eq!((snap.calls, snap.failures), (4_000, 800));
+        assert!((snap.rate - 0.2).abs() < 1e-9);
     }
 }

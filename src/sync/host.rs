@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use super::breaker::Breaker;
+use super::breaker::{Breaker, CloseHook};
 use super::gate::Gate;
 use super::pool::{connector, ConnPool, Connector};
 use crate::config::{HostPolicy, TlsTrust};
@@ -57,7 +57,6 @@ impl Lanes {
 }
 
 /// An upstream host and the machinery guarding it.
-#[derive(Debug)]
 pub struct Host {
     pub key: Arc<str>,
     pub policy: HostPolicy,
@@ -68,6 +67,18 @@ pub struct Host {
     pub metrics: Arc<crate::metrics::HostMetrics>,
     /// Which trust roots the pool was built with.
     tls_fingerprint: String,
+    /// Handed to every breaker this host builds (the queue's "make deferred events due").
+    on_close: Option<CloseHook>,
+}
+
+impl std::fmt::Debug for Host {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Host")
+            .field("key", &self.key)
+            .field("policy", &self.policy)
+            .field("breaker", &self.breaker)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Host {
@@ -76,20 +87,28 @@ impl Host {
         self.lanes.current()
     }
 
-    /// A host with a fresh pool, gate and breaker.
-    pub fn new(key: Arc<str>, policy: &HostPolicy, tls: &TlsTrust) -> Arc<Self> {
+    /// A host with a fresh pool, gate and breaker; `on_close` runs when its breaker closes
+    /// after a successful probe.
+    pub fn new(
+        key: Arc<str>,
+        policy: &HostPolicy,
+        tls: &TlsTrust,
+        on_close: Option<CloseHook>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             gate: Gate::new(policy.max_connections, policy.shed_threshold()),
             metrics: Arc::new(crate::metrics::HostMetrics::new(&key)),
-            breaker: Breaker::new(
+            breaker: Breaker::with_clock(
                 key.clone(),
-                policy.breaker_failures,
-                policy.breaker_recovery,
+                policy.circuit_breaker,
+                crate::clock::Clock::System,
+                on_close.clone(),
             ),
             lanes: Lanes::new(policy, tls),
             tls_fingerprint: tls.fingerprint.clone(),
             policy: policy.clone(),
             key,
+            on_close,
         })
     }
 
@@ -102,16 +121,22 @@ impl Host {
         }
         self.gate
             .set_limits(policy.max_connections, policy.shed_threshold());
-        let breaker = if self
-            .breaker
-            .has_policy(policy.breaker_failures, policy.breaker_recovery)
-        {
+        // Same policy, same thresholds: the breaker (open or not, its window) carries over.
+        let breaker = if *self.breaker.settings() == policy.circuit_breaker {
             self.breaker.clone()
         } else {
-            Breaker::new(
+            // The old breaker is gone with whatever it held back: a fresh breaker is closed,
+            // so the events the old one deferred are due now, as after a close.
+            if self.breaker.state() != super::breaker::BreakerState::Closed {
+                if let Some(hook) = &self.on_close {
+                    hook(&self.key);
+                }
+            }
+            Breaker::with_clock(
                 self.key.clone(),
-                policy.breaker_failures,
-                policy.breaker_recovery,
+                policy.circuit_breaker,
+                crate::clock::Clock::System,
+                self.on_close.clone(),
             )
         };
         let lanes = if self.policy.connect_timeout == policy.connect_timeout
@@ -130,6 +155,7 @@ impl Host {
             lanes,
             metrics: self.metrics.clone(),
             tls_fingerprint: tls.fingerprint.clone(),
+            on_close: self.on_close.clone(),
         })
     }
 }
@@ -140,16 +166,26 @@ pub type HostMap = HashMap<Arc<str>, Arc<Host>>;
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::{BreakerPolicy, BreakerSettings};
     use crate::sync::breaker::BreakerState;
+
+    fn consecutive(n: u32) -> BreakerSettings {
+        BreakerSettings {
+            policy: BreakerPolicy::Consecutive {
+                consecutive_failures: n,
+            },
+            ..BreakerSettings::default()
+        }
+    }
 
     #[tokio::test]
     async fn a_new_policy_keeps_the_gate_count_and_a_breaker_whose_thresholds_did_not_change() {
         let policy = HostPolicy {
-            breaker_failures: 1,
+            circuit_breaker: consecutive(1),
             ..HostPolicy::default()
         };
         let tls = TlsTrust::new(Vec::new()).unwrap();
-        let host = Host::new("h:1".into(), &policy, &tls);
+        let host = Host::new("h:1".into(), &policy, &tls, None);
         host.breaker.admit().unwrap().failure();
         assert_eq!(host.breaker.state(), BreakerState::Open);
         let held = host.gate.try_enter().unwrap();
@@ -179,7 +215,7 @@ mod tests {
         drop(held);
 
         let stricter = HostPolicy {
-            breaker_failures: 3,
+            circuit_breaker: consecutive(3),
             ..wider
         };
         let rebuilt = reloaded.with_policy(&stricter, &tls);
@@ -188,5 +224,75 @@ mod tests {
             BreakerState::Closed,
             "new thresholds, new breaker"
         );
+    }
+
+    #[tokio::test]
+    async fn a_failure_rate_breaker_survives_a_reload_that_keeps_its_thresholds() {
+        let settings = BreakerSettings {
+            policy: BreakerPolicy::FailureRate {
+                failure_rate: 0.5,
+                window_ms: 10_000,
+                min_calls: 2,
+            },
+            ..BreakerSettings::default()
+        };
+        let policy = HostPolicy {
+            circuit_breaker: settings,
+            ..HostPolicy::default()
+        };
+        let tls = TlsTrust::new(Vec::new()).unwrap();
+        let host = Host::new("h:2".into(), &policy, &tls, None);
+        host.breaker.admit().unwrap().failure();
+        host.breaker.admit().unwrap().failure();
+        assert_eq!(host.breaker.state(), BreakerState::Open);
+
+        let other_pool = HostPolicy {
+            connect_timeout: std::time::Duration::from_millis(900),
+            ..policy.clone()
+        };
+        let reloaded = host.with_policy(&other_pool, &tls);
+        assert_eq!(reloaded.breaker.state(), BreakerState::Open);
+        assert_eq!(reloaded.breaker.snapshot().failures, 2, "its window too");
+
+        let switched = HostPolicy {
+            circuit_breaker: consecutive(2),
+            ..other_pool
+        };
+        let rebuilt = reloaded.with_policy(&switched, &tls);
+        assert_eq!(rebuilt.breaker.state(), BreakerState::Closed);
+        assert_eq!(rebuilt.breaker.settings().policy.name(), "consecutive");
+    }
+
+    #[tokio::test]
+    async fn replacing_an_open_breaker_frees_the_events_it_deferred() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let freed = Arc::new(AtomicUsize::new(0));
+        let seen = freed.clone();
+        let hook: CloseHook = Arc::new(move |_host: &Arc<str>| {
+            seen.fetch_add(1, Ordering::SeqCst);
+        });
+        let policy = HostPolicy {
+            circuit_breaker: consecutive(1),
+            ..HostPolicy::default()
+        };
+        let tls = TlsTrust::new(Vec::new()).unwrap();
+        let host = Host::new("h:3".into(), &policy, &tls, Some(hook));
+        let closed_swap = host.with_policy(
+            &HostPolicy {
+                circuit_breaker: consecutive(2),
+                ..policy.clone()
+            },
+            &tls,
+        );
+        assert_eq!(
+            freed.load(Ordering::SeqCst),
+            0,
+            "a closed breaker held nothing"
+        );
+        closed_swap.breaker.admit().unwrap().failure();
+        closed_swap.breaker.admit().unwrap().failure();
+        assert_eq!(closed_swap.breaker.state(), BreakerState::Open);
+        let _replaced = closed_swap.with_policy(&policy, &tls);
+        assert_eq!(freed.load(Ordering::SeqCst), 1);
     }
 }

@@ -66,6 +66,8 @@ pub async fn deliver(
             retry_after: open.retry_after,
         })?;
     let Some(_permit) = host.gate.try_enter_sync() else {
+        // Shed before any call was made: nothing about the host's health was learned.
+        ticket.forgo();
         host.metrics.shed();
         return Err(SyncFailure::Shed);
     };

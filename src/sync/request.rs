@@ -1,4 +1,4 @@
-//! The outbound request: original body, signature and the delivery headers listed in the README.
+//! The outbound request: original body, signature and the delivery headers the README lists.
 
 use bytes::Bytes;
 use http::header::{HeaderName, HeaderValue, CONTENT_TYPE};

@@ -255,3 +255,137 @@ fn output_to_a_reader_that_went_away_ends_quietly_instead_of_panicking() {
     assert!(!stderr.contains("panicked"), "{stderr}");
     assert!(out.status.success(), "{:?} {stderr}", out.status);
 }
+
+fn breaker(section: &str) -> String {
+    rules_with_hosts(&format!("  default:\n    circuit_breaker:\n{section}"))
+}
+
+fn rules_with_hosts(hosts: &str) -> String {
+    format!(
+        "{HEAD}hosts:\n{hosts}routing_rules:\n  - event_type: a\n    mode: async\n    target: http://h:1/\n"
+    )
+}
+
+fn compiled_breaker(yaml: &str, host: &str) -> hookyard::config::BreakerSettings {
+    let settings =
+        hookyard::config::load_from_bytes(std::path::Path::new("cfg.yaml"), yaml.as_bytes())
+            .unwrap_or_else(|e| panic!("{e}"));
+    settings.hosts.for_host(host).circuit_breaker
+}
+
+#[test]
+fn breaker_thresholds_out_of_range_are_errors_at_their_value() {
+    rejects(
+        &breaker("      failure_rate: 0\n"),
+        "6:21",
+        "failure_rate must be in (0, 1], got 0",
+    );
+    rejects(
+        &breaker("      failure_rate: 1.5\n"),
+        "6:21",
+        "failure_rate must be in (0, 1]",
+    );
+    rejects(
+        &breaker("      window_ms: 0\n"),
+        "6:18",
+        "window_ms must be greater than 0",
+    );
+    rejects(
+        &breaker("      min_calls: 0\n"),
+        "6:18",
+        "min_calls must be greater than 0",
+    );
+    rejects(
+        &breaker("      half_open_probes: 0\n"),
+        "6:25",
+        "half_open_probes must be greater than 0",
+    );
+    rejects(
+        &breaker("      policy: half\n"),
+        "6:15",
+        "unknown variant `half`",
+    );
+}
+
+#[test]
+fn keys_of_the_other_breaker_policy_are_errors_naming_the_key() {
+    rejects(
+        &breaker("      policy: consecutive\n      failure_rate: 0.5\n"),
+        "7:21",
+        "failure_rate is not a setting of policy consecutive",
+    );
+    rejects(
+        &breaker("      policy: failure_rate\n      consecutive_failures: 5\n"),
+        "7:29",
+        "consecutive_failures is not a setting of policy failure_rate",
+    );
+    rejects(
+        &breaker("      consecutive_failures: 5\n      min_calls: 10\n"),
+        "7:18",
+        "min_calls belongs to policy failure_rate, but consecutive_failures",
+    );
+}
+
+#[test]
+fn breaker_policy_defaults_and_selection() {
+    use hookyard::config::BreakerPolicy;
+    // Nothing written: the failure-rate policy with seed 000's numbers.
+    let b = compiled_breaker(
+        &rules("  - event_type: a\n    mode: async\n    target: http://h:1/\n"),
+        "h:1",
+    );
+    assert_eq!(
+        b.policy,
+        BreakerPolicy::FailureRate {
+            failure_rate: 0.5,
+            window_ms: 10_000,
+            min_calls: 20
+        }
+    );
+    assert_eq!((b.recovery_ms, b.half_open_probes), (10_000, 1));
+
+    // consecutive_failures alone keeps its old meaning.
+    let b = compiled_breaker(
+        &breaker("      consecutive_failures: 3\n      recovery_ms: 250\n"),
+        "h:1",
+    );
+    assert_eq!(
+        b.policy,
+        BreakerPolicy::Consecutive {
+            consecutive_failures: 3
+        }
+    );
+    assert_eq!(b.recovery_ms, 250);
+
+    // An explicit policy takes that policy's defaults for what is not written.
+    let b = compiled_breaker(&breaker("      policy: consecutive\n"), "h:1");
+    assert_eq!(
+        b.policy,
+        BreakerPolicy::Consecutive {
+            consecutive_failures: 5
+        }
+    );
+
+    // A host override inherits the default host's policy and changes what it writes.
+    let yaml = rules_with_hosts(
+        "  default:\n    circuit_breaker: { failure_rate: 0.3, half_open_probes: 2 }\n  \"h:1\":\n    circuit_breaker: { min_calls: 50 }\n  \"h:2\":\n    circuit_breaker: { consecutive_failures: 7 }\n",
+    );
+    let b = compiled_breaker(&yaml, "h:1");
+    assert_eq!(
+        b.policy,
+        BreakerPolicy::FailureRate {
+            failure_rate: 0.3,
+            window_ms: 10_000,
+            min_calls: 50
+        }
+    );
+    assert_eq!(b.half_open_probes, 2);
+    let b = compiled_breaker(&yaml, "h:2");
+    assert_eq!(
+        b.policy,
+        BreakerPolicy::Consecutive {
+            consecutive_failures: 7
+        }
+    );
+    assert_eq!(b.half_open_probes, 2, "shared keys still inherit");
+}

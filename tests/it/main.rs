@@ -6,6 +6,7 @@
 
 mod admin;
 mod async_path;
+mod breaker;
 mod cli;
 mod config_check;
 mod crash;

@@ -442,7 +442,8 @@ pub async fn defer_does_not_count_an_attempt(store: &dyn Store) {
             // Even if a worker passes a record, a deferral is not an attempt.
             Some(attempt(1, T0, None, Some("circuit_open"))),
             Disposition::Defer {
-                due_at_ms: T0 + 100
+                due_at_ms: T0 + 100,
+                breaker: None,
             },
             T0,
         )
@@ -455,6 +456,140 @@ pub async fn defer_does_not_count_an_attempt(store: &dyn Store) {
     assert!(claim(store, "default", T0 + 99).await.is_empty());
     let c = claim_one(store, "default", T0 + 100).await;
     assert_eq!(c.attempt, 1);
+}
+
+/// Claims every due event of `queue` at `now` and defers each, as an open breaker of `host`
+/// would (or a full gate, for `None`), until `until`.
+async fn defer_all(store: &dyn Store, now: UnixMillis, until: UnixMillis, host: Option<&str>) {
+    for c in claim(store, "default", now).await {
+        assert!(store
+            .complete(
+                &c.id,
+                &c.lease_token,
+                None,
+                Disposition::Defer {
+                    due_at_ms: until,
+                    breaker: host.map(str::to_owned),
+                },
+                now,
+            )
+            .await
+            .unwrap());
+    }
+}
+
+fn sorted_ids(claimed: &[ClaimedEvent]) -> Vec<&str> {
+    let mut ids: Vec<&str> = claimed.iter().map(|c| c.id.as_str()).collect();
+    ids.sort_unstable();
+    ids
+}
+
+/// When a host's breaker closes, the events its open period deferred are due at once, not at
+/// their deferred time; events deferred by another host, by a full gate, or leased right now
+/// are left alone, and an event already due sooner keeps its time.
+pub async fn breaker_deferrals_are_due_at_once_when_that_breaker_closes(store: &dyn Store) {
+    enqueue_ok(store, event("evt_a1", "t", "default", T0)).await;
+    enqueue_ok(store, event("evt_a2", "t", "default", T0)).await;
+    defer_all(store, T0, T0 + 10_000, Some("a:80")).await;
+    enqueue_ok(store, event("evt_b", "t", "default", T0)).await;
+    defer_all(store, T0, T0 + 10_000, Some("b:80")).await;
+    enqueue_ok(store, event("evt_gate", "t", "default", T0)).await;
+    defer_all(store, T0, T0 + 10_000, None).await;
+    enqueue_ok(store, event("evt_soon", "t", "default", T0)).await;
+    defer_all(store, T0, T0 + 20, Some("a:80")).await;
+
+    assert_eq!(store.undefer("a:80", T0 + 50).await.unwrap(), 3);
+    assert_eq!(
+        store.next_due_at("default").await.unwrap(),
+        Some(T0 + 20),
+        "an event due sooner keeps its time"
+    );
+    let due = claim(store, "default", T0 + 50).await;
+    assert_eq!(sorted_ids(&due), ["evt_a1", "evt_a2", "evt_soon"]);
+    let rec = store.event("evt_b").await.unwrap().unwrap();
+    assert_eq!(
+        rec.due_at_ms,
+        Some(T0 + 10_000),
+        "another host's deferral stands"
+    );
+    let rec = store.event("evt_gate").await.unwrap().unwrap();
+    assert_eq!(rec.due_at_ms, Some(T0 + 10_000), "a gate deferral stands");
+
+    // Once made due, the deferral is forgotten: a later close does not move them again, and
+    // leased events are never touched.
+    assert_eq!(store.undefer("a:80", T0 + 60).await.unwrap(), 0);
+    // Deferred again by the next open period: the next close frees them again.
+    for c in due {
+        store
+            .complete(
+                &c.id,
+                &c.lease_token,
+                None,
+                Disposition::Defer {
+                    due_at_ms: T0 + 30_000,
+                    breaker: Some("a:80".to_owned()),
+                },
+                T0 + 70,
+            )
+            .await
+            .unwrap();
+    }
+    assert!(claim(store, "default", T0 + 100).await.is_empty());
+    assert_eq!(store.undefer("a:80", T0 + 100).await.unwrap(), 3);
+    assert_eq!(claim(store, "default", T0 + 100).await.len(), 3);
+    // An event that was deferred by a breaker and then retried normally is no longer its.
+    enqueue_ok(store, event("evt_retry", "t", "default", T0 + 200)).await;
+    defer_all(store, T0 + 200, T0 + 300, Some("a:80")).await;
+    let c = claim_one(store, "default", T0 + 300).await;
+    store
+        .complete(
+            &c.id,
+            &c.lease_token,
+            Some(attempt(1, T0 + 300, Some(503), None)),
+            Disposition::Retry {
+                due_at_ms: T0 + 5_000,
+            },
+            T0 + 300,
+        )
+        .await
+        .unwrap();
+    assert_eq!(store.undefer("a:80", T0 + 400).await.unwrap(), 0);
+    let rec = store.event("evt_retry").await.unwrap().unwrap();
+    assert_eq!(rec.due_at_ms, Some(T0 + 5_000));
+}
+
+/// At startup no breaker that deferred an event is alive: `undefer_all` makes every breaker
+/// deferral due at once, whatever the host, and leaves other deferrals alone.
+pub async fn undefer_all_makes_every_breaker_deferral_due(store: &dyn Store) {
+    enqueue_ok(store, event("evt_a", "t", "default", T0)).await;
+    defer_all(store, T0, T0 + 10_000, Some("a:80")).await;
+    enqueue_ok(store, event("evt_b", "t", "default", T0)).await;
+    defer_all(store, T0, T0 + 10_000, Some("b:443")).await;
+    enqueue_ok(store, event("evt_gate", "t", "default", T0)).await;
+    defer_all(store, T0, T0 + 10_000, None).await;
+    enqueue_ok(store, event("evt_q", "t", "q2", T0)).await;
+    for c in claim(store, "q2", T0).await {
+        store
+            .complete(
+                &c.id,
+                &c.lease_token,
+                None,
+                Disposition::Defer {
+                    due_at_ms: T0 + 10_000,
+                    breaker: Some("a:80".to_owned()),
+                },
+                T0,
+            )
+            .await
+            .unwrap();
+    }
+    assert_eq!(store.undefer_all(T0 + 5).await.unwrap(), 3);
+    assert_eq!(
+        sorted_ids(&claim(store, "default", T0 + 5).await),
+        ["evt_a", "evt_b"]
+    );
+    assert_eq!(sorted_ids(&claim(store, "q2", T0 + 5).await), ["evt_q"]);
+    assert_eq!(store.undefer_all(T0 + 6).await.unwrap(), 0);
 }
 
 /// Dead letters: every filter, newest-first order, cursor paging (including ties on time).

@@ -23,6 +23,13 @@
 //! events no longer sit in it until the retention purge, and a completion deletes one entry
 //! instead of moving it. Queries that use it repeat `state < 2` so SQLite can prove they may.
 //!
+//! # Version 5: who deferred an event
+//!
+//! `events.deferred_by` names the host whose open circuit breaker deferred a pending event
+//! (NULL otherwise). When that breaker closes, one indexed update makes those events due at
+//! once; at startup every such event is made due, since the breaker that deferred it is gone.
+//! The partial index holds only the few events deferred right now.
+//!
 //! # Version 3: lease expiries counted
 //!
 //! `events.lease_expiries` counts the leases of an event that ran out without a result since
@@ -35,7 +42,7 @@ use rusqlite::{Connection, TransactionBehavior};
 use crate::queue::StoreError;
 
 /// The schema version this build writes; stored in `PRAGMA user_version`.
-pub const SCHEMA_VERSION: i64 = 4;
+pub const SCHEMA_VERSION: i64 = 5;
 
 /// The current schema, for a new file.
 ///
@@ -54,9 +61,11 @@ CREATE TABLE events (
     delivered_at       INTEGER,
     dead_lettered_at   INTEGER,
     dead_letter_reason TEXT,
-    lease_expiries     INTEGER NOT NULL DEFAULT 0
+    lease_expiries     INTEGER NOT NULL DEFAULT 0,
+    deferred_by        TEXT
 );
 CREATE INDEX events_claim ON events(queue, state, due_at) WHERE state < 2;
+CREATE INDEX events_deferred ON events(deferred_by) WHERE deferred_by IS NOT NULL;
 CREATE INDEX events_dead_queue ON events(queue) WHERE state = 3;
 CREATE INDEX events_dlq ON events(dead_lettered_at, id) WHERE state = 3;
 CREATE INDEX events_delivered ON events(delivered_at) WHERE state = 2;
@@ -177,9 +186,21 @@ CREATE INDEX events_claim ON events(queue, state, due_at) WHERE state < 2;
 CREATE INDEX events_dead_queue ON events(queue) WHERE state = 3;
 ";
 
+/// Version 4 to 5: remember which host's breaker deferred a pending event. Existing events
+/// were deferred by nobody this build can wake, and are claimed at their due time as before.
+const MIGRATE_4_TO_5: &str = "
+ALTER TABLE events ADD COLUMN deferred_by TEXT;
+CREATE INDEX events_deferred ON events(deferred_by) WHERE deferred_by IS NOT NULL;
+";
+
 /// `MIGRATIONS[i]` brings a file from version `i + 1` to `i + 2`; a file at version `v` runs
 /// every one from index `v - 1` on, in order.
-const MIGRATIONS: [&str; 3] = [MIGRATE_1_TO_2, MIGRATE_2_TO_3, MIGRATE_3_TO_4];
+const MIGRATIONS: [&str; 4] = [
+    MIGRATE_1_TO_2,
+    MIGRATE_2_TO_3,
+    MIGRATE_3_TO_4,
+    MIGRATE_4_TO_5,
+];
 const _: () = assert!(
     MIGRATIONS.len() as i64 == SCHEMA_VERSION - 1,
     "one migration per version"
