@@ -12,6 +12,7 @@ mod redis;
 mod reload;
 #[path = "../common/sqlite_v1.rs"]
 mod sqlite_v1;
+mod store_faults;
 mod sync_path;
 mod tls;
 mod util;
