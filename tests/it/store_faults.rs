@@ -53,6 +53,9 @@ async fn deleting_the_sqlite_file_refuses_events_with_503_and_readyz_until_resta
             String::from_utf8_lossy(&a.body)
         );
         assert_eq!(a.json()["error"], "store_unavailable");
+        // Refused before anything was written: a retry cannot duplicate it.
+        assert_eq!(a.json()["outcome"], "not_stored");
+        assert!(a.json()["event_id"].is_string());
         assert!(a.header("retry-after").is_some());
     }
     let (status, body) = readyz(&hy).await;
