@@ -32,6 +32,11 @@
 //!   loaded at open, and changes only with committed transactions.
 //! - Only the writer thread writes (read connections are `query_only`), which is what makes
 //!   the in-memory depth counters and the lease checks trustworthy.
+//! - A promise of durability is made only for the files this store opened: a batch holding an
+//!   enqueue checks their device and inode just before COMMIT (abort: `Unavailable`, nothing
+//!   stored) and just after (changed: `OutcomeUnknown`), and while they stay changed, enqueues
+//!   are refused before they run. Deliveries of what the old file holds carry on. See the
+//!   `health` module, which also keeps the last write outcome that `ping` (readiness) reports.
 //! - Nothing here panics on I/O trouble: SQLite errors become [`StoreError::Unavailable`],
 //!   undecodable rows [`StoreError::Corrupt`], malformed DLQ cursors
 //!   [`StoreError::InvalidInput`], and calls after [`Store::close`] [`StoreError::Closed`].
@@ -797,8 +802,11 @@ fn writer_loop(
                 Err(_) => break,
             }
         }
+        // While the files are known to be gone, the batch's new promises are refused before
+        // anything runs (and the files looked at again, in case they are back). Otherwise the
+        // check before COMMIT in `run_batch` is the one that notices.
         let promises = batch.iter().any(|job| job.kind().promises_durability());
-        if promises {
+        if promises && ws.identity.as_ref().is_some_and(|w| w.is_lost()) {
             if let Err(why) = ws.check_identity() {
                 // The file at the path is not the one being written: no new promise can be
                 // kept. Deliveries of the events already in the old file carry on.
