@@ -33,10 +33,11 @@
 //! - Only the writer thread writes (read connections are `query_only`), which is what makes
 //!   the in-memory depth counters and the lease checks trustworthy.
 //! - A promise of durability is made only for the files this store opened: a batch holding an
-//!   enqueue checks their device and inode just before COMMIT (abort: `Unavailable`, nothing
-//!   stored) and just after (changed: `OutcomeUnknown`), and while they stay changed, enqueues
-//!   are refused before they run. Deliveries of what the old file holds carry on. See the
-//!   `health` module, which also keeps the last write outcome that `ping` (readiness) reports.
+//!   enqueue checks their device and inode before it runs (changed: its enqueues are refused
+//!   with `Unavailable` before they write, the rest of the batch carries on) and just after its
+//!   COMMIT (changed meanwhile: its enqueues get `OutcomeUnknown`). Deliveries of what the old
+//!   file holds carry on. See the `health` module, which also keeps the last write outcome that
+//!   `ping` (readiness) reports.
 //! - Nothing here panics on I/O trouble: SQLite errors become [`StoreError::Unavailable`],
 //!   undecodable rows [`StoreError::Corrupt`], malformed DLQ cursors
 //!   [`StoreError::InvalidInput`], and calls after [`Store::close`] [`StoreError::Closed`].
@@ -203,6 +204,9 @@ struct Inner {
     identity: Arc<health::FileIdentity>,
     /// The writer's last write outcome.
     health: Arc<health::Health>,
+    /// A readiness probe write is queued or running: `/readyz` needs no token, so a burst of
+    /// probes must not become a burst of writes.
+    probing: AtomicBool,
 }
 
 impl std::fmt::Debug for SqliteStore {
@@ -445,6 +449,7 @@ impl SqliteStore {
                 commits,
                 identity,
                 health,
+                probing: AtomicBool::new(false),
             }),
         })
     }
@@ -529,6 +534,15 @@ impl SqliteStore {
         })
         .await
         .map_err(|e| StoreError::Unavailable(format!("sqlite read task failed: {e}")))?
+    }
+}
+
+/// Clears a flag when dropped.
+struct ClearOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for ClearOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
     }
 }
 
@@ -802,11 +816,13 @@ fn writer_loop(
                 Err(_) => break,
             }
         }
-        // While the files are known to be gone, the batch's new promises are refused before
-        // anything runs (and the files looked at again, in case they are back). Otherwise the
-        // check before COMMIT in `run_batch` is the one that notices.
+        // A batch that will promise durability is first checked against the files this store
+        // opened (three stats, microseconds beside its fsync). Checking before anything runs,
+        // rather than just before COMMIT, lets the rest of the batch (claims and results of
+        // deliveries from the old file) commit as usual; `run_batch` checks again after
+        // COMMIT, for a file that went away meanwhile.
         let promises = batch.iter().any(|job| job.kind().promises_durability());
-        if promises && ws.identity.as_ref().is_some_and(|w| w.is_lost()) {
+        if promises {
             if let Err(why) = ws.check_identity() {
                 // The file at the path is not the one being written: no new promise can be
                 // kept. Deliveries of the events already in the old file carry on.
@@ -942,13 +958,6 @@ fn run_batch(
             }
         }
     }
-    // A promise of durability holds only if the commit lands in the file at the path: one
-    // deleted or replaced while the jobs ran aborts the batch before anything is promised.
-    if aborted.is_none() && promises > 0 {
-        if let Err(why) = ws.check_identity() {
-            aborted = Some(why);
-        }
-    }
     let wrote = probed || tx.total_changes() != changes_at_begin;
 
     let outcome = match aborted {
@@ -990,11 +999,7 @@ fn run_batch(
         }
         Err(msg) => {
             ws.drop_batch();
-            // An abort for the file's identity is not a write failure: `check_identity`
-            // reports it, and readiness checks the identity itself.
-            if ws.identity.as_ref().is_none_or(|w| !w.is_lost()) {
-                ws.health.write_failed(&msg);
-            }
+            ws.health.write_failed(&msg);
             tracing::error!(error = %msg, "sqlite write batch failed");
             for finish in finishes {
                 finish(Fate::Failed(&msg));
@@ -1792,17 +1797,27 @@ impl Store for SqliteStore {
                 .identity
                 .check()
                 .map_err(StoreError::Unavailable)?;
-            if self.inner.health.problem().is_some() {
+            if let Some(problem) = self.inner.health.problem() {
                 // The last write failed. Try one now rather than wait for traffic to prove the
-                // store well again: a store kept out of rotation would never see any.
-                self.write(JobKind::Probe, |conn, ws| {
-                    ws.check_room(conn)?;
-                    // Rewrites the header's user_version with the value it holds: a real
-                    // page written and fsynced, without touching any table.
-                    conn.execute_batch(&format!("PRAGMA user_version = {SCHEMA_VERSION}"))?;
-                    Ok(())
-                })
-                .await?;
+                // store well again: a store kept out of rotation would never see any. One
+                // probe at a time; checks meanwhile report the last known problem.
+                if self.inner.probing.swap(true, Ordering::AcqRel) {
+                    return Err(StoreError::Unavailable(problem));
+                }
+                // Cleared on drop too: a check abandoned mid-probe (its client went away)
+                // must not leave every later check without one.
+                let _probing = ClearOnDrop(&self.inner.probing);
+                let probe = self
+                    .write(JobKind::Probe, |conn, ws| {
+                        ws.check_room(conn)?;
+                        // Rewrites the header's user_version with the value it holds: a real
+                        // page written and fsynced, without touching any table.
+                        conn.execute_batch(&format!("PRAGMA user_version = {SCHEMA_VERSION}"))?;
+                        Ok(())
+                    })
+                    .await;
+                drop(_probing);
+                probe?;
             }
             self.read(|conn| {
                 conn.query_row("SELECT 1", [], |r| r.get::<_, i64>(0))?;

@@ -170,11 +170,6 @@ impl IdentityWatch {
         }
     }
 
-    /// Whether the last check found the files gone.
-    pub fn is_lost(&self) -> bool {
-        self.lost.is_some()
-    }
-
     /// Checks the files; `Err(why)` while they are not the ones opened. `pending` is how many
     /// undelivered events the old file holds, for the log line.
     pub fn check(&mut self, pending: u64) -> Result<(), String> {
