@@ -2128,6 +2128,41 @@ mod tests {
         assert_eq!(event_rows(&conn), (5, 5));
     }
 
+    /// The file deleted while a batch runs: the batch commits (to the deleted file, where the
+    /// process still delivers from), but its enqueues cannot be promised durable, so they are
+    /// answered "outcome unknown"; the other jobs of the batch stand.
+    #[test]
+    fn an_enqueue_whose_file_vanishes_during_its_batch_has_an_unknown_outcome() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = writer_for_test(dir.path());
+        let path = dir.path().join("q.db");
+        let mut ws = WriterState::new(HashMap::new(), None);
+        ws.identity = Some(health::IdentityWatch::new(Arc::new(
+            health::FileIdentity::capture(&path).unwrap(),
+        )));
+        let commits = AtomicU64::new(0);
+        let (j1, r1) = enqueue_job(test_event(1));
+        let gone = path.clone();
+        let (j2, r2) = job(JobKind::Other, move |_, _| {
+            std::fs::remove_file(&gone).map_err(|e| StoreError::Unavailable(e.to_string()))
+        });
+        let rest = run_batch(&mut conn, vec![j1, j2], &mut ws, &commits);
+        assert!(rest.is_empty());
+        let first = r1.blocking_recv().unwrap();
+        assert!(
+            matches!(&first, Err(StoreError::OutcomeUnknown(m)) if m.contains("deleted")),
+            "{first:?}"
+        );
+        r2.blocking_recv().unwrap().unwrap();
+        assert_eq!(
+            event_rows(&conn),
+            (1, 1),
+            "the event is in the deleted file"
+        );
+        // (Later batches refuse enqueues before they run: `writer_loop`, covered by the
+        // integration tests in `tests/it/store_faults.rs`.)
+    }
+
     #[tokio::test]
     async fn a_store_that_cannot_write_is_not_ready() {
         let dir = tempfile::tempdir().unwrap();
