@@ -1,4 +1,4 @@
-//! The outbound request: original body, signature and the delivery headers of DESIGN.md.
+//! The outbound request: original body, signature and the delivery headers listed in the README.
 
 use bytes::Bytes;
 use http::header::{HeaderName, HeaderValue, CONTENT_TYPE};
