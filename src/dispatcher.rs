@@ -57,8 +57,16 @@ pub enum Outcome {
     NoRoute { event_type: String },
     /// The queue is at `max_depth`.
     QueueFull { queue: Arc<str> },
-    /// The store could not make the event durable; nothing was accepted.
-    StoreUnavailable { reason: String },
+    /// The store could not confirm the event durable; nothing was promised.
+    StoreUnavailable {
+        /// The id the event was given (and, when the outcome is unknown, may be stored under).
+        event_id: String,
+        reason: String,
+        /// The write was sent but its result never came back: the event may be stored, and is
+        /// then delivered. A retry with the same `Idempotency-Key` is deduplicated against it.
+        /// `false`: nothing was stored, a retry is safe.
+        outcome_unknown: bool,
+    },
 }
 
 /// What a reload did.
@@ -441,9 +449,12 @@ impl Dispatcher {
                 queue: rule.queue.clone(),
             },
             Err(e) => {
-                tracing::error!(event_id = %event_id, error = %e, "could not store event; answering 503");
+                let outcome_unknown = matches!(e, StoreError::OutcomeUnknown(_));
+                tracing::error!(event_id = %event_id, error = %e, outcome_unknown, "could not store event; answering 503");
                 Outcome::StoreUnavailable {
+                    event_id,
                     reason: e.to_string(),
+                    outcome_unknown,
                 }
             }
         }

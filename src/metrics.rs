@@ -84,7 +84,9 @@ pub fn event_unrouted() {
 }
 
 /// Every attempt class a delivery can end in, in `HostMetrics` order.
-const ATTEMPT_CLASSES: [&str; 7] = ["2xx", "3xx", "4xx", "5xx", "timeout", "connect", "reset"];
+const ATTEMPT_CLASSES: [&str; 7] = [
+    "2xx", "redirect", "4xx", "5xx", "timeout", "connect", "reset",
+];
 
 /// The per-request metric handles of one host, looked up once instead of per request (a
 /// registry lookup hashes the whole label set and allocates).
@@ -172,11 +174,12 @@ impl RuleMetrics {
     }
 }
 
-/// `2xx`, `3xx`, `4xx` or `5xx`.
+/// `2xx`, `redirect` (3xx), `4xx` or `5xx`.
 pub fn status_class(status: u16) -> &'static str {
     match status {
         200..=299 => "2xx",
-        300..=399 => "3xx",
+        // Named for what it means to a webhook: redirects are never followed.
+        300..=399 => "redirect",
         400..=499 => "4xx",
         _ => "5xx",
     }

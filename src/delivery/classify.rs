@@ -16,8 +16,12 @@ pub enum Verdict {
     Delivered,
     /// 408, 425, 429, 5xx, timeout, connection error; with the receiver's `Retry-After`.
     Retryable { retry_after: Option<Duration> },
-    /// Any other 4xx (and 3xx: redirects are not followed): straight to the DLQ.
+    /// Any other 4xx: straight to the DLQ.
     Permanent,
+    /// 3xx: redirects are not followed (the rule names the target, and a signed event must not
+    /// be handed to wherever a receiver points), and retrying gets the same answer. Straight to
+    /// the DLQ with reason `redirect`, so an operator sees a moved endpoint, not a client error.
+    Redirect,
     /// 410: dead-letter and disable the target.
     Gone,
 }
@@ -30,6 +34,7 @@ pub fn classify(result: &Result<UpstreamResponse, CallError>) -> Verdict {
     };
     match response.status.as_u16() {
         200..=299 => Verdict::Delivered,
+        300..=399 => Verdict::Redirect,
         410 => Verdict::Gone,
         408 | 425 | 429 | 500..=599 => Verdict::Retryable {
             retry_after: response
@@ -115,8 +120,11 @@ mod tests {
                 "{s}"
             );
         }
-        for s in [301, 400, 401, 403, 404, 422] {
+        for s in [400, 401, 403, 404, 422] {
             assert_eq!(classify(&answer(s, None)), Verdict::Permanent, "{s}");
+        }
+        for s in [300, 301, 302, 307, 308] {
+            assert_eq!(classify(&answer(s, None)), Verdict::Redirect, "{s}");
         }
         assert_eq!(classify(&answer(410, None)), Verdict::Gone);
         assert!(matches!(

@@ -25,7 +25,7 @@ use crate::dispatcher::{lease_for, Dispatcher};
 use crate::queue::{AttemptRecord, ClaimedEvent, Disposition};
 use crate::routing::{DeliveryMode, Target};
 use crate::secret::Redacted;
-use crate::sync::{call, request, Envelope};
+use crate::sync::{call, request, Envelope, ResponseBody};
 
 /// Longest a worker sleeps without looking at the store, so events enqueued by another
 /// instance sharing the store (or leases expiring) are noticed.
@@ -401,7 +401,15 @@ async fn attempt(
         started_at_ms / 1000,
     );
     let started = Instant::now();
-    let result = call::call(&host, request, Duration::from_millis(event.timeout_ms)).await;
+    // Only the status decides an async attempt: the body is discarded, so a 2xx with a body
+    // past the response cap is a delivery, not a failure to retry.
+    let result = call::call_with(
+        &host,
+        request,
+        Duration::from_millis(event.timeout_ms),
+        ResponseBody::Discard,
+    )
+    .await;
     let latency = started.elapsed();
     let (status, error) = match &result {
         Ok(r) => (Some(r.status.as_u16()), None),
@@ -414,7 +422,9 @@ async fn attempt(
     host.metrics.attempt(DeliveryMode::Async, class, latency);
     let verdict = classify(&result);
     match verdict {
-        Verdict::Delivered | Verdict::Permanent | Verdict::Gone => ticket.success(),
+        Verdict::Delivered | Verdict::Permanent | Verdict::Redirect | Verdict::Gone => {
+            ticket.success()
+        }
         Verdict::Retryable { .. } => {
             // 408/425/429 are the receiver pacing us, not the host failing.
             match &result {
@@ -444,6 +454,9 @@ async fn attempt(
         Verdict::Delivered => Disposition::Delivered,
         Verdict::Permanent => Disposition::DeadLetter {
             reason: "permanent_4xx".into(),
+        },
+        Verdict::Redirect => Disposition::DeadLetter {
+            reason: "redirect".into(),
         },
         Verdict::Gone => {
             dispatcher.disable(&event.target);

@@ -329,10 +329,27 @@ fn respond(outcome: Outcome, trace_id: &str) -> Response<Full<Bytes>> {
                 .insert(RETRY_AFTER, HeaderValue::from_static("1"));
             r
         }
-        Outcome::StoreUnavailable { reason } => {
+        Outcome::StoreUnavailable {
+            event_id,
+            reason,
+            outcome_unknown,
+        } => {
+            // "unknown": the write may have happened; retry with the same Idempotency-Key (or
+            // look the event id up) rather than blindly. "not_stored": a retry is safe.
+            let outcome = if outcome_unknown {
+                "unknown"
+            } else {
+                "not_stored"
+            };
             let mut r = json(
                 StatusCode::SERVICE_UNAVAILABLE,
-                &json!({"error": "store_unavailable", "reason": reason, "trace_id": trace_id}),
+                &json!({
+                    "error": "store_unavailable",
+                    "reason": reason,
+                    "outcome": outcome,
+                    "event_id": event_id,
+                    "trace_id": trace_id,
+                }),
             );
             r.headers_mut()
                 .insert(RETRY_AFTER, HeaderValue::from_static("1"));

@@ -49,9 +49,16 @@ pub type UnixMillis = i64;
 /// Why the store could not do what was asked.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    /// The backend failed (disk full, I/O error, connection lost). Ingress answers 503.
+    /// The backend failed (disk full, I/O error, connection lost, the SQLite file deleted)
+    /// and nothing was stored. Ingress answers 503; a retry cannot duplicate anything.
     #[error("store unavailable: {0}")]
     Unavailable(String),
+    /// The write was sent but its result never came back (Redis did not answer in time, or
+    /// the SQLite file vanished while the commit ran): it may or may not have been stored.
+    /// Ingress answers 503 with `"outcome":"unknown"` and the event id; a retry with the same
+    /// `Idempotency-Key` is deduplicated against it if it was.
+    #[error("store outcome unknown: {0}")]
+    OutcomeUnknown(String),
     /// Stored data could not be decoded; indicates corruption or a version mismatch.
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),

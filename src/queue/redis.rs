@@ -127,6 +127,17 @@ fn unavailable(e: RedisError) -> StoreError {
     StoreError::Unavailable(format!("redis: {e}"))
 }
 
+/// The error of a write whose command may have reached Redis: a timeout, or a connection that
+/// broke after the command was handed to it, leaves the outcome unknown (Redis may run it when
+/// it wakes up, as after a stall); a refused connection or an error reply means it did not run.
+fn write_failed(e: RedisError) -> StoreError {
+    if e.is_timeout() || (e.is_io_error() && !e.is_connection_refusal()) {
+        StoreError::OutcomeUnknown(format!("redis: {e}"))
+    } else {
+        unavailable(e)
+    }
+}
+
 fn corrupt(what: impl std::fmt::Display) -> StoreError {
     StoreError::Corrupt(format!("redis: {what}"))
 }
@@ -369,11 +380,30 @@ impl RedisStore {
         let conn = self.inner.conn.clone();
         match tokio::time::timeout(self.inner.options.op_timeout, f(conn)).await {
             Ok(result) => result,
-            Err(_) => Err(StoreError::Unavailable(format!(
-                "redis did not answer within {} ms",
-                self.inner.options.op_timeout.as_millis()
-            ))),
+            Err(_) => Err(StoreError::Unavailable(self.no_answer())),
         }
+    }
+
+    /// Like [`RedisStore::run`] for a write whose result a caller was promised: giving up
+    /// waiting is an unknown outcome, not a failure, since Redis may still run the command.
+    async fn run_write<T, F, Fut>(&self, f: F) -> Result<T, StoreError>
+    where
+        F: FnOnce(ConnectionManager) -> Fut,
+        Fut: std::future::Future<Output = Result<T, StoreError>>,
+    {
+        self.check_open()?;
+        let conn = self.inner.conn.clone();
+        match tokio::time::timeout(self.inner.options.op_timeout, f(conn)).await {
+            Ok(result) => result,
+            Err(_) => Err(StoreError::OutcomeUnknown(self.no_answer())),
+        }
+    }
+
+    fn no_answer(&self) -> String {
+        format!(
+            "redis did not answer within {} ms",
+            self.inner.options.op_timeout.as_millis()
+        )
     }
 
     fn script<'a>(&'a self, script: &'a redis::Script) -> redis::ScriptInvocation<'a> {
@@ -440,8 +470,11 @@ impl RedisStore {
         }
         let wait = self.inner.options.wait_replicas;
         let wait_timeout = self.inner.options.wait_timeout_ms;
-        self.run(|mut conn| async move {
-            let reply: Value = inv.invoke_async(&mut conn).await.map_err(unavailable)?;
+        // The idempotency claim is written by the same script as the event, so when this
+        // answers "outcome unknown", a retry with the same key finds the event if it was
+        // stored and is answered as its duplicate, and is stored normally if it was not.
+        self.run_write(|mut conn| async move {
+            let reply: Value = inv.invoke_async(&mut conn).await.map_err(write_failed)?;
             let reply = array(reply)?;
             let tag = reply.first().map(opt_string).transpose()?.flatten().unwrap_or_default();
             let outcome = match tag.as_str() {
@@ -466,9 +499,11 @@ impl RedisStore {
                     .arg(wait_timeout)
                     .query_async(&mut conn)
                     .await
-                    .map_err(unavailable)?;
+                    .map_err(write_failed)?;
+                // The primary holds the event (and delivers it) whatever the replicas did; only
+                // its survival of a failover is in doubt.
                 if acked < i64::from(wait) {
-                    return Err(StoreError::Unavailable(format!(
+                    return Err(StoreError::OutcomeUnknown(format!(
                         "only {acked} of {wait} redis replicas acknowledged the event in {wait_timeout} ms"
                     )));
                 }

@@ -32,6 +32,12 @@
 //!   loaded at open, and changes only with committed transactions.
 //! - Only the writer thread writes (read connections are `query_only`), which is what makes
 //!   the in-memory depth counters and the lease checks trustworthy.
+//! - A promise of durability is made only for the files this store opened: a batch holding an
+//!   enqueue checks their device and inode before it runs (changed: its enqueues are refused
+//!   with `Unavailable` before they write, the rest of the batch carries on) and just after its
+//!   COMMIT (changed meanwhile: its enqueues get `OutcomeUnknown`). Deliveries of what the old
+//!   file holds carry on. See the `health` module, which also keeps the last write outcome that
+//!   `ping` (readiness) reports.
 //! - Nothing here panics on I/O trouble: SQLite errors become [`StoreError::Unavailable`],
 //!   undecodable rows [`StoreError::Corrupt`], malformed DLQ cursors
 //!   [`StoreError::InvalidInput`], and calls after [`Store::close`] [`StoreError::Closed`].
@@ -52,6 +58,7 @@ use rusqlite::{params, Connection, OpenFlags, OptionalExtension, Row};
 use tokio::sync::oneshot;
 
 mod checkpoint;
+mod health;
 mod schema;
 
 pub use schema::SCHEMA_VERSION;
@@ -193,6 +200,13 @@ struct Inner {
     writer_thread: Mutex<Option<JoinHandle<()>>>,
     readers: Mutex<Vec<Connection>>,
     commits: Arc<AtomicU64>,
+    /// The files as opened, so a readiness check notices them deleted or replaced.
+    identity: Arc<health::FileIdentity>,
+    /// The writer's last write outcome.
+    health: Arc<health::Health>,
+    /// A readiness probe write is queued or running: `/readyz` needs no token, so a burst of
+    /// probes must not become a burst of writes.
+    probing: AtomicBool,
 }
 
 impl std::fmt::Debug for SqliteStore {
@@ -394,6 +408,15 @@ impl SqliteStore {
         // Open one reader now so a broken read path shows up at startup, not on first use.
         let reader = open_reader(path, &options)?;
         let checkpoints = checkpoint::Checkpoints::start(&writer, path, &options)?;
+        // After the reads above, so the WAL and shared-memory files exist and are watched too.
+        let identity = Arc::new(
+            health::FileIdentity::capture(path)
+                .map_err(|e| io_unavailable("cannot stat", path, e))?,
+        );
+        let health = Arc::new(health::Health::default());
+        let mut state = WriterState::new(depths, enqueue_page_limit);
+        state.health = Arc::clone(&health);
+        state.identity = Some(health::IdentityWatch::new(Arc::clone(&identity)));
 
         let (tx, rx) = mpsc::channel::<Box<dyn Job>>();
         let commits = Arc::new(AtomicU64::new(0));
@@ -407,7 +430,7 @@ impl SqliteStore {
                     writer,
                     checkpoints,
                     rx,
-                    WriterState::new(depths, enqueue_page_limit),
+                    state,
                     max_batch,
                     fsync,
                     &thread_commits,
@@ -424,6 +447,9 @@ impl SqliteStore {
                 writer_thread: Mutex::new(Some(handle)),
                 readers: Mutex::new(vec![reader]),
                 commits,
+                identity,
+                health,
+                probing: AtomicBool::new(false),
             }),
         })
     }
@@ -511,6 +537,15 @@ impl SqliteStore {
     }
 }
 
+/// Clears a flag when dropped.
+struct ClearOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for ClearOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Writer thread
 
@@ -525,6 +560,14 @@ struct WriterState {
     job: HashMap<String, i64>,
     /// Pages in use above which enqueues are refused (see [`SqliteOptions::max_size_bytes`]).
     enqueue_page_limit: Option<i64>,
+    /// Where the writer reports its write outcomes for readiness.
+    health: Arc<health::Health>,
+    /// The files as opened; `None` in tests that drive a bare connection.
+    identity: Option<health::IdentityWatch>,
+    /// The last room check refused (kept here so `health` is touched only on a change).
+    out_of_room: bool,
+    /// The job running now was refused by the room check (not a write failure).
+    room_refused_job: bool,
 }
 
 impl WriterState {
@@ -534,13 +577,34 @@ impl WriterState {
             batch: HashMap::new(),
             job: HashMap::new(),
             enqueue_page_limit,
+            health: Arc::default(),
+            identity: None,
+            out_of_room: false,
+            room_refused_job: false,
+        }
+    }
+
+    /// `Err(why)` while the database files at the path are not the ones this store opened.
+    fn check_identity(&mut self) -> Result<(), String> {
+        let pending = self.committed.values().sum();
+        match &mut self.identity {
+            Some(watch) => watch.check(pending),
+            None => Ok(()),
+        }
+    }
+
+    fn set_room(&mut self, refused: Option<&str>) {
+        self.room_refused_job = refused.is_some();
+        if self.out_of_room != refused.is_some() {
+            self.out_of_room = refused.is_some();
+            self.health.room(refused);
         }
     }
 
     /// Refuses an enqueue once the database is near its size cap. The last tenth of the cap is
     /// kept for claims, completions and purges: without it a full store could not even record
     /// the deliveries that would let it drain.
-    fn check_room(&self, conn: &Connection) -> Result<(), StoreError> {
+    fn check_room(&mut self, conn: &Connection) -> Result<(), StoreError> {
         let Some(limit) = self.enqueue_page_limit else {
             return Ok(());
         };
@@ -553,10 +617,11 @@ impl WriterState {
             |r| r.get(0),
         )?;
         if used >= limit {
-            return Err(StoreError::Unavailable(
-                "database size limit reached (max_size_bytes)".into(),
-            ));
+            let why = "database size limit reached (max_size_bytes)";
+            self.set_room(Some(why));
+            return Err(StoreError::Unavailable(why.into()));
         }
+        self.set_room(None);
         Ok(())
     }
 
@@ -609,6 +674,8 @@ enum JobKind {
     Delivery,
     /// Anything else (release, replay, purge): rare, and free to fail part-way.
     Other,
+    /// A readiness probe while writes were failing: a tiny write that must reach the disk.
+    Probe,
 }
 
 impl JobKind {
@@ -624,19 +691,46 @@ impl JobKind {
     /// next batch), as when SQLite itself rolls a batch back. Changes to these jobs must keep
     /// their refusals ahead of their writes.
     fn needs_savepoint(self) -> bool {
-        self == JobKind::Other
+        matches!(self, JobKind::Other | JobKind::Probe)
+    }
+
+    /// Whether the batch holding this job must be fsynced, and written only to the files this
+    /// store opened: its success promises the caller durability.
+    fn promises_durability(self) -> bool {
+        matches!(self, JobKind::Enqueue | JobKind::Probe)
     }
 }
 
-/// Sends a job's reply once the fate of its transaction is known: `None` if it committed,
-/// `Some(message)` if the commit failed.
-type Finish = Box<dyn FnOnce(Option<&str>) + Send>;
+/// What became of a batch's transaction, told to each of its jobs.
+#[derive(Debug, Clone, Copy)]
+enum Fate<'a> {
+    Committed,
+    /// Rolled back, or never committed: nothing of the batch is stored.
+    Failed(&'a str),
+    /// Committed, but the database file was found deleted or replaced right after: whether
+    /// the write survives a restart is unknown.
+    Unconfirmed(&'a str),
+}
+
+/// How a job's own run went, for the writer's health bookkeeping.
+#[derive(Debug)]
+enum Ran {
+    Ok,
+    /// Refused or failed with an error that says nothing about the disk (a duplicate, bad
+    /// input, a corrupt row).
+    Refused,
+    /// Failed with an I/O-class error (`Unavailable`).
+    Failed(String),
+}
+
+/// Sends a job's reply once the fate of its transaction is known.
+type Finish = Box<dyn FnOnce(Fate<'_>) + Send>;
 
 /// A type-erased write job.
 trait Job: Send {
     fn kind(&self) -> JobKind;
-    /// Runs the job; `true` if it succeeded (its savepoint is kept).
-    fn run(self: Box<Self>, conn: &Connection, ws: &mut WriterState) -> (bool, Finish);
+    /// Runs the job; `Ran::Ok` if it succeeded (its savepoint is kept).
+    fn run(self: Box<Self>, conn: &Connection, ws: &mut WriterState) -> (Ran, Finish);
     /// Answers without running (the batch was aborted before reaching it).
     fn fail(self: Box<Self>, err: StoreError);
 }
@@ -656,23 +750,30 @@ where
         self.kind
     }
 
-    fn run(self: Box<Self>, conn: &Connection, ws: &mut WriterState) -> (bool, Finish) {
-        let WriteJob { f, reply, .. } = *self;
+    fn run(self: Box<Self>, conn: &Connection, ws: &mut WriterState) -> (Ran, Finish) {
+        let WriteJob { f, reply, kind } = *self;
         match f(conn, ws) {
             Ok(value) => (
-                true,
-                Box::new(move |commit_err: Option<&str>| {
-                    let answer = match commit_err {
-                        None => Ok(value),
-                        Some(msg) => Err(StoreError::Unavailable(msg.to_owned())),
+                Ran::Ok,
+                Box::new(move |fate: Fate<'_>| {
+                    let answer = match fate {
+                        Fate::Committed => Ok(value),
+                        Fate::Failed(msg) => Err(StoreError::Unavailable(msg.to_owned())),
+                        // Deliveries of events already in the file stay valid there; only a
+                        // promise of durability is in doubt.
+                        Fate::Unconfirmed(_) if !kind.promises_durability() => Ok(value),
+                        Fate::Unconfirmed(msg) => Err(StoreError::OutcomeUnknown(msg.to_owned())),
                     };
                     // The caller may have given up waiting; nothing to do then.
                     let _ = reply.send(answer);
                 }),
             ),
             Err(e) => (
-                false,
-                Box::new(move |_: Option<&str>| {
+                match &e {
+                    StoreError::Unavailable(msg) => Ran::Failed(msg.clone()),
+                    _ => Ran::Refused,
+                },
+                Box::new(move |_: Fate<'_>| {
                     let _ = reply.send(Err(e));
                 }),
             ),
@@ -715,8 +816,30 @@ fn writer_loop(
                 Err(_) => break,
             }
         }
+        // A batch that will promise durability is first checked against the files this store
+        // opened (three stats, microseconds beside its fsync). Checking before anything runs,
+        // rather than just before COMMIT, lets the rest of the batch (claims and results of
+        // deliveries from the old file) commit as usual; `run_batch` checks again after
+        // COMMIT, for a file that went away meanwhile.
+        let promises = batch.iter().any(|job| job.kind().promises_durability());
+        if promises {
+            if let Err(why) = ws.check_identity() {
+                // The file at the path is not the one being written: no new promise can be
+                // kept. Deliveries of the events already in the old file carry on.
+                let (refused, rest): (Vec<_>, Vec<_>) = batch
+                    .drain(..)
+                    .partition(|job| job.kind().promises_durability());
+                for job in refused {
+                    job.fail(StoreError::Unavailable(why.clone()));
+                }
+                batch = rest;
+                if batch.is_empty() {
+                    continue;
+                }
+            }
+        }
         if fsync {
-            let needs_fsync = batch.iter().any(|job| job.kind() == JobKind::Enqueue);
+            let needs_fsync = batch.iter().any(|job| job.kind().promises_durability());
             if needs_fsync != synced_full {
                 let level = if needs_fsync { "FULL" } else { "NORMAL" };
                 match conn.pragma_update(None, "synchronous", level) {
@@ -747,6 +870,9 @@ fn writer_loop(
 
 /// Runs `jobs` in one transaction and answers them once it has committed (or failed). Returns
 /// the jobs not yet run when SQLite aborted the transaction part-way, for the next batch.
+///
+/// Also keeps the store's [`health::Health`]: a batch that fails to write marks it unable to
+/// write, one that commits a write marks it able again.
 fn run_batch(
     conn: &mut Connection,
     jobs: Vec<Box<dyn Job>>,
@@ -760,18 +886,23 @@ fn run_batch(
         Err(e) => {
             // Nothing can be written at all: answer everyone rather than retry in a loop.
             let msg = e.to_string();
+            ws.health.write_failed(&msg);
             for job in jobs {
                 job.fail(StoreError::Unavailable(msg.clone()));
             }
             return Vec::new();
         }
     }
+    let changes_at_begin = tx.total_changes();
     let mut finishes: Vec<Finish> = Vec::with_capacity(jobs.len());
     let mut enqueues = 0usize;
+    let mut promises = 0usize;
+    let mut probed = false;
+    let mut write_error: Option<String> = None;
     let mut aborted: Option<String> = None;
     for job in jobs.by_ref() {
-        let enqueue = job.kind() == JobKind::Enqueue;
-        let savepoint = job.kind().needs_savepoint();
+        let kind = job.kind();
+        let savepoint = kind.needs_savepoint();
         if savepoint {
             if let Err(e) = cached(tx, "SAVEPOINT job") {
                 aborted = Some(e.to_string());
@@ -780,9 +911,10 @@ fn run_batch(
             }
         }
         let changes_before = tx.total_changes();
-        let (ok, finish) = job.run(tx, ws);
+        ws.room_refused_job = false;
+        let (ran, finish) = job.run(tx, ws);
         finishes.push(finish);
-        if ok {
+        if let Ran::Ok = ran {
             if savepoint {
                 if let Err(e) = cached(tx, "RELEASE job") {
                     aborted = Some(e.to_string());
@@ -790,9 +922,18 @@ fn run_batch(
                 }
             }
             ws.keep_job();
-            enqueues += usize::from(enqueue);
+            enqueues += usize::from(kind == JobKind::Enqueue);
+            promises += usize::from(kind.promises_durability());
+            probed |= kind == JobKind::Probe;
         } else {
             ws.drop_job();
+            // A refusal for room is the size cap speaking (kept apart, in `set_room`); any other
+            // I/O-class failure means this store could not write.
+            if let Ran::Failed(msg) = ran {
+                if !ws.room_refused_job {
+                    write_error = Some(msg);
+                }
+            }
             // Some errors (disk full, I/O) make SQLite roll back the whole transaction; the
             // jobs after it would then run in autocommit mode, outside the group commit.
             if tx.is_autocommit() {
@@ -817,6 +958,7 @@ fn run_batch(
             }
         }
     }
+    let wrote = probed || tx.total_changes() != changes_at_begin;
 
     let outcome = match aborted {
         Some(msg) => Err(msg),
@@ -835,15 +977,32 @@ fn run_batch(
             if enqueues > 0 {
                 metrics::histogram!(ENQUEUE_BATCH_SIZE_METRIC).record(enqueues as f64);
             }
+            match &write_error {
+                Some(msg) => ws.health.write_failed(msg),
+                None if wrote => ws.health.write_ok(),
+                None => {}
+            }
+            // The file may have gone while COMMIT ran: then the events went to a file that no
+            // restart will open, and their callers are told the outcome is unknown.
+            let unconfirmed = if promises > 0 {
+                ws.check_identity().err()
+            } else {
+                None
+            };
+            let fate = match &unconfirmed {
+                Some(why) => Fate::Unconfirmed(why),
+                None => Fate::Committed,
+            };
             for finish in finishes {
-                finish(None);
+                finish(fate);
             }
         }
         Err(msg) => {
             ws.drop_batch();
+            ws.health.write_failed(&msg);
             tracing::error!(error = %msg, "sqlite write batch failed");
             for finish in finishes {
-                finish(Some(&msg));
+                finish(Fate::Failed(&msg));
             }
             return jobs.collect();
         }
@@ -1665,6 +1824,34 @@ impl Store for SqliteStore {
             if !writer_alive {
                 return Err(self.writer_gone());
             }
+            // Ready means an enqueue would be durable now, not merely that the file answers a
+            // read: a deleted file still does (through the connections holding it open).
+            self.inner
+                .identity
+                .check()
+                .map_err(StoreError::Unavailable)?;
+            if let Some(problem) = self.inner.health.problem() {
+                // The last write failed. Try one now rather than wait for traffic to prove the
+                // store well again: a store kept out of rotation would never see any. One
+                // probe at a time; checks meanwhile report the last known problem.
+                if self.inner.probing.swap(true, Ordering::AcqRel) {
+                    return Err(StoreError::Unavailable(problem));
+                }
+                // Cleared on drop too: a check abandoned mid-probe (its client went away)
+                // must not leave every later check without one.
+                let _probing = ClearOnDrop(&self.inner.probing);
+                let probe = self
+                    .write(JobKind::Probe, |conn, ws| {
+                        ws.check_room(conn)?;
+                        // Rewrites the header's user_version with the value it holds: a real
+                        // page written and fsynced, without touching any table.
+                        conn.execute_batch(&format!("PRAGMA user_version = {SCHEMA_VERSION}"))?;
+                        Ok(())
+                    })
+                    .await;
+                drop(_probing);
+                probe?;
+            }
             self.read(|conn| {
                 conn.query_row("SELECT 1", [], |r| r.get::<_, i64>(0))?;
                 Ok(())
@@ -1976,6 +2163,107 @@ mod tests {
             .unwrap();
         assert_eq!(in_flight, 0);
         assert_eq!(event_rows(&conn), (5, 5));
+    }
+
+    /// The file deleted while a batch runs: the batch commits (to the deleted file, where the
+    /// process still delivers from), but its enqueues cannot be promised durable, so they are
+    /// answered "outcome unknown"; the other jobs of the batch stand.
+    #[test]
+    fn an_enqueue_whose_file_vanishes_during_its_batch_has_an_unknown_outcome() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = writer_for_test(dir.path());
+        let path = dir.path().join("q.db");
+        let mut ws = WriterState::new(HashMap::new(), None);
+        ws.identity = Some(health::IdentityWatch::new(Arc::new(
+            health::FileIdentity::capture(&path).unwrap(),
+        )));
+        let commits = AtomicU64::new(0);
+        let (j1, r1) = enqueue_job(test_event(1));
+        let gone = path.clone();
+        let (j2, r2) = job(JobKind::Other, move |_, _| {
+            std::fs::remove_file(&gone).map_err(|e| StoreError::Unavailable(e.to_string()))
+        });
+        let rest = run_batch(&mut conn, vec![j1, j2], &mut ws, &commits);
+        assert!(rest.is_empty());
+        let first = r1.blocking_recv().unwrap();
+        assert!(
+            matches!(&first, Err(StoreError::OutcomeUnknown(m)) if m.contains("deleted")),
+            "{first:?}"
+        );
+        r2.blocking_recv().unwrap().unwrap();
+        assert_eq!(
+            event_rows(&conn),
+            (1, 1),
+            "the event is in the deleted file"
+        );
+        // (Later batches refuse enqueues before they run: `writer_loop`, covered by the
+        // integration tests in `tests/it/store_faults.rs`.)
+    }
+
+    #[tokio::test]
+    async fn a_store_that_cannot_write_is_not_ready() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("q.db"), SqliteOptions::default()).unwrap();
+        store.ping().await.unwrap();
+
+        // The write connection refuses writes from now on, as on a file system remounted
+        // read-only (the tests run as root, which file modes do not stop). It cannot be turned
+        // back: every later batch fails at `BEGIN IMMEDIATE`. Recovery is covered by the size
+        // cap test below and the full-disk test of the integration suite.
+        store
+            .write(JobKind::Other, |conn, _| {
+                conn.pragma_update(None, "query_only", true)?;
+                Ok(())
+            })
+            .await
+            .unwrap();
+        let refused = store.enqueue(test_event(1), None, 100).await;
+        assert!(
+            matches!(refused, Err(StoreError::Unavailable(_))),
+            "{refused:?}"
+        );
+        let not_ready = store.ping().await;
+        assert!(
+            matches!(&not_ready, Err(StoreError::Unavailable(m)) if m.contains("readonly")),
+            "{not_ready:?}"
+        );
+        store.close().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_store_at_its_size_cap_is_not_ready_until_there_is_room() {
+        let dir = tempfile::tempdir().unwrap();
+        let options = SqliteOptions {
+            max_size_bytes: Some(1 << 20),
+            ..SqliteOptions::default()
+        };
+        let store = SqliteStore::open(&dir.path().join("q.db"), options).unwrap();
+        let mut n = 0;
+        loop {
+            let mut ev = test_event(n);
+            ev.body = Bytes::from(vec![b'x'; 64 * 1024]);
+            match store.enqueue(ev, None, 1000).await {
+                Ok(EnqueueOutcome::Accepted) => n += 1,
+                Err(StoreError::Unavailable(_)) => break,
+                other => panic!("{other:?}"),
+            }
+            assert!(n < 100, "the cap never refused");
+        }
+        assert!(store.ping().await.is_err(), "full is not ready");
+        // Deliver and purge everything: room again.
+        let claimed = store
+            .claim_due("default", 1000, 1000, 60_000)
+            .await
+            .unwrap();
+        for ev in claimed {
+            store
+                .complete(&ev.id, &ev.lease_token, None, Disposition::Delivered, 1000)
+                .await
+                .unwrap();
+        }
+        store.purge(2000, 2000).await.unwrap();
+        store.ping().await.unwrap();
+        store.close().await.unwrap();
     }
 
     #[test]

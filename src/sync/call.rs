@@ -8,9 +8,23 @@ use http_body_util::Full;
 
 use super::host::Host;
 
-/// Largest response body read from a target; a bigger one is cut off as an error, so a
-/// misbehaving target cannot make hookyard buffer without bound.
+/// Largest response body kept from a target, so a misbehaving target cannot make hookyard
+/// buffer without bound. A sync relay must hand the body to its caller, so a bigger one is an
+/// error there; async delivery needs only the status and discards the body (see
+/// [`ResponseBody`]).
 pub const MAX_RESPONSE_BYTES: usize = 4 * 1024 * 1024;
+
+/// What a call does with the target's response body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResponseBody {
+    /// Keep it for relaying to the caller (sync): a body over [`MAX_RESPONSE_BYTES`], or one
+    /// cut short, is a [`CallError::Broken`].
+    Relay,
+    /// Read and drop it (async delivery: the status decides). Up to [`MAX_RESPONSE_BYTES`] is
+    /// read so the connection can be reused; past that, or if it breaks, the connection is
+    /// closed and the answer still counts.
+    Discard,
+}
 
 /// A target's complete answer.
 #[derive(Debug, Clone)]
@@ -52,7 +66,17 @@ pub async fn call(
     request: Request<Full<Bytes>>,
     deadline: Duration,
 ) -> Result<UpstreamResponse, CallError> {
-    match tokio::time::timeout(deadline, host.pool().send(request)).await {
+    call_with(host, request, deadline, ResponseBody::Relay).await
+}
+
+/// [`call`], doing `body` with the response body.
+pub async fn call_with(
+    host: &Host,
+    request: Request<Full<Bytes>>,
+    deadline: Duration,
+    body: ResponseBody,
+) -> Result<UpstreamResponse, CallError> {
+    match tokio::time::timeout(deadline, host.pool().send_with(request, body)).await {
         Ok(result) => result,
         Err(_) => Err(CallError::Timeout(deadline)),
     }

@@ -12,7 +12,7 @@ pub mod request;
 
 use std::time::{Duration, Instant};
 
-pub use call::{CallError, UpstreamResponse};
+pub use call::{CallError, ResponseBody, UpstreamResponse};
 pub use host::{Host, HostMap};
 pub use request::Envelope;
 

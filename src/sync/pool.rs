@@ -25,7 +25,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use rustls::ClientConfig;
 use tower_service::Service;
 
-use super::call::{error_chain, CallError, UpstreamResponse, MAX_RESPONSE_BYTES};
+use super::call::{error_chain, CallError, ResponseBody, UpstreamResponse, MAX_RESPONSE_BYTES};
 
 /// How long an idle connection is kept for reuse. Shorter than common server keep-alive
 /// timeouts (nginx 75 s, HAProxy and Go's defaults) would only add reconnects; servers that
@@ -79,6 +79,15 @@ impl ConnPool {
     /// dropped and the next one is tried, so a target closing idle connections never fails a
     /// request. Once a request has been written it is never sent again.
     pub async fn send(&self, request: Request<Full<Bytes>>) -> Result<UpstreamResponse, CallError> {
+        self.send_with(request, ResponseBody::Relay).await
+    }
+
+    /// [`ConnPool::send`], doing `mode` with the response body.
+    pub async fn send_with(
+        &self,
+        request: Request<Full<Bytes>>,
+        mode: ResponseBody,
+    ) -> Result<UpstreamResponse, CallError> {
         let (mut request, target) = origin_form(request)?;
         loop {
             let (mut sender, pooled) = match self.checkout() {
@@ -93,10 +102,29 @@ impl ConnPool {
             match sender.try_send_request(request).await {
                 Ok(response) => {
                     let (parts, body) = response.into_parts();
+                    if mode == ResponseBody::Discard {
+                        if drain(body, MAX_RESPONSE_BYTES).await {
+                            self.checkin(sender);
+                        }
+                        return Ok(UpstreamResponse {
+                            status: parts.status,
+                            headers: parts.headers,
+                            body: Bytes::new(),
+                        });
+                    }
                     let body = Limited::new(body, MAX_RESPONSE_BYTES)
                         .collect()
                         .await
-                        .map_err(|e| CallError::Broken(format!("reading response body: {e}")))?
+                        .map_err(|e| {
+                            CallError::Broken(if e.is::<http_body_util::LengthLimitError>() {
+                                format!(
+                                    "response body over {MAX_RESPONSE_BYTES} bytes, too large \
+                                         to relay"
+                                )
+                            } else {
+                                format!("reading response body: {e}")
+                            })
+                        })?
                         .to_bytes();
                     self.checkin(sender);
                     return Ok(UpstreamResponse {
@@ -180,6 +208,23 @@ pub fn connector(connect_timeout: Duration, tls: &Arc<ClientConfig>) -> Connecto
         .https_or_http()
         .enable_http1()
         .wrap_connector(http)
+}
+
+/// Reads and drops a response body; true when it ended cleanly within `limit` bytes, so the
+/// connection is ready for another request. A longer or broken body leaves the connection to
+/// be closed: reading on would only cost bandwidth for bytes nobody wants.
+async fn drain(mut body: hyper::body::Incoming, limit: usize) -> bool {
+    let mut seen = 0usize;
+    while let Some(frame) = body.frame().await {
+        let Ok(frame) = frame else {
+            return false;
+        };
+        seen += frame.data_ref().map_or(0, Bytes::len);
+        if seen > limit {
+            return false;
+        }
+    }
+    true
 }
 
 /// Splits an absolute-URI request into the origin-form request an HTTP/1.1 server expects

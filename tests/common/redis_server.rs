@@ -121,6 +121,28 @@ impl RedisServer {
         }
     }
 
+    /// Sends `signal` (`"STOP"`, `"CONT"`) to the server process.
+    fn signal(&self, signal: &str) {
+        let child = self.child.as_ref().expect("redis-server is running");
+        let ok = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(child.id().to_string())
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "kill -{signal} redis-server");
+    }
+
+    /// Freezes the server (SIGSTOP): connections stay open, commands queue up unanswered, as
+    /// on a stalled host or a long fork.
+    pub fn freeze(&self) {
+        self.signal("STOP");
+    }
+
+    /// Lets a frozen server run again (SIGCONT); it then runs what queued up meanwhile.
+    pub fn thaw(&self) {
+        self.signal("CONT");
+    }
+
     /// Starts the server again on the same port and directory (it reloads the AOF).
     pub fn restart(&mut self) {
         self.kill();
@@ -135,6 +157,14 @@ impl RedisServer {
 
 impl Drop for RedisServer {
     fn drop(&mut self) {
+        // A frozen process ignores SIGKILL only until it is continued; continue it first so
+        // the kill below is not left pending behind the stop.
+        if let Some(child) = &self.child {
+            let _ = Command::new("kill")
+                .arg("-CONT")
+                .arg(child.id().to_string())
+                .status();
+        }
         self.kill();
     }
 }

@@ -531,3 +531,56 @@ async fn queued_events_of_a_schema_1_database_are_delivered_after_upgrade() {
     assert_eq!(attempts[1]["status"], 200);
     assert_eq!(attempts[1]["attempt"], 2);
 }
+
+/// A target that answers 2xx has taken the event, whatever it sends back: a body past the
+/// response cap (4 MiB) is discarded unread, not taken for a failure and retried into the DLQ.
+#[tokio::test]
+async fn an_async_2xx_with_a_body_over_the_response_cap_is_delivered_once() {
+    let (target, requests) = upstream::answering("HTTP/1.1 200 OK", 5 * 1024 * 1024).await;
+    let hy = Sidecar::start(&async_rule(&format!("http://{target}/u"), "[20, 20]", "")).await;
+    let id = hy.post("user.updated", "{}", &[]).await.event_id();
+    eventually(Duration::from_secs(10), "delivered", async || {
+        event(&hy, &id).await["state"] == "delivered"
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let history = event(&hy, &id).await;
+    assert_eq!(
+        history["attempts"].as_array().unwrap().len(),
+        1,
+        "{history}"
+    );
+    assert_eq!(history["attempts"][0]["status"], 200);
+    assert_eq!(requests.load(std::sync::atomic::Ordering::SeqCst), 1);
+}
+
+/// Redirects are not followed for webhooks (the signature and the target are the rule's): a
+/// 3xx dead-letters at once with its own reason and metric class, not as a client error.
+#[tokio::test]
+async fn an_async_3xx_dead_letters_at_once_as_redirect() {
+    let (target, requests) = upstream::answering(
+        "HTTP/1.1 301 Moved Permanently\r\nlocation: http://127.0.0.1:9/",
+        0,
+    )
+    .await;
+    let hy = Sidecar::start(&async_rule(&format!("http://{target}/u"), "[20, 20]", "")).await;
+    let id = hy.post("user.updated", "{}", &[]).await.event_id();
+    eventually(Duration::from_secs(10), "dead-lettered", async || {
+        event(&hy, &id).await["state"] == "dead_lettered"
+    })
+    .await;
+    let history = event(&hy, &id).await;
+    assert_eq!(history["dead_letter_reason"], "redirect", "{history}");
+    assert_eq!(history["attempts"].as_array().unwrap().len(), 1);
+    assert_eq!(history["attempts"][0]["status"], 301);
+    assert_eq!(requests.load(std::sync::atomic::Ordering::SeqCst), 1);
+    let metrics = hy.metrics().await;
+    let series = format!(
+        "hookyard_delivery_attempts_total{{host=\"{target}\",mode=\"async\",class=\"redirect\"}}"
+    );
+    assert_eq!(
+        crate::util::metric_value(&metrics, &series),
+        Some(1.0),
+        "{series} in\n{metrics}"
+    );
+}

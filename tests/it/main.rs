@@ -17,6 +17,7 @@ mod reload;
 mod secrets;
 #[path = "../common/sqlite_v1.rs"]
 mod sqlite_v1;
+mod store_faults;
 mod sync_path;
 mod tls;
 mod util;

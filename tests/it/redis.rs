@@ -484,6 +484,168 @@ async fn repeated_idempotency_key_across_instances_enqueues_once() {
     assert_eq!(rx.requests()[0].idempotency_key.as_deref(), Some("k-1"));
 }
 
+/// Redis frozen (SIGSTOP) while events are enqueued: the scripts were sent, so each may or may
+/// not have run. Ingress says so (503, `"outcome":"unknown"`, the event id) instead of a bare
+/// 503 a client would retry into a duplicate; after Redis runs again, a retry with the same
+/// `Idempotency-Key` is answered as a duplicate of that event id, and the event is delivered
+/// exactly once. `/readyz` is 503 while Redis does not answer.
+#[tokio::test]
+async fn stalled_redis_answers_outcome_unknown_and_a_keyed_retry_deduplicates() {
+    let Some(redis) = RedisServer::start("it::redis::stall") else {
+        return;
+    };
+    let rx = receiver().await;
+    // A deadline no loaded machine blows: a retry after a late 2xx is not what this counts.
+    let rules = async_rule(&format!("http://{}/u", rx.local_addr()), "[10]")
+        .replace("timeout_ms: 500", "timeout_ms: 2000");
+    let hy = start_on_redis_with_claim_idle(&redis, "stall", 3000, &rules).await;
+    // Scripts loaded and the connection up before the stall, and the first event's delivery
+    // recorded: a result still on its way when Redis stalls would be redelivered (with the
+    // same webhook-id, at least once), which is not what this test counts.
+    let warm = hy
+        .post("user.updated", "warm", &[("idempotency-key", "k-0")])
+        .await;
+    assert_eq!(warm.status, 202);
+    let warm = warm.event_id();
+    eventually(
+        Duration::from_secs(10),
+        "first delivery recorded",
+        async || hy.admin_get(&format!("/v1/events/{warm}")).await.json()["state"] == "delivered",
+    )
+    .await;
+
+    redis.freeze();
+    let (keyed, unkeyed) = tokio::join!(
+        hy.post("user.updated", "keyed", &[("idempotency-key", "k-1")]),
+        hy.post("user.updated", "unkeyed", &[]),
+    );
+    for a in [&keyed, &unkeyed] {
+        assert_eq!(a.status, 503, "{}", String::from_utf8_lossy(&a.body));
+        let body = a.json();
+        assert_eq!(body["error"], "store_unavailable", "{body}");
+        assert_eq!(body["outcome"], "unknown", "{body}");
+        assert!(a.header("retry-after").is_some());
+    }
+    let keyed_id = keyed.event_id();
+    let unkeyed_id = unkeyed.event_id();
+    let ready = hy.admin_get("/readyz").await;
+    assert_eq!(
+        ready.status,
+        503,
+        "{}",
+        String::from_utf8_lossy(&ready.body)
+    );
+
+    redis.thaw();
+    // Redis ran both scripts once it woke: the retry with the key finds the first write.
+    let retry = hy
+        .post("user.updated", "keyed", &[("idempotency-key", "k-1")])
+        .await;
+    assert_eq!(
+        retry.status,
+        202,
+        "{}",
+        String::from_utf8_lossy(&retry.body)
+    );
+    assert_eq!(retry.json()["duplicate"], true);
+    assert_eq!(retry.event_id(), keyed_id);
+    // Without a key, the event id in the 503 is how a client learns whether it was stored.
+    let unkeyed_state = hy.admin_get(&format!("/v1/events/{unkeyed_id}")).await;
+    assert_eq!(unkeyed_state.status, 200);
+    assert_eq!(hy.admin_get("/readyz").await.status, 200);
+
+    // A claim a worker sent during the stall ran when Redis woke, its answer long given up
+    // on: what it leased waits for that lease to run out (the rule's timeout + 5 s).
+    // A claim a worker sent during the stall ran when Redis woke, its answer long given up
+    // on: what it leased waits for that lease to run out (the rule's timeout + 5 s).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while rx.stats().delivered_ok < 3 {
+        if Instant::now() > deadline {
+            panic!(
+                "not delivered: {:?}\n{}",
+                rx.stats(),
+                redis_state(&redis, "stall", &[&keyed_id, &unkeyed_id])
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let stats = rx.stats();
+    assert_eq!(stats.received, 3, "{stats:?}");
+    assert_eq!(stats.unique_ids, 3, "{stats:?}");
+    let keyed_deliveries = rx
+        .requests()
+        .iter()
+        .filter(|r| r.webhook_id.as_deref() == Some(keyed_id.as_str()))
+        .count();
+    assert_eq!(keyed_deliveries, 1);
+}
+
+/// What Redis holds about `ids` (their hashes, the lease set, the stream's consumers), for a
+/// failure message.
+fn redis_state(redis: &RedisServer, prefix: &str, ids: &[&str]) -> String {
+    let cli = |args: &[&str]| {
+        Command::new("redis-cli")
+            .arg("-p")
+            .arg(redis.port.to_string())
+            .args(args)
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).replace('\n', " "))
+            .unwrap_or_else(|e| format!("redis-cli: {e}"))
+    };
+    let mut out = String::new();
+    for id in ids {
+        out += &format!(
+            "{id}: {}\n",
+            cli(&["HGETALL", &format!("{{{prefix}}}:ev:{id}")])
+        );
+    }
+    let q = format!("{{{prefix}}}:q:default");
+    out += &format!(
+        "leased: {}\nconsumers: {}\nnow: {}",
+        cli(&["ZRANGE", &format!("{q}:leased"), "0", "-1", "WITHSCORES"]),
+        cli(&["XINFO", "CONSUMERS", &format!("{q}:ready"), "hookyard"]),
+        hookyard::clock::now_ms()
+    );
+    out
+}
+
+/// A retry with the key after an unknown outcome whose write never happened (Redis was down,
+/// not frozen) enqueues normally.
+#[tokio::test]
+async fn a_keyed_retry_after_redis_was_down_enqueues_normally() {
+    let Some(mut redis) = RedisServer::start("it::redis::down_retry") else {
+        return;
+    };
+    let rx = receiver().await;
+    let rules = async_rule(&format!("http://{}/u", rx.local_addr()), "[10]");
+    let hy = start_on_redis(&redis, "down", &rules).await;
+    assert_eq!(hy.post("user.updated", "warm", &[]).await.status, 202);
+    redis.kill();
+    let refused = hy
+        .post("user.updated", "x", &[("idempotency-key", "k-down")])
+        .await;
+    assert_eq!(refused.status, 503);
+    assert_eq!(hy.admin_get("/readyz").await.status, 503);
+    redis.restart();
+    let mut retry = None;
+    eventually(Duration::from_secs(10), "redis back", async || {
+        let a = hy
+            .post("user.updated", "x", &[("idempotency-key", "k-down")])
+            .await;
+        let done = a.status == 202;
+        retry = Some(a);
+        done
+    })
+    .await;
+    let retry = retry.unwrap();
+    assert!(retry.json().get("duplicate").is_none(), "{}", retry.json());
+    eventually(Duration::from_secs(10), "delivered", async || {
+        rx.stats().unique_ids == 2
+    })
+    .await;
+}
+
 /// Loads `yaml` and returns its problems as `(line, column, message)`.
 fn problems(yaml: &str) -> Vec<(u64, u64, String)> {
     let dir = tempfile::tempdir().unwrap();

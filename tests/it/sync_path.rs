@@ -383,3 +383,34 @@ async fn graceful_shutdown_lets_a_sync_call_in_flight_finish() {
     let answer = call.await.unwrap();
     assert_eq!(answer.status, 200);
 }
+
+/// A sync answer is relayed whole, so one past the response cap (4 MiB) cannot be: the caller
+/// gets 502 saying so, or, with `fallback: async_dlq`, a 202 and the event goes the async way,
+/// where only the status counts and it is delivered (the target sees the same webhook-id twice).
+#[tokio::test]
+async fn a_sync_2xx_with_a_body_over_the_response_cap_is_not_relayed() {
+    let (target, requests) = upstream::answering("HTTP/1.1 200 OK", 5 * 1024 * 1024).await;
+    let rule = sync_rule(&format!("http://{target}/hook"), "")
+        .replace("timeout_ms: 300", "timeout_ms: 5000");
+    let hy = Sidecar::start(&rule).await;
+    let a = hy.post("pay.authorize", "{}", &[]).await;
+    assert_eq!(a.status, 502, "{}", String::from_utf8_lossy(&a.body));
+    assert!(
+        a.json()["error"]
+            .as_str()
+            .unwrap()
+            .contains("too large to relay"),
+        "{}",
+        a.json()
+    );
+
+    let fallback = Sidecar::start(&format!("{rule}    fallback: async_dlq\n")).await;
+    let a = fallback.post("pay.authorize", "{}", &[]).await;
+    assert_eq!(a.status, 202, "{}", String::from_utf8_lossy(&a.body));
+    let id = a.event_id();
+    eventually(Duration::from_secs(10), "delivered async", async || {
+        fallback.admin_get(&format!("/v1/events/{id}")).await.json()["state"] == "delivered"
+    })
+    .await;
+    assert_eq!(requests.load(std::sync::atomic::Ordering::SeqCst), 3);
+}

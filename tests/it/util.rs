@@ -313,6 +313,65 @@ pub mod upstream {
         addr
     }
 
+    /// Answers every request with `head` (status line and headers, without the blank line),
+    /// a `content-length` of `body_len`, and that many bytes of body. Returns the address and
+    /// a counter of requests answered.
+    pub async fn answering(head: &'static str, body_len: usize) -> (SocketAddr, Arc<AtomicUsize>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let requests = Arc::new(AtomicUsize::new(0));
+        let count = requests.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut s, _)) = listener.accept().await else {
+                    return;
+                };
+                let count = count.clone();
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 65536];
+                    let mut seen = Vec::new();
+                    loop {
+                        let Ok(n) = s.read(&mut buf).await else {
+                            return;
+                        };
+                        if n == 0 {
+                            return;
+                        }
+                        seen.extend_from_slice(&buf[..n]);
+                        let Some(end) = find(&seen, b"\r\n\r\n") else {
+                            continue;
+                        };
+                        let head_text = String::from_utf8_lossy(&seen[..end]).to_lowercase();
+                        let len: usize = head_text
+                            .lines()
+                            .find_map(|l| l.strip_prefix("content-length:"))
+                            .and_then(|v| v.trim().parse().ok())
+                            .unwrap_or(0);
+                        if seen.len() < end + 4 + len {
+                            continue;
+                        }
+                        seen.drain(..end + 4 + len);
+                        count.fetch_add(1, Ordering::SeqCst);
+                        let answer = format!("{head}\r\ncontent-length: {body_len}\r\n\r\n");
+                        if s.write_all(answer.as_bytes()).await.is_err() {
+                            return;
+                        }
+                        let chunk = vec![b'x'; 64 * 1024];
+                        let mut left = body_len;
+                        while left > 0 {
+                            let n = left.min(chunk.len());
+                            if s.write_all(&chunk[..n]).await.is_err() {
+                                return;
+                            }
+                            left -= n;
+                        }
+                    }
+                });
+            }
+        });
+        (addr, requests)
+    }
+
     fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
         hay.windows(needle.len()).position(|w| w == needle)
     }
