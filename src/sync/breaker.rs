@@ -241,9 +241,20 @@ pub struct Ticket<'a> {
     /// The half-open generation this probe belongs to, for probes.
     probe: Option<u32>,
     done: bool,
+    /// Unix ms by which the call owed the host an answer, when the caller said so.
+    deadline_ms: Option<i64>,
 }
 
 impl Ticket<'_> {
+    /// The call's own deadline: a ticket dropped before it (the caller hung up, the future was
+    /// cancelled for a reason of the caller's) learned nothing about the host and records
+    /// nothing; dropped at or after it, the host did not answer in time, which is a failure.
+    pub fn until(mut self, deadline: std::time::Duration) -> Self {
+        let ms = i64::try_from(deadline.as_millis()).unwrap_or(i64::MAX);
+        self.deadline_ms = Some(self.breaker.inner.clock.now_ms().saturating_add(ms));
+        self
+    }
+
     /// The host answered in a way that shows it is healthy (2xx-4xx).
     pub fn success(mut self) {
         self.done = true;
@@ -268,7 +279,17 @@ impl Ticket<'_> {
 
 impl Drop for Ticket<'_> {
     fn drop(&mut self) {
-        if !self.done {
+        if self.done {
+            return;
+        }
+        let abandoned_early = self
+            .deadline_ms
+            .is_some_and(|deadline| self.breaker.inner.clock.now_ms() < deadline);
+        if abandoned_early {
+            if let Some(generation) = self.probe {
+                self.breaker.return_probe(generation);
+            }
+        } else {
             self.breaker.record(self.probe, true);
         }
     }
@@ -352,6 +373,7 @@ impl Breaker {
                         breaker: self,
                         probe: None,
                         done: false,
+                        deadline_ms: None,
                     })
                 }
                 BreakerState::Open => {
@@ -395,6 +417,7 @@ impl Breaker {
                         breaker: self,
                         probe: Some(next.generation),
                         done: false,
+                        deadline_ms: None,
                     });
                 }
                 Err(actual) => raw = actual,
@@ -795,6 +818,34 @@ mod tests {
             .is_err());
         assert_eq!(b.snapshot().failures, 1);
         assert_eq!(b.state(), BreakerState::Open);
+    }
+
+    #[test]
+    fn a_ticket_dropped_before_its_deadline_records_nothing_and_after_it_a_failure() {
+        let (b, clock) = breaker(consecutive(1));
+        drop(
+            b.admit()
+                .expect("admitted")
+                .until(Duration::from_millis(100)),
+        );
+        let shown = b.snapshot();
+        assert_eq!((shown.calls, shown.failures), (0, 0), "the caller hung up");
+        assert_eq!(b.state(), BreakerState::Closed);
+
+        let late = b
+            .admit()
+            .expect("admitted")
+            .until(Duration::from_millis(100));
+        clock.advance(100);
+        drop(late);
+        assert_eq!(b.snapshot().failures, 1, "the host never answered in time");
+        assert_eq!(b.state(), BreakerState::Open);
+
+        // A probe abandoned early gives its place back to the half-open period.
+        clock.advance(1_000);
+        drop(b.admit().expect("probe").until(Duration::from_millis(100)));
+        b.admit().expect("the same probe again").success();
+        assert_eq!(b.state(), BreakerState::Closed);
     }
 
     #[test]

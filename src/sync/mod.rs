@@ -59,12 +59,14 @@ pub async fn deliver(
     envelope: &Envelope,
     signer: &Signer,
 ) -> Result<UpstreamResponse, SyncFailure> {
+    // A caller that hangs up before the rule's deadline tells nothing about the host.
     let ticket = host
         .breaker
         .admit()
         .map_err(|open| SyncFailure::CircuitOpen {
             retry_after: open.retry_after,
-        })?;
+        })?
+        .until(rule.timeout);
     let Some(_permit) = host.gate.try_enter_sync() else {
         // Shed before any call was made: nothing about the host's health was learned.
         ticket.forgo();
