@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Instructions per sync request, counted by callgrind: a figure that does not move with the
 # machine's load, for comparing two builds of hookyard on a shared machine. For each binary
-# given (default: target/release/hookyard), runs it under callgrind with collection off, warms it
+# given (default: target/release/hookyard), runs it under callgrind with instrumentation off, warms it
 # up, then counts user-space instructions over a fixed wrk load of 1 KiB POSTs through a sync
 # rule to a HAProxy upstream that answers every request itself, and prints instructions per
 # request. SHA-256 runs in software under valgrind (it hides SHA-NI), so the count includes it.
@@ -67,7 +67,7 @@ routing_rules:
 CFG
     out="$WORK/callgrind.out"
     rm -f "$out"*
-    RUST_LOG=warn start_bg HY_PID hookyard valgrind --tool=callgrind --collect-atstart=no \
+    RUST_LOG=warn start_bg HY_PID hookyard valgrind --tool=callgrind --instr-atstart=no \
         --callgrind-out-file="$out" "$binary" serve --config "$WORK/hookyard.yaml"
     wait_http "http://127.0.0.1:$HY_ADMIN_PORT/readyz" 120 "$HY_PID"
     url="http://127.0.0.1:$HY_PORT/v1/events/payment.authorize"
