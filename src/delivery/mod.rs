@@ -438,8 +438,9 @@ async fn attempt(
         trace_id = %event.trace_id,
         attempt = event.attempt,
         host = %host.key,
-        status = status.map(i64::from).unwrap_or(-1),
-        error = error.as_deref().unwrap_or(""),
+        // Absent fields are left out of the line rather than shown as -1 or "".
+        status = status.map(i64::from),
+        error = error.as_deref(),
         latency_ms = latency.as_millis() as u64,
         "delivery attempt"
     );
