@@ -376,12 +376,7 @@ impl RedisStore {
         F: FnOnce(ConnectionManager) -> Fut,
         Fut: std::future::Future<Output = Result<T, StoreError>>,
     {
-        self.check_open()?;
-        let conn = self.inner.conn.clone();
-        match tokio::time::timeout(self.inner.options.op_timeout, f(conn)).await {
-            Ok(result) => result,
-            Err(_) => Err(StoreError::Unavailable(self.no_answer())),
-        }
+        self.bounded(f, StoreError::Unavailable).await
     }
 
     /// Like [`RedisStore::run`] for a write whose result a caller was promised: giving up
@@ -391,11 +386,24 @@ impl RedisStore {
         F: FnOnce(ConnectionManager) -> Fut,
         Fut: std::future::Future<Output = Result<T, StoreError>>,
     {
+        self.bounded(f, StoreError::OutcomeUnknown).await
+    }
+
+    /// `f` within `op_timeout`; past it, `timed_out` says what not knowing the answer means.
+    async fn bounded<T, F, Fut>(
+        &self,
+        f: F,
+        timed_out: fn(String) -> StoreError,
+    ) -> Result<T, StoreError>
+    where
+        F: FnOnce(ConnectionManager) -> Fut,
+        Fut: std::future::Future<Output = Result<T, StoreError>>,
+    {
         self.check_open()?;
         let conn = self.inner.conn.clone();
         match tokio::time::timeout(self.inner.options.op_timeout, f(conn)).await {
             Ok(result) => result,
-            Err(_) => Err(StoreError::OutcomeUnknown(self.no_answer())),
+            Err(_) => Err(timed_out(self.no_answer())),
         }
     }
 

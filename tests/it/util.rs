@@ -276,28 +276,8 @@ pub mod upstream {
                     return;
                 };
                 tokio::spawn(async move {
-                    let mut buf = vec![0u8; 65536];
-                    let mut seen = Vec::new();
-                    // Read until the end of the request headers and its body have arrived.
-                    loop {
-                        let Ok(n) = s.read(&mut buf).await else {
-                            return;
-                        };
-                        if n == 0 {
-                            return;
-                        }
-                        seen.extend_from_slice(&buf[..n]);
-                        if let Some(end) = find(&seen, b"\r\n\r\n") {
-                            let head = String::from_utf8_lossy(&seen[..end]).to_lowercase();
-                            let len: usize = head
-                                .lines()
-                                .find_map(|l| l.strip_prefix("content-length:"))
-                                .and_then(|v| v.trim().parse().ok())
-                                .unwrap_or(0);
-                            if seen.len() >= end + 4 + len {
-                                break;
-                            }
-                        }
+                    if !next_request(&mut s, &mut Vec::new()).await {
+                        return;
                     }
                     let _ = s
                         .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 1000\r\n\r\n0123456789")
@@ -328,29 +308,8 @@ pub mod upstream {
                 };
                 let count = count.clone();
                 tokio::spawn(async move {
-                    let mut buf = vec![0u8; 65536];
                     let mut seen = Vec::new();
-                    loop {
-                        let Ok(n) = s.read(&mut buf).await else {
-                            return;
-                        };
-                        if n == 0 {
-                            return;
-                        }
-                        seen.extend_from_slice(&buf[..n]);
-                        let Some(end) = find(&seen, b"\r\n\r\n") else {
-                            continue;
-                        };
-                        let head_text = String::from_utf8_lossy(&seen[..end]).to_lowercase();
-                        let len: usize = head_text
-                            .lines()
-                            .find_map(|l| l.strip_prefix("content-length:"))
-                            .and_then(|v| v.trim().parse().ok())
-                            .unwrap_or(0);
-                        if seen.len() < end + 4 + len {
-                            continue;
-                        }
-                        seen.drain(..end + 4 + len);
+                    while next_request(&mut s, &mut seen).await {
                         count.fetch_add(1, Ordering::SeqCst);
                         let answer = format!("{head}\r\ncontent-length: {body_len}\r\n\r\n");
                         if s.write_all(answer.as_bytes()).await.is_err() {
@@ -370,6 +329,30 @@ pub mod upstream {
             }
         });
         (addr, requests)
+    }
+
+    /// Reads from `s` until `seen` holds a whole request (headers and `content-length` body),
+    /// and takes that request out of `seen`; false once the client closes or fails.
+    async fn next_request(s: &mut tokio::net::TcpStream, seen: &mut Vec<u8>) -> bool {
+        let mut buf = vec![0u8; 65536];
+        loop {
+            if let Some(end) = find(seen, b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&seen[..end]).to_lowercase();
+                let len: usize = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .and_then(|v| v.trim().parse().ok())
+                    .unwrap_or(0);
+                if seen.len() >= end + 4 + len {
+                    seen.drain(..end + 4 + len);
+                    return true;
+                }
+            }
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return false,
+                Ok(n) => seen.extend_from_slice(&buf[..n]),
+            }
+        }
     }
 
     fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
