@@ -116,6 +116,11 @@ async fn run_queue(
         }
         let settings = dispatcher.snapshot().settings.clone();
         let lease = lease_for(max_timeout(&settings));
+        // Taken before looking at the store: an enqueue's wake-up between the claim below and
+        // the wait that follows it is kept instead of lost (a `Notified` receives every
+        // `notify_waiters` from its creation on), so the event does not wait for `MAX_IDLE`.
+        let enqueued = dispatcher.enqueued.notified();
+        tokio::pin!(enqueued);
         let now = now_ms();
         let claimed = match dispatcher
             .store()
@@ -143,7 +148,7 @@ async fn run_queue(
             }
             // A finished delivery may have scheduled a retry sooner than `wait`: re-plan then.
             tokio::select! {
-                _ = dispatcher.enqueued.notified() => {}
+                _ = &mut enqueued => {}
                 _ = tokio::time::sleep(wait) => {}
                 Some(result) = deliveries.join_next(), if !deliveries.is_empty() => streak.record(result),
                 _ = shutdown.changed() => {}
@@ -482,3 +487,6 @@ async fn attempt(
     };
     (Some(record), disposition, None)
 }
+
+#[cfg(test)]
+mod tests;
