@@ -47,32 +47,18 @@ pub fn classify(result: &Result<UpstreamResponse, CallError>) -> Verdict {
     }
 }
 
-/// `Retry-After` as delay-seconds or an HTTP date.
+/// `Retry-After` as delay-seconds or an HTTP date (IMF-fixdate, or the obsolete RFC 850 and
+/// asctime forms that RFC 9110 says a recipient must still accept).
 fn parse_retry_after(v: &str) -> Option<Duration> {
-    if let Ok(secs) = v.trim().parse::<u64>() {
+    let v = v.trim();
+    if let Ok(secs) = v.parse::<u64>() {
         return Some(Duration::from_secs(secs));
     }
-    let at = httpdate_parse(v.trim())?;
+    let at = httpdate::parse_http_date(v).ok()?;
     Some(
         at.duration_since(std::time::SystemTime::now())
             .unwrap_or(Duration::ZERO),
     )
-}
-
-fn httpdate_parse(v: &str) -> Option<std::time::SystemTime> {
-    humantime::parse_rfc3339_weak(v).ok().or_else(|| {
-        // IMF-fixdate, e.g. "Wed, 21 Oct 2015 07:28:00 GMT".
-        let rest = v.split_once(", ")?.1.strip_suffix(" GMT")?;
-        let mut p = rest.split(' ');
-        let (day, mon, year, time) = (p.next()?, p.next()?, p.next()?, p.next()?);
-        let month = [
-            "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
-        ]
-        .iter()
-        .position(|m| *m == mon)?
-            + 1;
-        humantime::parse_rfc3339_weak(&format!("{year}-{month:02}-{day:0>2}T{time}Z")).ok()
-    })
 }
 
 /// The delay before the next attempt: the matrix entry with jitter applied
@@ -152,6 +138,46 @@ mod tests {
                 retry_after: Some(Duration::ZERO)
             }
         );
+        // A date ahead, in each form RFC 9110 makes a recipient accept.
+        let ahead = std::time::SystemTime::now() + Duration::from_secs(120);
+        let imf = httpdate::fmt_http_date(ahead);
+        let (weekday, rest) = imf.split_once(", ").unwrap();
+        let mut p = rest.split(' ');
+        let (day, month, year, time) = (
+            p.next().unwrap(),
+            p.next().unwrap(),
+            p.next().unwrap(),
+            p.next().unwrap(),
+        );
+        let long_day = [
+            ("Mon", "Monday"),
+            ("Tue", "Tuesday"),
+            ("Wed", "Wednesday"),
+            ("Thu", "Thursday"),
+            ("Fri", "Friday"),
+            ("Sat", "Saturday"),
+            ("Sun", "Sunday"),
+        ]
+        .iter()
+        .find(|(short, _)| *short == weekday)
+        .unwrap()
+        .1;
+        let rfc850 = format!("{long_day}, {day}-{month}-{}  {time} GMT", &year[2..]);
+        let asctime = format!(
+            "{weekday} {month} {:>2} {time} {year}",
+            day.trim_start_matches('0')
+        );
+        for form in [imf, rfc850.replace("  ", " "), asctime] {
+            match classify(&answer(503, Some(&form))) {
+                Verdict::Retryable {
+                    retry_after: Some(d),
+                } => assert!(
+                    d > Duration::from_secs(100) && d <= Duration::from_secs(120),
+                    "{form}: {d:?}"
+                ),
+                other => panic!("{form}: {other:?}"),
+            }
+        }
         assert_eq!(
             retry_delay(100, 0.0, Some(Duration::from_secs(7)), 0.5),
             Duration::from_secs(7)
