@@ -21,3 +21,7 @@ pub const X_DELIVERY_ATTEMPT: HeaderName = HeaderName::from_static("x-delivery-a
 pub const X_DISPATCH_MODE: HeaderName = HeaderName::from_static("x-dispatch-mode");
 /// The event id on a relayed answer.
 pub const X_EVENT_ID: HeaderName = HeaderName::from_static("x-event-id");
+
+/// On sync answers: the target's time in whole milliseconds, so a caller can tell its own
+/// proxy's timeout from the target's slowness.
+pub const X_DOWNSTREAM_LATENCY: HeaderName = HeaderName::from_static("x-downstream-latency");

@@ -93,6 +93,7 @@ mod tests {
             status: StatusCode::from_u16(status).unwrap(),
             headers,
             body: Bytes::new(),
+            latency: Duration::ZERO,
         })
     }
 

@@ -17,7 +17,9 @@ use serde_json::json;
 use tokio::time::Instant;
 
 use crate::dispatcher::{Dispatcher, Event, Outcome};
-use crate::headers::{IDEMPOTENCY_KEY, X_DISPATCH_MODE, X_EVENT_ID, X_TRACE_ID};
+use crate::headers::{
+    IDEMPOTENCY_KEY, X_DISPATCH_MODE, X_DOWNSTREAM_LATENCY, X_EVENT_ID, X_TRACE_ID,
+};
 use crate::httpserver::{
     json, read_body, BodyBudget, BodyError, BodyLimits, BudgetCharge, Handler,
 };
@@ -220,6 +222,11 @@ impl Ingress {
     }
 }
 
+/// `X-Downstream-Latency`: whole milliseconds.
+fn latency_ms(latency: Duration) -> HeaderValue {
+    HeaderValue::from(u64::try_from(latency.as_millis()).unwrap_or(u64::MAX))
+}
+
 /// The `Idempotency-Key` if it is 1-255 visible ASCII characters (no spaces or tabs, which
 /// `HeaderValue::to_str` lets through).
 fn idempotency_key(value: &HeaderValue) -> Option<&str> {
@@ -269,6 +276,7 @@ fn respond(outcome: Outcome, trace_id: &str) -> Response<Full<Bytes>> {
             if let Ok(v) = HeaderValue::from_str(&event_id) {
                 h.insert(X_EVENT_ID, v);
             }
+            h.insert(X_DOWNSTREAM_LATENCY, latency_ms(response.latency));
             r
         }
         Outcome::Accepted { event_id } => json(
@@ -313,6 +321,17 @@ fn respond(outcome: Outcome, trace_id: &str) -> Response<Full<Bytes>> {
             );
             if let Some(secs) = retry_after {
                 r.headers_mut().insert(RETRY_AFTER, HeaderValue::from(secs));
+            }
+            // Time spent on the target, where a call was made (not when shed or refused by an
+            // open breaker, nor when no connection could be made).
+            let downstream = match &failure {
+                SyncFailure::Upstream5xx(response) => Some(response.latency),
+                SyncFailure::Timeout(deadline) => Some(*deadline),
+                _ => None,
+            };
+            if let Some(latency) = downstream {
+                r.headers_mut()
+                    .insert(X_DOWNSTREAM_LATENCY, latency_ms(latency));
             }
             r
         }

@@ -32,6 +32,10 @@ pub struct UpstreamResponse {
     pub status: StatusCode,
     pub headers: HeaderMap,
     pub body: Bytes,
+    /// How long the target took: from handing the request to the pool (connecting first, when
+    /// no connection was idle) to the end of the answer's body. Sync answers show it to the
+    /// caller as `X-Downstream-Latency`.
+    pub latency: Duration,
 }
 
 /// Why a call produced no complete answer.
@@ -76,8 +80,13 @@ pub async fn call_with(
     deadline: Duration,
     body: ResponseBody,
 ) -> Result<UpstreamResponse, CallError> {
+    let started = tokio::time::Instant::now();
     match tokio::time::timeout(deadline, host.pool().send_with(request, body)).await {
-        Ok(result) => result,
+        Ok(Ok(mut response)) => {
+            response.latency = started.elapsed();
+            Ok(response)
+        }
+        Ok(Err(e)) => Err(e),
         Err(_) => Err(CallError::Timeout(deadline)),
     }
 }

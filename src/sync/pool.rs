@@ -110,6 +110,8 @@ impl ConnPool {
                             status: parts.status,
                             headers: parts.headers,
                             body: Bytes::new(),
+                            // Timed by `call_with`, around the whole call.
+                            latency: Duration::ZERO,
                         });
                     }
                     let body = Limited::new(body, MAX_RESPONSE_BYTES)
@@ -131,6 +133,8 @@ impl ConnPool {
                         status: parts.status,
                         headers: parts.headers,
                         body,
+                        // Timed by `call_with`, around the whole call.
+                        latency: Duration::ZERO,
                     });
                 }
                 Err(mut e) => match e.take_message() {

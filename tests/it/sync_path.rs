@@ -414,3 +414,42 @@ async fn a_sync_2xx_with_a_body_over_the_response_cap_is_not_relayed() {
     .await;
     assert_eq!(requests.load(std::sync::atomic::Ordering::SeqCst), 3);
 }
+
+#[tokio::test]
+async fn sync_answers_carry_the_targets_time_as_x_downstream_latency() {
+    let rx = receiver_with(ReceiverConfig {
+        delay: Duration::from_millis(80),
+        ..Default::default()
+    })
+    .await;
+    let hy = Sidecar::start(&sync_rule(&format!("http://{}/hook", rx.local_addr()), "")).await;
+    let started = Instant::now();
+    let answer = hy.post("pay.authorize", "{}", &[]).await;
+    let total = started.elapsed();
+    assert_eq!(answer.status, 200);
+    let downstream: u64 = answer
+        .header("x-downstream-latency")
+        .expect("the header")
+        .parse()
+        .unwrap();
+    assert!(
+        downstream >= 80 && u128::from(downstream) <= total.as_millis(),
+        "downstream {downstream} ms, whole call {total:?}"
+    );
+
+    // A target slower than the rule's 300 ms deadline: the 504 says the target had all of it.
+    rx.set_delay(Duration::from_millis(1_000));
+    let answer = hy.post("pay.authorize", "{}", &[]).await;
+    assert_eq!(answer.status, 504);
+    assert_eq!(answer.header("x-downstream-latency"), Some("300"));
+
+    // No call made, no time on the target: a refused connection says nothing.
+    let hy = Sidecar::start(&sync_rule(
+        &format!("http://{}/hook", upstream::closed_port()),
+        "",
+    ))
+    .await;
+    let answer = hy.post("pay.authorize", "{}", &[]).await;
+    assert_eq!(answer.status, 502);
+    assert_eq!(answer.header("x-downstream-latency"), None);
+}
