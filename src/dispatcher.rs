@@ -98,6 +98,8 @@ pub struct Dispatcher {
     on_close: CloseHook,
     /// The other end, taken once by the delivery workers (they make the deferred events due).
     closes: Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<Arc<str>>>>,
+    /// What only a restart changes, as this process started; reloads are compared with it.
+    startup: crate::config::diff::StartupSettings,
 }
 
 impl std::fmt::Debug for Dispatcher {
@@ -175,6 +177,7 @@ impl Dispatcher {
             let _ = close_tx.send(host.clone());
         });
         let hosts = build_hosts(&settings, &HostMap::new(), &on_close);
+        let startup = crate::config::diff::StartupSettings::of(&settings);
         Arc::new(Self {
             on_close,
             closes: Mutex::new(Some(close_rx)),
@@ -183,6 +186,7 @@ impl Dispatcher {
                 loaded_at_ms: now_ms(),
             }),
             hosts: ArcSwap::from_pointee(hosts),
+            startup,
             store,
             disabled_targets: Mutex::new(HashSet::new()),
             enqueued: tokio::sync::Notify::new(),
@@ -246,16 +250,11 @@ impl Dispatcher {
     /// Settings that cannot change live are kept and reported.
     pub fn reload(&self, new: Settings) -> ReloadReport {
         let old = self.snapshot.load_full();
-        let mut needs_restart = Vec::new();
-        if new.listen != old.settings.listen {
-            needs_restart.push("listen");
+        let diff = crate::config::diff::diff(&self.startup, &old.settings, &new);
+        for (queue, from, to) in &diff.concurrency {
+            tracing::info!(%queue, from, to, "queue concurrency changes live");
         }
-        if new.admin_listen != old.settings.admin_listen {
-            needs_restart.push("admin_listen");
-        }
-        if new.store != old.settings.store {
-            needs_restart.push("store");
-        }
+        let needs_restart = diff.needs_restart;
         let hosts = build_hosts(&new, &self.hosts.load(), &self.on_close);
         let report = ReloadReport {
             content_hash: new.content_hash.clone(),

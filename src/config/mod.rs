@@ -5,6 +5,7 @@
 //! typed; nothing re-reads YAML on the request path.
 
 mod compile;
+pub mod diff;
 mod env;
 mod error;
 pub mod schema;

@@ -76,19 +76,19 @@ async fn run_queue(
     queue: Arc<str>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let concurrency = dispatcher
-        .snapshot()
-        .settings
-        .queues
-        .for_queue(&queue)
-        .concurrency as usize;
-    let slots = Arc::new(Semaphore::new(concurrency));
+    let concurrency = |d: &Dispatcher| d.snapshot().settings.queues.for_queue(&queue).concurrency;
+    let mut workers = Workers::new(concurrency(&dispatcher) as usize);
+    let slots = workers.slots.clone();
     let mut deliveries: JoinSet<Option<i64>> = JoinSet::new();
-    let mut streak = DeferralStreak::new(concurrency);
-    tracing::debug!(%queue, concurrency, "delivery workers started");
+    let mut streak = DeferralStreak::new(workers.capacity);
+    tracing::debug!(%queue, concurrency = workers.capacity, "delivery workers started");
     while !*shutdown.borrow() {
         while let Some(result) = deliveries.try_join_next() {
             streak.record(result);
+        }
+        // A reload may have changed the queue's concurrency: workers are added or retired here.
+        if workers.resize(concurrency(&dispatcher) as usize) {
+            streak = DeferralStreak::new(workers.capacity);
         }
         if streak.saturated() {
             // Claim nothing more: let the deferrals in flight land, then pause.
@@ -106,7 +106,7 @@ async fn run_queue(
                 continue;
             }
         }
-        let free = slots.available_permits();
+        let free = workers.free();
         if free == 0 {
             tokio::select! {
                 Some(result) = deliveries.join_next() => streak.record(result),
@@ -168,6 +168,59 @@ async fn run_queue(
     // Deliveries in flight finish under their own deadline; their results are recorded.
     while deliveries.join_next().await.is_some() {}
     tracing::debug!(%queue, "delivery workers stopped");
+}
+
+/// The delivery slots of one queue: a semaphore whose size follows the queue's `concurrency`
+/// across reloads. Growing adds permits at once; shrinking forgets free permits and, for those
+/// held by deliveries in flight, takes them as they come back, so a delivery is never cut off
+/// and the number in flight settles at the new size.
+struct Workers {
+    slots: Arc<Semaphore>,
+    capacity: usize,
+    /// Permits still to retire once deliveries in flight give them back.
+    owed: usize,
+}
+
+impl Workers {
+    fn new(capacity: usize) -> Self {
+        Self {
+            slots: Arc::new(Semaphore::new(capacity)),
+            capacity,
+            owed: 0,
+        }
+    }
+
+    /// Moves toward `wanted` slots; true when the size changed.
+    fn resize(&mut self, wanted: usize) -> bool {
+        let changed = wanted != self.capacity;
+        if wanted > self.capacity {
+            let mut add = wanted - self.capacity;
+            let cancelled = add.min(self.owed);
+            self.owed -= cancelled;
+            add -= cancelled;
+            self.slots.add_permits(add);
+        } else if wanted < self.capacity {
+            let retire = self.capacity - wanted;
+            self.owed += retire - self.slots.forget_permits(retire);
+        }
+        self.capacity = wanted;
+        while self.owed > 0 {
+            match self.slots.try_acquire() {
+                Ok(permit) => {
+                    permit.forget();
+                    self.owed -= 1;
+                }
+                Err(_) => break,
+            }
+        }
+        changed
+    }
+
+    /// Slots free right now, after retiring what is owed.
+    fn free(&mut self) -> usize {
+        self.resize(self.capacity);
+        self.slots.available_permits()
+    }
 }
 
 /// Counts consecutive deliveries that were deferred without an attempt (open breaker, full

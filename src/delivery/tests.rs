@@ -172,3 +172,32 @@ async fn an_event_enqueued_while_an_idle_worker_decides_to_wait_wakes_it() {
     let _ = stop.send(true);
     let _ = workers.await;
 }
+
+#[test]
+fn workers_grow_at_once_and_shrink_as_deliveries_in_flight_give_back_their_slots() {
+    let mut workers = super::Workers::new(2);
+    let held: Vec<_> = (0..2)
+        .map(|_| workers.slots.clone().try_acquire_owned().unwrap())
+        .collect();
+    assert_eq!(workers.free(), 0);
+
+    assert!(workers.resize(5));
+    assert_eq!(workers.free(), 3, "three more at once");
+
+    assert!(workers.resize(1));
+    assert_eq!(workers.free(), 0, "the three free slots are retired");
+    drop(held);
+    assert_eq!(
+        workers.free(),
+        1,
+        "of the two given back, one is retired and one stays"
+    );
+
+    // Growing again while slots are still owed cancels what is owed first.
+    let held = workers.slots.clone().try_acquire_owned().unwrap();
+    assert!(workers.resize(0));
+    assert!(workers.resize(3));
+    assert_eq!(workers.free(), 2);
+    drop(held);
+    assert_eq!(workers.free(), 3);
+}

@@ -253,3 +253,102 @@ async fn a_configmap_style_data_symlink_swap_is_picked_up() {
     assert_eq!(last_reload(&hy).await["trigger"], "file");
     drop(dir);
 }
+
+#[tokio::test]
+async fn queue_concurrency_changes_live_in_both_directions() {
+    let rx = crate::util::receiver_with(hookyard::receive::ReceiverConfig {
+        delay: Duration::from_millis(150),
+        ..Default::default()
+    })
+    .await;
+    let target = format!("http://{}/", rx.local_addr());
+    let hy = Sidecar::start(&format!(
+        "queues:\n  default: {{ concurrency: 1 }}\n{}",
+        rule("async", &target)
+    ))
+    .await;
+    let burst = async |n: usize| {
+        for _ in 0..n {
+            assert_eq!(hy.post("flip", "{}", &[]).await.status, 202);
+        }
+    };
+    let reload_with = |concurrency: u32| {
+        let text = std::fs::read_to_string(&hy.config_path).unwrap();
+        let at = text.find("concurrency: ").unwrap() + "concurrency: ".len();
+        let end = at + text[at..].find(' ').unwrap();
+        std::fs::write(
+            &hy.config_path,
+            format!("{}{concurrency}{}", &text[..at], &text[end..]),
+        )
+        .unwrap();
+    };
+    burst(4).await;
+    eventually(Duration::from_secs(5), "four delivered", async || {
+        rx.stats().delivered_ok == 4
+    })
+    .await;
+    assert_eq!(rx.stats().max_concurrent, 1);
+
+    reload_with(4);
+    eventually(Duration::from_secs(5), "the reload", async || {
+        last_reload(&hy).await["trigger"] == "file"
+    })
+    .await;
+    burst(8).await;
+    eventually(Duration::from_secs(5), "four at once", async || {
+        rx.stats().max_concurrent == 4
+    })
+    .await;
+    eventually(Duration::from_secs(5), "all delivered", async || {
+        rx.stats().delivered_ok == 12
+    })
+    .await;
+
+    let before = last_reload(&hy).await["at_ms"].clone();
+    reload_with(1);
+    eventually(Duration::from_secs(5), "the second reload", async || {
+        last_reload(&hy).await["at_ms"] != before
+    })
+    .await;
+    burst(6).await;
+    let mut most = 0;
+    while rx.stats().delivered_ok < 18 {
+        most = most.max(rx.stats().in_flight);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(most, 1, "back to one at a time");
+}
+
+#[tokio::test]
+async fn a_setting_that_needs_a_restart_is_reported_until_it_is_reverted() {
+    let rx = receiver().await;
+    let target = format!("http://{}/", rx.local_addr());
+    let hy = Sidecar::start(&rule("sync", &target)).await;
+    let good = std::fs::read_to_string(&hy.config_path).unwrap();
+    let reload = async |text: &str| {
+        std::fs::write(&hy.config_path, text).unwrap();
+        let r = hy.admin_post("/v1/config/reload", "").await;
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        r.json()["report"]["needs_restart"].clone()
+    };
+    // One more event loop than the default (one per core).
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()) + 1;
+    let moved = good.replacen("listen: 127.0.0.1:0\n", "listen: 127.0.0.1:1\n", 1)
+        + &format!("ingress: {{ threads: {threads} }}\n");
+    assert_eq!(
+        reload(&moved).await,
+        serde_json::json!(["listen", "ingress.threads"])
+    );
+    // Reloading the same change again still says it (the process still runs the old values).
+    assert_eq!(
+        reload(&moved).await,
+        serde_json::json!(["listen", "ingress.threads"])
+    );
+    assert_eq!(reload(&good).await, serde_json::json!([]), "reverted");
+    assert!(
+        hy.admin_get("/v1/config").await.json()["last_reload"]["needs_restart"]
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
+}
