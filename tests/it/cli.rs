@@ -119,3 +119,83 @@ async fn version_names_the_commit_and_date_and_completions_are_generated() {
         assert!(out.contains("dlq") && out.contains("circuits"), "{shell}");
     }
 }
+
+/// Runs `hookyard serve` on `config` with `env`, delivers one async event, stops it, and
+/// returns its stderr.
+async fn serve_log(env: &[(&str, &str)]) -> String {
+    let rx = crate::util::receiver().await;
+    let dir = tempfile::tempdir().unwrap();
+    let ingress = crate::util::upstream::closed_port();
+    let admin = crate::util::upstream::closed_port();
+    let config = crate::util::config_yaml(
+        dir.path(),
+        &format!(
+            "routing_rules:\n  - event_type: a\n    mode: async\n    target: http://{}/a\n",
+            rx.local_addr()
+        ),
+    )
+    .replace(
+        "listen: 127.0.0.1:0\nadmin_listen: 127.0.0.1:0",
+        &format!("listen: {ingress}\nadmin_listen: {admin}"),
+    );
+    let path = dir.path().join("c.yaml");
+    std::fs::write(&path, config).unwrap();
+    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_hookyard"))
+        .arg("serve")
+        .env("HOOKYARD_CONFIG", &path)
+        .env_remove("HOOKYARD_LOG_FORMAT")
+        .env_remove("NO_COLOR")
+        .envs(env.iter().copied())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let client = crate::util::http_client();
+    let url = format!("http://{ingress}/v1/events/a");
+    eventually(Duration::from_secs(10), "an event accepted", async || {
+        let req = http::Request::post(&url)
+            .body(http_body_util::Full::new(bytes::Bytes::from_static(b"{}")))
+            .unwrap();
+        matches!(client.request(req).await, Ok(r) if r.status() == 202)
+    })
+    .await;
+    eventually(Duration::from_secs(5), "delivered", async || {
+        rx.stats().delivered_ok == 1
+    })
+    .await;
+    // SIGTERM: a graceful stop flushes the log.
+    let pid = child.id().unwrap() as i32;
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status();
+    let out = child.wait_with_output().await.unwrap();
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[tokio::test]
+async fn logs_follow_hookyard_log_format_without_colour_codes_off_a_terminal_or_empty_fields() {
+    let json = serve_log(&[("HOOKYARD_LOG_FORMAT", "json")]).await;
+    let lines: Vec<serde_json::Value> = json
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    let attempt = lines
+        .iter()
+        .find(|l| l["message"] == "delivery attempt")
+        .unwrap_or_else(|| panic!("{json}"));
+    assert_eq!(attempt["status"], 200);
+    assert!(attempt.get("error").is_none(), "{attempt}");
+
+    // The human format on a pipe: no colour codes.
+    let text = serve_log(&[("HOOKYARD_LOG_FORMAT", "text")]).await;
+    assert!(text.contains("delivery attempt"), "{text}");
+    assert!(
+        !text.contains('\u{1b}'),
+        "colour codes off a terminal: {text}"
+    );
+    assert!(!text.contains("error=\"\""), "{text}");
+
+    // --log-format belongs to the commands that log.
+    let (ok, _, err) = hookyard(&["check", "--log-format", "json"]).await;
+    assert!(!ok && err.contains("--log-format"), "{err}");
+}
