@@ -12,6 +12,7 @@ use std::time::Duration;
 use sha2::{Digest, Sha256};
 
 use super::schema::IngressSection;
+use super::schema::{Backoff, RetryPolicySection};
 use super::schema::{
     BreakerPolicyChoice, BreakerSection, ConfigFile, DurationValue, Fallback, HostSection, Mode,
     Pos, QueueSection, RuleSection, SignatureChoice, StoreKind,
@@ -205,6 +206,90 @@ impl Compiler<'_> {
             .filter_map(|d| self.duration_ms(d, "a retry delay"))
             .collect();
         (delays.len() == v.value.len()).then(|| Arc::from(delays))
+    }
+
+    /// A retry schedule from `retry_matrix` or `retry_policy` (giving both is an error), as
+    /// the delays before each retry and the jitter fraction; `None` when neither is given.
+    fn retry_schedule(
+        &mut self,
+        matrix: &Option<Pos<Vec<Pos<DurationValue>>>>,
+        policy: &Option<Pos<RetryPolicySection>>,
+        jitter: f64,
+    ) -> Option<Option<(Arc<[u64]>, f64)>> {
+        match (matrix, policy) {
+            (Some(_), Some(p)) => {
+                self.problem(Problem::spanned(
+                    p,
+                    "give retry_matrix or retry_policy, not both",
+                ));
+                None
+            }
+            (Some(m), None) => Some(Some((self.retry_matrix(m)?, jitter))),
+            (None, Some(p)) => Some(Some(self.retry_policy(p, jitter)?)),
+            (None, None) => Some(None),
+        }
+    }
+
+    /// The delays of a `retry_policy`: attempts = `max_attempts`; retry n waits
+    /// `base × 2^(n-1)` (exponential) or `base` (fixed), never more than `max_delay_ms`.
+    fn retry_policy(
+        &mut self,
+        p: &Pos<RetryPolicySection>,
+        jitter: f64,
+    ) -> Option<(Arc<[u64]>, f64)> {
+        let before = self.problems.len();
+        let policy = &p.value;
+        let attempts = self.positive(
+            &Some(policy.max_attempts.clone()),
+            1,
+            "retry_policy.max_attempts",
+            100,
+        );
+        let base = match &policy.base_delay_ms {
+            Some(d) => self.duration_ms(d, "retry_policy.base_delay_ms"),
+            None => Some(1_000),
+        };
+        let max = match &policy.max_delay_ms {
+            Some(d) => self.duration_ms(d, "retry_policy.max_delay_ms"),
+            None => Some(3_600_000),
+        };
+        let (base, max) = (base?, max?);
+        if base == 0 {
+            self.problem(Problem::spanned(
+                p,
+                "retry_policy.base_delay_ms must be greater than 0",
+            ));
+        }
+        if max < base {
+            self.problem(Problem::spanned(
+                p,
+                format!(
+                    "retry_policy.max_delay_ms ({max}) must be at least base_delay_ms ({base})"
+                ),
+            ));
+        }
+        if self.problems.len() != before {
+            return None;
+        }
+        let backoff = policy
+            .backoff
+            .as_ref()
+            .map_or(Backoff::Exponential, |b| b.value);
+        let delays: Vec<u64> = (1..attempts)
+            .map(|retry| match backoff {
+                Backoff::Fixed => base,
+                // 2^(n-1) saturates long before 100 attempts; the cap applies either way.
+                Backoff::Exponential => 1u64
+                    .checked_shl(u32::try_from(retry - 1).unwrap_or(u32::MAX))
+                    .map_or(u64::MAX, |factor| base.saturating_mul(factor))
+                    .min(max),
+            })
+            .collect();
+        let jitter = match &policy.jitter {
+            Some(j) if !j.value => 0.0,
+            _ => jitter,
+        };
+        Some((Arc::from(delays), jitter))
     }
 
     fn jitter(&mut self, v: &Option<Pos<f64>>, default: f64) -> f64 {
@@ -698,6 +783,11 @@ impl Compiler<'_> {
     }
 
     fn queue_policy(&mut self, s: &QueueSection, base: &QueuePolicy) -> QueuePolicy {
+        let jitter = self.jitter(&s.jitter, base.jitter);
+        let (retry_delays_ms, jitter) = self
+            .retry_schedule(&s.retry_matrix, &s.retry_policy, jitter)
+            .flatten()
+            .unwrap_or_else(|| (base.retry_delays_ms.clone(), jitter));
         QueuePolicy {
             concurrency: self.positive(
                 &s.concurrency,
@@ -714,12 +804,8 @@ impl Compiler<'_> {
                     24 * 365 * 10,
                 ),
             ),
-            retry_delays_ms: s
-                .retry_matrix
-                .as_ref()
-                .and_then(|m| self.retry_matrix(m))
-                .unwrap_or_else(|| base.retry_delays_ms.clone()),
-            jitter: self.jitter(&s.jitter, base.jitter),
+            retry_delays_ms,
+            jitter,
         }
     }
 
@@ -821,10 +907,9 @@ impl Compiler<'_> {
             None => "default".into(),
         };
         let policy = queues.for_queue(&queue);
-        let retry_delays_ms = match &r.retry_matrix {
-            Some(m) => self.retry_matrix(m)?,
-            None => policy.retry_delays_ms.clone(),
-        };
+        let (retry_delays_ms, jitter) = self
+            .retry_schedule(&r.retry_matrix, &r.retry_policy, policy.jitter)?
+            .unwrap_or_else(|| (policy.retry_delays_ms.clone(), policy.jitter));
         let signature = match r.signature {
             Some(SignatureChoice::LegacyHmacSha256) => SignatureScheme::LegacyHmacSha256,
             _ => SignatureScheme::StandardWebhooks,
@@ -840,7 +925,7 @@ impl Compiler<'_> {
             fallback_to_async,
             queue,
             retry_delays_ms,
-            jitter: policy.jitter,
+            jitter,
             signature,
             metrics: Default::default(),
         })

@@ -244,6 +244,39 @@ pub struct QueueSection {
     /// Jitter applied to each retry delay, as a fraction (0.2 = +/-20%). Default 0.2.
     #[schemars(with = "Option<f64>")]
     pub jitter: Option<Pos<f64>>,
+    /// Default retry schedule as a policy instead of a list (not both).
+    #[schemars(with = "Option<RetryPolicySection>")]
+    pub retry_policy: Option<Pos<RetryPolicySection>>,
+}
+
+/// `retry_policy:` the schedule as a rule instead of a list; the alternative to `retry_matrix`.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RetryPolicySection {
+    /// Attempts in all, the first one included (1 = no retry). At most 100.
+    #[schemars(with = "u32")]
+    pub max_attempts: Pos<i64>,
+    /// `exponential` (default): retry n waits `base_delay_ms × 2^(n-1)`; `fixed`: each retry
+    /// waits `base_delay_ms`.
+    #[schemars(with = "Option<Backoff>")]
+    pub backoff: Option<Pos<Backoff>>,
+    /// Delay before the first retry: ms or a duration. Default 1000.
+    #[schemars(with = "Option<DurationValue>")]
+    pub base_delay_ms: Option<Pos<DurationValue>>,
+    /// Longest delay between two attempts: ms or a duration. Default 3600000 (1 h).
+    #[schemars(with = "Option<DurationValue>")]
+    pub max_delay_ms: Option<Pos<DurationValue>>,
+    /// `true` (default): the queue's ± jitter applies to each delay; `false`: none.
+    #[schemars(with = "Option<bool>")]
+    pub jitter: Option<Pos<bool>>,
+}
+
+/// How retry delays grow under a `retry_policy`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Backoff {
+    Exponential,
+    Fixed,
 }
 
 /// One routing rule.
@@ -271,6 +304,9 @@ pub struct RuleSection {
     /// Delays before each retry: ms (`500`) or durations (`"5s"`, `"30m"`). Attempts = 1 + length.
     #[schemars(with = "Option<Vec<DurationValue>>")]
     pub retry_matrix: Option<Pos<Vec<Pos<DurationValue>>>>,
+    /// The retry schedule as a policy instead of a list (not both).
+    #[schemars(with = "Option<RetryPolicySection>")]
+    pub retry_policy: Option<Pos<RetryPolicySection>>,
     /// `standard_webhooks` (default) or `legacy_hmac_sha256` (`X-Webhook-Signature: sha256=<hex>`).
     pub signature: Option<SignatureChoice>,
 }

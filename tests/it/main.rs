@@ -14,6 +14,7 @@ mod deploy;
 mod edge;
 mod redis;
 mod reload;
+mod retry_policy;
 mod secrets;
 #[path = "../common/sqlite_v1.rs"]
 mod sqlite_v1;
