@@ -50,9 +50,9 @@ fn a_retry_policy_compiles_to_its_delays() {
     assert!(schedule(&s).0.is_empty());
 
     // Under queues.<name>, inherited by the queue's rules.
-    let s = compile(&format!(
-        "queues:\n  q: {{ retry_policy: {{ max_attempts: 3, base_delay_ms: 100, jitter: false }} }}\nrouting_rules:\n  - event_type: a\n    mode: async\n    target: http://127.0.0.1:9/a\n    queue: q\n"
-    ))
+    let s = compile(
+        "queues:\n  q: { retry_policy: { max_attempts: 3, base_delay_ms: 100, jitter: false } }\nrouting_rules:\n  - event_type: a\n    mode: async\n    target: http://127.0.0.1:9/a\n    queue: q\n",
+    )
     .unwrap();
     assert_eq!(schedule(&s), (vec![100, 200], 0.0));
 }
