@@ -4,7 +4,8 @@
 //! `event_type` from rule patterns (an unrouted type is counted as `_unrouted`), `queue` from
 //! config, and the rest from fixed enums. Never an event id or a trace id.
 
-use std::sync::{Arc, OnceLock};
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use metrics::{
@@ -259,7 +260,10 @@ pub fn configured_queues(settings: &Settings) -> Vec<Arc<str>> {
 /// is installed: at server start and after every successful reload. Only possible label sets
 /// are registered (a sync rule never gets `outcome="accepted"`). Series of hosts, rules or
 /// queues a reload removed are kept (Prometheus convention: a counter does not vanish while
-/// the process lives); they simply stop moving. Nothing here runs per request.
+/// the process lives); they simply stop moving. The two gauges of a removed host that no scrape
+/// refreshes any more are zeroed: its breaker went with it (an event still queued for it gets a
+/// fresh, closed one, which the scrape then reports), so a circuit left open at the reload does
+/// not alert forever. Nothing here runs per request.
 pub fn register_all(settings: &Settings) {
     let rules = settings.rules.rules();
     for rule in rules {
@@ -273,12 +277,21 @@ pub fn register_all(settings: &Settings) {
         counter!(EVENTS_RECEIVED, "event_type" => UNROUTED, "mode" => "none", "outcome" => "no_route")
             .increment(0);
     }
-    let mut host_modes: std::collections::BTreeMap<Arc<str>, [bool; 2]> = Default::default();
+    let mut host_modes: BTreeMap<Arc<str>, [bool; 2]> = BTreeMap::new();
     for rule in rules {
         let modes = host_modes.entry(rule.target.host.clone()).or_default();
         for mode in attempt_modes(rule) {
             modes[usize::from(*mode == DeliveryMode::Async)] = true;
         }
+    }
+    {
+        static REGISTERED_HOSTS: Mutex<BTreeSet<Arc<str>>> = Mutex::new(BTreeSet::new());
+        let mut registered = REGISTERED_HOSTS.lock().unwrap_or_else(|p| p.into_inner());
+        for gone in registered.iter().filter(|h| !host_modes.contains_key(*h)) {
+            gauge!(CIRCUIT_STATE, "host" => gone.clone()).set(0.0);
+            gauge!(HOST_IN_FLIGHT, "host" => gone.clone()).set(0.0);
+        }
+        *registered = host_modes.keys().cloned().collect();
     }
     for (host, modes) in &host_modes {
         for (m, mode) in [DeliveryMode::Sync, DeliveryMode::Async]
@@ -547,4 +560,31 @@ pub fn body_bytes_buffered(bytes: usize) {
 /// The edge refused a client for `reason`.
 pub fn edge_refusal(reason: EdgeRefusal) {
     counter!(EDGE_REFUSALS, "reason" => reason.as_str()).increment(1);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_outcome_but_no_route_is_possible_for_some_rule_and_none_twice() {
+        let mut seen = BTreeSet::new();
+        for (mode, fallback) in [
+            (DeliveryMode::Sync, false),
+            (DeliveryMode::Sync, true),
+            (DeliveryMode::Async, false),
+        ] {
+            let possible = possible_outcomes(mode, fallback);
+            assert!(possible.iter().all(|o| OUTCOMES.contains(o)));
+            assert_eq!(
+                possible.iter().collect::<BTreeSet<_>>().len(),
+                possible.len()
+            );
+            seen.extend(possible.iter().copied());
+        }
+        let expected: BTreeSet<_> = OUTCOMES.into_iter().filter(|o| *o != "no_route").collect();
+        assert_eq!(seen, expected);
+        assert!(!possible_outcomes(DeliveryMode::Sync, true).contains(&"failed"));
+        assert!(!possible_outcomes(DeliveryMode::Sync, false).contains(&"accepted"));
+    }
 }

@@ -161,10 +161,13 @@ fn readme_families() -> Vec<String> {
 }
 
 /// Three hosts: one only sync without fallback, one sync with fallback, one only async on a
-/// named queue; no `*` rule.
+/// named queue; no `*` rule. One failure opens a breaker.
 fn three_hosts(sync_plain: &str, sync_fallback: &str, async_host: &str) -> String {
     format!(
-        "routing_rules:
+        "hosts:
+  default:
+    circuit_breaker: {{ consecutive_failures: 1, recovery_ms: 600000 }}
+routing_rules:
   - event_type: pay.plain
     mode: sync
     target: http://{sync_plain}/
@@ -365,6 +368,12 @@ async fn at_first_scrape_every_readme_family_exists_with_help_and_only_possible_
     assert_eq!(count(&after, "pay.plain", "failed"), Some(1.0));
     assert_eq!(count(&after, "pay.fb", "fallback"), Some(1.0));
     assert_eq!(count(&after, "user.*", "accepted"), Some(1.0));
+    let state = |s: &[(Series, f64)], host: &str| {
+        s.iter()
+            .find(|((n, l), _)| n == "hookyard_circuit_state" && l["host"] == host)
+            .map(|(_, v)| *v)
+    };
+    assert_eq!(state(&after, &a), Some(1.0), "the refused call opened it");
 
     // A reload registers the new host at once; the dropped ones keep their (frozen) series.
     let d = upstream::closed_port().to_string();
@@ -396,8 +405,9 @@ async fn at_first_scrape_every_readme_family_exists_with_help_and_only_possible_
         set(&["delivered", "relayed_error", "failed"])
     );
     assert_eq!(
-        values(&s, "hookyard_circuit_state", &[("host", &a)], "host").len(),
-        1
+        state(&s, &a),
+        Some(0.0),
+        "the dropped host's breaker is gone: its gauge no longer says open"
     );
     let ok = s
         .iter()
