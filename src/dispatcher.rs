@@ -338,8 +338,7 @@ impl Dispatcher {
             // that much on each request; one allocation is cheaper.
             DeliveryMode::Sync => Box::pin(self.dispatch_sync(&rule, settings, event)).await,
         };
-        rule.metrics
-            .received(&rule.pattern, rule.mode.as_str(), outcome_label(&outcome));
+        rule.metrics.received(&rule, outcome_label(&outcome));
         outcome
     }
 

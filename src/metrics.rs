@@ -4,13 +4,18 @@
 //! `event_type` from rule patterns (an unrouted type is counted as `_unrouted`), `queue` from
 //! config, and the rest from fixed enums. Never an event id or a trace id.
 
-use std::sync::{Arc, OnceLock};
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use metrics::{counter, gauge, histogram, Counter, Histogram};
+use metrics::{
+    counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Counter,
+    Histogram, Unit,
+};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
-use crate::routing::DeliveryMode;
+use crate::config::Settings;
+use crate::routing::{DeliveryMode, Rule};
 use crate::sync::breaker::BreakerState;
 
 pub const EVENTS_RECEIVED: &str = "hookyard_events_received_total";
@@ -28,6 +33,7 @@ pub const OLDEST_READY_AGE: &str = "hookyard_queue_oldest_ready_age_seconds";
 pub const DELIVERIES: &str = "hookyard_deliveries_total";
 pub const ENQUEUE_BATCH_SIZE: &str = "hookyard_enqueue_batch_size";
 pub const CONFIG_RELOADS: &str = "hookyard_config_reload_total";
+pub const BUILD_INFO: &str = "hookyard_build_info";
 
 /// How often histogram samples are folded into their buckets.
 const UPKEEP_EVERY: Duration = Duration::from_secs(5);
@@ -72,9 +78,280 @@ pub fn install() -> PrometheusHandle {
             // Another recorder may already be installed (an embedding program's own): then
             // hookyard's metrics go to it, and this handle renders only what it saw.
             let _ = metrics::set_global_recorder(recorder);
+            describe_all();
+            process_collector().describe();
+            gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION"), "commit" => env!("HOOKYARD_BUILD_COMMIT"))
+                .set(1.0);
             handle
         })
         .clone()
+}
+
+/// The `process_*` collector (CPU seconds, resident memory, open fds, start time...), read at
+/// scrape time.
+fn process_collector() -> &'static metrics_process::Collector {
+    static COLLECTOR: OnceLock<metrics_process::Collector> = OnceLock::new();
+    COLLECTOR.get_or_init(metrics_process::Collector::default)
+}
+
+/// Refreshes the `process_*` gauges (called by the admin API just before it renders a scrape).
+pub fn collect_process() {
+    process_collector().collect();
+}
+
+/// HELP text (and unit) of every family.
+fn describe_all() {
+    describe_counter!(
+        EVENTS_RECEIVED,
+        Unit::Count,
+        "Events received at ingress, by matched rule pattern (event_type; _unrouted when no rule matched), mode and outcome."
+    );
+    describe_counter!(
+        DELIVERY_ATTEMPTS,
+        Unit::Count,
+        "HTTP delivery attempts to a target host, by mode and result class (2xx, redirect, 4xx, 5xx, timeout, connect, reset)."
+    );
+    describe_histogram!(
+        DELIVERY_LATENCY,
+        Unit::Seconds,
+        "Duration of one delivery attempt in seconds, by host and mode."
+    );
+    describe_gauge!(
+        HOST_IN_FLIGHT,
+        Unit::Count,
+        "Requests in flight to a host right now (read at scrape time)."
+    );
+    describe_gauge!(
+        HOST_MAX_CONNECTIONS,
+        Unit::Count,
+        "Configured connection cap of a host."
+    );
+    describe_counter!(
+        SHED,
+        Unit::Count,
+        "Sync requests shed because the host had no free connection slot."
+    );
+    describe_gauge!(
+        CIRCUIT_STATE,
+        Unit::Count,
+        "Circuit breaker state of a host: 0 closed, 1 open, 2 half-open."
+    );
+    describe_counter!(
+        CIRCUIT_TRANSITIONS,
+        Unit::Count,
+        "Circuit breaker transitions of a host, by the state entered (to)."
+    );
+    describe_counter!(
+        FALLBACKS,
+        Unit::Count,
+        "Sync deliveries that failed and were queued for async delivery instead, by reason."
+    );
+    describe_gauge!(
+        QUEUE_DEPTH,
+        Unit::Count,
+        "Events in a queue, by state (ready, delayed, in_flight), read from the store at scrape time."
+    );
+    describe_gauge!(
+        DLQ_DEPTH,
+        Unit::Count,
+        "Dead-lettered events kept for a queue, read from the store at scrape time."
+    );
+    describe_gauge!(
+        OLDEST_READY_AGE,
+        Unit::Seconds,
+        "Age in seconds of the oldest event of a queue that is due and not yet taken (0 when none)."
+    );
+    describe_counter!(
+        DELIVERIES,
+        Unit::Count,
+        "Async events that reached a final state, by queue and result (delivered, dead_lettered)."
+    );
+    describe_histogram!(
+        ENQUEUE_BATCH_SIZE,
+        Unit::Count,
+        "Enqueues committed together in one SQLite transaction (one fsync)."
+    );
+    describe_counter!(
+        CONFIG_RELOADS,
+        Unit::Count,
+        "Config reloads, by result (ok: the new rules are in force; error: rejected, the old ones stay)."
+    );
+    describe_gauge!(
+        BUILD_INFO,
+        Unit::Count,
+        "Always 1; the version and commit hookyard was built from, as labels."
+    );
+    describe_counter!(
+        EDGE_REFUSALS,
+        Unit::Count,
+        "Requests and connections refused at the edge, by reason."
+    );
+    describe_gauge!(
+        BODY_BYTES_BUFFERED,
+        Unit::Bytes,
+        "Ingress request body bytes held in memory right now."
+    );
+}
+
+/// Every `events_received` outcome a rule can produce: sync relays, and only with fallback
+/// stores (then it can also be deduplicated, find the queue full or the store down); async
+/// only stores.
+pub fn possible_outcomes(mode: DeliveryMode, fallback_to_async: bool) -> &'static [&'static str] {
+    match (mode, fallback_to_async) {
+        (DeliveryMode::Async, _) => &["accepted", "duplicate", "queue_full", "store_unavailable"],
+        (DeliveryMode::Sync, false) => &["delivered", "relayed_error", "failed"],
+        (DeliveryMode::Sync, true) => &[
+            "delivered",
+            "relayed_error",
+            "fallback",
+            "duplicate",
+            "queue_full",
+            "store_unavailable",
+        ],
+    }
+}
+
+/// Every fallback reason label ([`crate::queue::FallbackReason`]).
+pub const FALLBACK_REASONS: [&str; 5] =
+    ["timeout", "upstream_5xx", "circuit_open", "shed", "connect"];
+
+/// Every final result of an async event.
+pub const DELIVERY_RESULTS: [&str; 2] = ["delivered", "dead_lettered"];
+
+/// Every config reload result.
+pub const RELOAD_RESULTS: [&str; 2] = ["ok", "error"];
+
+/// Every edge refusal reason.
+pub const EDGE_REFUSAL_REASONS: [EdgeRefusal; 4] = [
+    EdgeRefusal::MaxConnections,
+    EdgeRefusal::AdminMaxConnections,
+    EdgeRefusal::RequestTimeout,
+    EdgeRefusal::BodyBudget,
+];
+
+/// The modes in which `rule` makes attempts to its host: sync rules call it, and with fallback
+/// the queued copy is then delivered to it in async mode.
+fn attempt_modes(rule: &Rule) -> &'static [DeliveryMode] {
+    match (rule.mode, rule.fallback_to_async) {
+        (DeliveryMode::Async, _) => &[DeliveryMode::Async],
+        (DeliveryMode::Sync, false) => &[DeliveryMode::Sync],
+        (DeliveryMode::Sync, true) => &[DeliveryMode::Sync, DeliveryMode::Async],
+    }
+}
+
+/// The queues `settings` can store events in: every rule's queue (async rules, and sync rules
+/// with fallback), every configured queue section, and `default`.
+pub fn configured_queues(settings: &Settings) -> Vec<Arc<str>> {
+    let mut queues: Vec<Arc<str>> = settings
+        .rules
+        .rules()
+        .iter()
+        .map(|r| r.queue.clone())
+        .chain(settings.queues.named.keys().map(|q| Arc::from(q.as_str())))
+        .chain(std::iter::once(Arc::from("default")))
+        .collect();
+    queues.sort();
+    queues.dedup();
+    queues
+}
+
+/// Registers, at zero, every series `settings` can ever produce, so each family exists from the
+/// first scrape and `rate()` and alerts work before the first event. Called once the recorder
+/// is installed: at server start and after every successful reload. Only possible label sets
+/// are registered (a sync rule never gets `outcome="accepted"`). Series of hosts, rules or
+/// queues a reload removed are kept (Prometheus convention: a counter does not vanish while
+/// the process lives); they simply stop moving. The two gauges of a removed host that no scrape
+/// refreshes any more are zeroed: its breaker went with it (an event still queued for it gets a
+/// fresh, closed one, which the scrape then reports), so a circuit left open at the reload does
+/// not alert forever. Nothing here runs per request.
+pub fn register_all(settings: &Settings) {
+    let rules = settings.rules.rules();
+    for rule in rules {
+        for outcome in possible_outcomes(rule.mode, rule.fallback_to_async) {
+            counter!(EVENTS_RECEIVED, "event_type" => rule.pattern.clone(), "mode" => rule.mode.as_str(), "outcome" => *outcome)
+                .increment(0);
+        }
+    }
+    // With a `*` rule every event type routes somewhere.
+    if !rules.iter().any(|r| &*r.pattern == "*") {
+        counter!(EVENTS_RECEIVED, "event_type" => UNROUTED, "mode" => "none", "outcome" => "no_route")
+            .increment(0);
+    }
+    let mut host_modes: BTreeMap<Arc<str>, [bool; 2]> = BTreeMap::new();
+    for rule in rules {
+        let modes = host_modes.entry(rule.target.host.clone()).or_default();
+        for mode in attempt_modes(rule) {
+            modes[usize::from(*mode == DeliveryMode::Async)] = true;
+        }
+    }
+    {
+        static REGISTERED_HOSTS: Mutex<BTreeSet<Arc<str>>> = Mutex::new(BTreeSet::new());
+        let mut registered = REGISTERED_HOSTS.lock().unwrap_or_else(|p| p.into_inner());
+        for gone in registered.iter().filter(|h| !host_modes.contains_key(*h)) {
+            gauge!(CIRCUIT_STATE, "host" => gone.clone()).set(0.0);
+            gauge!(HOST_IN_FLIGHT, "host" => gone.clone()).set(0.0);
+        }
+        *registered = host_modes.keys().cloned().collect();
+    }
+    for (host, modes) in &host_modes {
+        for (m, mode) in [DeliveryMode::Sync, DeliveryMode::Async]
+            .into_iter()
+            .enumerate()
+        {
+            if !modes[m] {
+                continue;
+            }
+            for class in ATTEMPT_CLASSES {
+                counter!(DELIVERY_ATTEMPTS, "host" => host.clone(), "mode" => mode.as_str(), "class" => class)
+                    .increment(0);
+            }
+            // A histogram handle is enough: it renders with empty buckets.
+            let _ = histogram!(DELIVERY_LATENCY, "host" => host.clone(), "mode" => mode.as_str());
+        }
+        if modes[0] {
+            counter!(SHED, "host" => host.clone()).increment(0);
+        }
+        // `increment(0.0)`: creates the series at 0 (closed) but never resets a breaker a
+        // reload kept open.
+        gauge!(CIRCUIT_STATE, "host" => host.clone()).increment(0.0);
+        gauge!(HOST_IN_FLIGHT, "host" => host.clone()).increment(0.0);
+        gauge!(HOST_MAX_CONNECTIONS, "host" => host.clone()).increment(0.0);
+        for to in [
+            BreakerState::Closed,
+            BreakerState::Open,
+            BreakerState::HalfOpen,
+        ] {
+            counter!(CIRCUIT_TRANSITIONS, "host" => host.clone(), "to" => to.as_str()).increment(0);
+        }
+    }
+    if rules
+        .iter()
+        .any(|r| r.mode == DeliveryMode::Sync && r.fallback_to_async)
+    {
+        for reason in FALLBACK_REASONS {
+            counter!(FALLBACKS, "reason" => reason).increment(0);
+        }
+    }
+    for queue in configured_queues(settings) {
+        for result in DELIVERY_RESULTS {
+            counter!(DELIVERIES, "queue" => queue.clone(), "result" => result).increment(0);
+        }
+        for state in ["ready", "delayed", "in_flight"] {
+            gauge!(QUEUE_DEPTH, "queue" => queue.clone(), "state" => state).increment(0.0);
+        }
+        gauge!(DLQ_DEPTH, "queue" => queue.clone()).increment(0.0);
+        gauge!(OLDEST_READY_AGE, "queue" => queue.clone()).increment(0.0);
+    }
+    for result in RELOAD_RESULTS {
+        counter!(CONFIG_RELOADS, "result" => result).increment(0);
+    }
+    // Recorded only by the SQLite store, but registered either way so a dashboard's query for it
+    // is never empty.
+    let _ = histogram!(ENQUEUE_BATCH_SIZE);
+    for reason in EDGE_REFUSAL_REASONS {
+        counter!(EDGE_REFUSALS, "reason" => reason.as_str()).increment(0);
+    }
+    gauge!(BODY_BYTES_BUFFERED).increment(0.0);
 }
 
 /// An event type that matched no rule.
@@ -89,62 +366,64 @@ const ATTEMPT_CLASSES: [&str; 7] = [
 ];
 
 /// The per-request metric handles of one host, looked up once instead of per request (a
-/// registry lookup hashes the whole label set and allocates).
+/// registry lookup hashes the whole label set and allocates). Each mode's handles are taken on
+/// its first attempt, not when the host is built: so a host only ever called in sync mode never
+/// shows async series, and handles are never taken before the recorder is installed (they
+/// would be no-ops for good). [`register_all`] creates the possible series up front, at zero.
 #[derive(Debug)]
 pub struct HostMetrics {
-    /// `[mode][class]`, mode 0 = sync, 1 = async.
-    attempts: [[Counter; ATTEMPT_CLASSES.len()]; 2],
-    latency: [Histogram; 2],
-    shed: Counter,
+    host: Arc<str>,
+    /// Index 0 = sync, 1 = async.
+    modes: [OnceLock<ModeMetrics>; 2],
+    shed: OnceLock<Counter>,
+}
+
+#[derive(Debug)]
+struct ModeMetrics {
+    /// In `ATTEMPT_CLASSES` order.
+    attempts: [Counter; ATTEMPT_CLASSES.len()],
+    latency: Histogram,
 }
 
 impl HostMetrics {
-    /// Registers the series of `host`.
+    /// The (not yet registered) series of `host`.
     pub fn new(host: &Arc<str>) -> Self {
-        let per_mode = |mode: DeliveryMode| {
-            ATTEMPT_CLASSES.map(|class| {
-                counter!(DELIVERY_ATTEMPTS, "host" => host.clone(), "mode" => mode.as_str(), "class" => class)
-            })
-        };
-        let latency = |mode: DeliveryMode| histogram!(DELIVERY_LATENCY, "host" => host.clone(), "mode" => mode.as_str());
-        let metrics = Self {
-            attempts: [per_mode(DeliveryMode::Sync), per_mode(DeliveryMode::Async)],
-            latency: [latency(DeliveryMode::Sync), latency(DeliveryMode::Async)],
-            shed: counter!(SHED, "host" => host.clone()),
-        };
-        // Every host's breaker series exist from the first scrape, at zero (closed, no
-        // transitions), so an alert on them never waits for the first trip.
-        gauge!(CIRCUIT_STATE, "host" => host.clone()).set(0.0);
-        for to in [
-            BreakerState::Closed,
-            BreakerState::Open,
-            BreakerState::HalfOpen,
-        ] {
-            counter!(CIRCUIT_TRANSITIONS, "host" => host.clone(), "to" => to.as_str()).increment(0);
+        Self {
+            host: host.clone(),
+            modes: [OnceLock::new(), OnceLock::new()],
+            shed: OnceLock::new(),
         }
-        metrics
     }
 
     /// One delivery attempt finished with `class` after `latency`.
     pub fn attempt(&self, mode: DeliveryMode, class: &str, latency: Duration) {
-        let m = usize::from(mode == DeliveryMode::Async);
+        let m = self.modes[usize::from(mode == DeliveryMode::Async)].get_or_init(|| ModeMetrics {
+            attempts: ATTEMPT_CLASSES.map(|class| {
+                counter!(DELIVERY_ATTEMPTS, "host" => self.host.clone(), "mode" => mode.as_str(), "class" => class)
+            }),
+            latency: histogram!(DELIVERY_LATENCY, "host" => self.host.clone(), "mode" => mode.as_str()),
+        });
         if let Some(i) = ATTEMPT_CLASSES.iter().position(|c| *c == class) {
-            self.attempts[m][i].increment(1);
+            m.attempts[i].increment(1);
         }
-        self.latency[m].record(latency.as_secs_f64());
+        m.latency.record(latency.as_secs_f64());
     }
 
     /// A sync request was shed.
     pub fn shed(&self) {
-        self.shed.increment(1);
+        self.shed
+            .get_or_init(|| counter!(SHED, "host" => self.host.clone()))
+            .increment(1);
     }
 }
 
-/// The `events_received` counters of one rule, one per outcome, registered on first use (rules
-/// are compiled before the recorder is installed, and handles taken then would be no-ops).
+/// The `events_received` counters of one rule, registered on first use (rules are compiled
+/// before the recorder is installed, and handles taken then would be no-ops). Only the
+/// outcomes the rule's mode can produce get a counter; [`register_all`] creates the same series
+/// at zero once the recorder is installed.
 #[derive(Debug, Default)]
 pub struct RuleMetrics {
-    counters: OnceLock<[Counter; OUTCOMES.len()]>,
+    counters: OnceLock<[Option<Counter>; OUTCOMES.len()]>,
 }
 
 /// Every ingress outcome label, in `RuleMetrics` order.
@@ -161,15 +440,28 @@ pub const OUTCOMES: [&str; 9] = [
 ];
 
 impl RuleMetrics {
-    /// Counts one event of the rule `pattern` (mode `mode`) that ended in `outcome`.
-    pub fn received(&self, pattern: &Arc<str>, mode: &'static str, outcome: &'static str) {
+    /// Counts one event of `rule` that ended in `outcome`.
+    pub fn received(&self, rule: &Rule, outcome: &'static str) {
         let counters = self.counters.get_or_init(|| {
+            let possible = possible_outcomes(rule.mode, rule.fallback_to_async);
             OUTCOMES.map(|o| {
-                counter!(EVENTS_RECEIVED, "event_type" => pattern.clone(), "mode" => mode, "outcome" => o)
+                possible.contains(&o).then(|| {
+                    counter!(EVENTS_RECEIVED, "event_type" => rule.pattern.clone(), "mode" => rule.mode.as_str(), "outcome" => o)
+                })
             })
         });
-        if let Some(i) = OUTCOMES.iter().position(|o| *o == outcome) {
-            counters[i].increment(1);
+        if let Some(Some(c)) = OUTCOMES
+            .iter()
+            .position(|o| *o == outcome)
+            .map(|i| &counters[i])
+        {
+            c.increment(1);
+        } else {
+            debug_assert!(
+                false,
+                "outcome {outcome} is not possible for rule {}",
+                rule.pattern
+            );
         }
     }
 }
@@ -268,4 +560,31 @@ pub fn body_bytes_buffered(bytes: usize) {
 /// The edge refused a client for `reason`.
 pub fn edge_refusal(reason: EdgeRefusal) {
     counter!(EDGE_REFUSALS, "reason" => reason.as_str()).increment(1);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_outcome_but_no_route_is_possible_for_some_rule_and_none_twice() {
+        let mut seen = BTreeSet::new();
+        for (mode, fallback) in [
+            (DeliveryMode::Sync, false),
+            (DeliveryMode::Sync, true),
+            (DeliveryMode::Async, false),
+        ] {
+            let possible = possible_outcomes(mode, fallback);
+            assert!(possible.iter().all(|o| OUTCOMES.contains(o)));
+            assert_eq!(
+                possible.iter().collect::<BTreeSet<_>>().len(),
+                possible.len()
+            );
+            seen.extend(possible.iter().copied());
+        }
+        let expected: BTreeSet<_> = OUTCOMES.into_iter().filter(|o| *o != "no_route").collect();
+        assert_eq!(seen, expected);
+        assert!(!possible_outcomes(DeliveryMode::Sync, true).contains(&"failed"));
+        assert!(!possible_outcomes(DeliveryMode::Sync, false).contains(&"accepted"));
+    }
 }

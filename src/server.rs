@@ -188,6 +188,8 @@ pub async fn start(config_path: PathBuf, settings: Settings) -> Result<RunningSe
         "file descriptors: ingress connections are capped below the limit, the rest is kept for upstream connections, the store and the admin port"
     );
     let dispatcher = Dispatcher::from_config(settings).await?;
+    // Every series the rules can produce exists, at zero, from the first scrape.
+    crate::metrics::register_all(&dispatcher.snapshot().settings);
     let budget = BodyBudget::new();
     let reloader = Reloader::new(dispatcher.clone(), config_path);
     let (shutdown, shutdown_rx) = watch::channel(false);

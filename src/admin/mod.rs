@@ -287,15 +287,8 @@ impl Admin {
     async fn metrics(&self) -> Response<Full<Bytes>> {
         // Queue gauges are read from the store at scrape time, not polled in the background.
         let settings = self.dispatcher.snapshot().settings.clone();
-        let mut queues: Vec<Arc<str>> = settings
-            .rules
-            .rules()
-            .iter()
-            .map(|r| r.queue.clone())
-            .collect();
-        queues.push("default".into());
-        queues.sort();
-        queues.dedup();
+        let queues = crate::metrics::configured_queues(&settings);
+        crate::metrics::collect_process();
         crate::metrics::body_bytes_buffered(self.body_budget.held());
         let now = now_ms();
         for q in &queues {

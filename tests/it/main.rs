@@ -12,6 +12,7 @@ mod config_check;
 mod crash;
 mod deploy;
 mod edge;
+mod metrics;
 mod redis;
 mod reload;
 mod retry_policy;
