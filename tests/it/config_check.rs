@@ -196,7 +196,9 @@ fn env_expansion_reports_unset_variables_and_secrets_are_never_printed() {
     );
     assert_eq!(code, 1);
     assert!(
-        err.contains("cfg.yaml:2:13: environment variable HOOKYARD_TEST_UNSET_VAR is not set"),
+        err.contains(
+            "cfg.yaml:2:13: signing.secrets[0]: environment variable HOOKYARD_TEST_UNSET_VAR is not set"
+        ),
         "{err}"
     );
     let (code, _, err) = check(
