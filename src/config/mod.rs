@@ -327,7 +327,7 @@ pub fn load_from_bytes(path: &Path, bytes: &[u8]) -> Result<Settings, ConfigErro
     let lookup = |name: &str| std::env::var(name).ok();
     let (file, expansion) = parse(path, text, &lookup)?;
     compile::compile(path, bytes, file, &expansion)
-        .map_err(|problems| finish(path, text, &expansion, problems))
+        .map_err(|problems| finish(path, text, &expansion, problems, Vec::new()))
 }
 
 /// Reads the file as YAML, expands `${VAR}` in every scalar value, checks every key and type
@@ -348,26 +348,27 @@ fn parse(
             ),
         ));
     }
-    let fail = |problems| ConfigError::new(path, text, problems);
     // A syntax error stops here: past it, nothing in the file can be located reliably.
-    let root = tree::parse(text).map_err(|p| fail(vec![syntax_problem(text, p)]))?;
-    let expansion = tree::expand(text, root.as_ref(), lookup).map_err(fail)?;
+    let root = tree::parse(text)
+        .map_err(|p| ConfigError::new(path, text, vec![syntax_problem(text, p)]))?;
+    let (expansion, unexpanded) = tree::expand(text, root.as_ref(), lookup);
     let expanded_root;
     let checked = if expansion.at.is_empty() {
         root.as_ref()
     } else {
-        expanded_root =
-            tree::parse(&expansion.text).map_err(|p| finish(path, text, &expansion, vec![p]))?;
+        expanded_root = tree::parse(&expansion.text)
+            .map_err(|p| finish(path, text, &expansion, vec![p], unexpanded.clone()))?;
         expanded_root.as_ref()
     };
+    let mut problems = Vec::new();
     if let Some(root) = checked {
         let schema = json_schema();
         let mut checker = shape::Checker::new(&schema, &expansion);
         checker.check(root, &schema, &mut String::new());
-        if !checker.problems.is_empty() {
-            let problems = checker.problems;
-            return Err(finish(path, text, &expansion, problems));
-        }
+        problems = checker.problems;
+    }
+    if !problems.is_empty() || !unexpanded.is_empty() {
+        return Err(finish(path, text, &expansion, problems, unexpanded));
     }
     let options = serde_saphyr::options! { with_snippet: false };
     match serde_saphyr::from_str_with_options(&expansion.text, options) {
@@ -377,18 +378,23 @@ fn parse(
             text,
             &expansion,
             vec![error::problem_from_yaml(&e)],
+            Vec::new(),
         )),
     }
 }
 
 /// Problems found on the expanded text, made ready to show against the file: positions mapped
-/// back, expanded values taken out of messages, keys named, in file order.
+/// back, expanded values taken out of messages, keys named, in file order. `in_file` are
+/// problems already positioned in the file (variables that could not be expanded); another
+/// problem at the same place (the type of `${UNSET}`) would only repeat them.
 fn finish(
     path: &Path,
     text: &str,
     expansion: &tree::Expansion,
     problems: Vec<Problem>,
+    in_file: Vec<Problem>,
 ) -> ConfigError {
+    let taken: Vec<(u64, u64)> = in_file.iter().map(|p| (p.line, p.column)).collect();
     let mut problems: Vec<Problem> = problems
         .into_iter()
         .map(|mut p| {
@@ -405,6 +411,8 @@ fn finish(
             }
             p
         })
+        .filter(|p| !taken.contains(&(p.line, p.column)))
+        .chain(in_file)
         .collect();
     problems.sort_by_key(|p| (p.line, p.column));
     ConfigError::new(path, text, problems)

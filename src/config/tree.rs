@@ -272,12 +272,13 @@ fn is_safe_plain(v: &str) -> bool {
 }
 
 /// Expands `${VAR}` in every scalar value of `root` (keys are names and are left alone),
-/// returning the text to deserialize, or every expansion error.
+/// returning the text to deserialize and every expansion error (positions in the file). A
+/// scalar that fails to expand is left as written.
 pub(super) fn expand(
     text: &str,
     root: Option<&Node>,
     lookup: &dyn Fn(&str) -> Option<String>,
-) -> Result<Expansion, Vec<Problem>> {
+) -> (Expansion, Vec<Problem>) {
     let mut problems = Vec::new();
     let mut edits: Vec<(&Node, &str, String, String)> = Vec::new();
     let mut paths = HashMap::new();
@@ -316,9 +317,6 @@ pub(super) fn expand(
                 }
             }
         });
-    }
-    if !problems.is_empty() {
-        return Err(problems);
     }
     edits.sort_by_key(|(n, ..)| n.start);
     let mut out = Expansion {
@@ -365,7 +363,7 @@ pub(super) fn expand(
         copied = node.end;
     }
     out.text.push_str(&text[copied..]);
-    Ok(out)
+    (out, problems)
 }
 
 #[cfg(test)]
@@ -384,7 +382,8 @@ mod tests {
     fn expansion_rewrites_scalars_and_maps_positions_back() {
         let text = "a: ${N}\nb: ['${LONG}', x, '${N:-1}']\nc: '${Q:-prof}'\nd: $${N}\n";
         let root = parse(text).unwrap();
-        let e = expand(text, root.as_ref(), &env).unwrap();
+        let (e, problems) = expand(text, root.as_ref(), &env);
+        assert!(problems.is_empty());
         assert_eq!(
             e.text,
             "a: 7\nb: [\"a much longer value\", x, \"7\"]\nc: \"prof\"\nd: \"${N}\"\n"
@@ -400,7 +399,8 @@ mod tests {
     fn multi_line_scalars_keep_later_lines_in_place() {
         let text = "a: |\n  x ${N}\n  y\nb: 1\n";
         let root = parse(text).unwrap();
-        let e = expand(text, root.as_ref(), &env).unwrap();
+        let (e, problems) = expand(text, root.as_ref(), &env);
+        assert!(problems.is_empty());
         assert_eq!(e.text.lines().nth(3), Some("b: 1"), "{}", e.text);
     }
 
@@ -408,7 +408,8 @@ mod tests {
     fn scrub_replaces_the_expanded_value_with_the_file_text() {
         let text = "t: ${N}\n";
         let root = parse(text).unwrap();
-        let e = expand(text, root.as_ref(), &env).unwrap();
+        let (e, problems) = expand(text, root.as_ref(), &env);
+        assert!(problems.is_empty());
         assert_eq!(
             e.scrub(1, 4, "t must be at most 5, got 7"),
             "t must be at most 5, got ${N}"

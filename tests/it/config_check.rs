@@ -570,6 +570,16 @@ fn an_unset_variable_in_a_number_is_an_error_naming_the_key() {
         err.contains("7 |     timeout_ms: ${HOOKYARD_TEST_UNSET_T}"),
         "{err}"
     );
+    // Reported once (not again as a type error), and alongside the file's other mistakes.
+    assert_eq!(err.matches("error: ").count(), 1, "{err}");
+    let (_, _, err) = check(&rules(
+        "  - event_type: a\n    mode: async\n    target: http://h:1/\n    queue: ${HOOKYARD_TEST_UNSET_Q}\n    colour: blue\n",
+    ));
+    assert!(err.contains("cfg.yaml:7:12: routing_rules[0].queue: environment variable HOOKYARD_TEST_UNSET_Q is not set"), "{err}");
+    assert!(
+        err.contains("cfg.yaml:8:5: unknown field `colour`"),
+        "{err}"
+    );
 }
 
 #[test]
