@@ -226,14 +226,36 @@ impl Expansion {
     /// "got X"); every other expanded value of six or more characters is replaced wherever it
     /// appears, in case a message quotes a neighbour.
     pub fn scrub(&self, line: u64, column: u64, message: &str) -> String {
-        let mut out = message.to_string();
-        if let Some(e) = self.at.get(&(line, column)) {
-            if !e.value.is_empty() {
-                if let Some(i) = rfind_word(&out, &e.value) {
+        let here = self.at.get(&(line, column));
+        // The file's text the message already quotes (`${T:-100}`) is left alone, defaults
+        // and all; only what lies between is scrubbed.
+        let Some(e) = here else {
+            return self.scrub_others(message);
+        };
+        let parts: Vec<String> = message
+            .split(e.raw.as_str())
+            .map(|part| self.scrub_others(part))
+            .collect();
+        let mut out = parts.join(&e.raw);
+        if !e.value.is_empty() && !e.raw.is_empty() {
+            // Last occurrence first: messages end with "got X". Only outside quoted file text.
+            let mut searched = out.len();
+            while let Some(i) = rfind_word(&out[..searched], &e.value) {
+                let inside_raw = out
+                    .match_indices(e.raw.as_str())
+                    .any(|(r, _)| r <= i && i < r + e.raw.len());
+                if !inside_raw {
                     out.replace_range(i..i + e.value.len(), &e.raw);
+                    break;
                 }
+                searched = i;
             }
         }
+        out
+    }
+
+    fn scrub_others(&self, message: &str) -> String {
+        let mut out = message.to_string();
         for e in self.at.values() {
             if e.value.chars().count() >= 6 && out.contains(&e.value) {
                 out = out.replace(&e.value, &e.raw);
@@ -258,6 +280,41 @@ fn rfind_word(hay: &str, needle: &str) -> Option<usize> {
         end = i + needle.len() - 1;
     }
     None
+}
+
+/// Keys are names and are taken as written: a `${` in one is reported rather than left to
+/// name a host or queue that matches nothing.
+fn unexpanded_keys(node: &Node, path: &mut String, problems: &mut Vec<Problem>) {
+    let len = path.len();
+    match &node.kind {
+        Kind::Seq(items) => {
+            for (i, item) in items.iter().enumerate() {
+                path.push_str(&format!("[{i}]"));
+                unexpanded_keys(item, path, problems);
+                path.truncate(len);
+            }
+        }
+        Kind::Map(pairs) => {
+            for (key, value) in pairs {
+                push_key(path, key);
+                if matches!(&key.kind, Kind::Scalar { text, .. } if text.contains("${")) {
+                    problems.push(Problem {
+                        key: Some(path.clone()),
+                        ..Problem::at(
+                            key.line,
+                            key.column,
+                            format!(
+                                "{path}: ${{VAR}} is not expanded in keys; write the name itself"
+                            ),
+                        )
+                    });
+                }
+                unexpanded_keys(value, path, problems);
+                path.truncate(len);
+            }
+        }
+        Kind::Scalar { .. } | Kind::Alias => {}
+    }
 }
 
 /// A value YAML reads back as the same scalar when written plain: numbers, booleans and simple
@@ -317,6 +374,9 @@ pub(super) fn expand(
                 }
             }
         });
+    }
+    if let Some(root) = root {
+        unexpanded_keys(root, &mut String::new(), &mut problems);
     }
     edits.sort_by_key(|(n, ..)| n.start);
     let mut out = Expansion {
@@ -414,5 +474,17 @@ mod tests {
             e.scrub(1, 4, "t must be at most 5, got 7"),
             "t must be at most 5, got ${N}"
         );
+        let text = "t: ${T:-100}\n";
+        let root = parse(text).unwrap();
+        let (e, _) = expand(text, root.as_ref(), &env);
+        assert_eq!(
+            e.scrub(
+                1,
+                4,
+                "expected true or false, got a string from `${T:-100}`"
+            ),
+            "expected true or false, got a string from `${T:-100}`"
+        );
+        assert_eq!(e.scrub(1, 4, "got 100"), "got ${T:-100}");
     }
 }

@@ -614,3 +614,24 @@ fn a_secret_expanded_into_a_bad_number_never_appears_in_the_error() {
     );
     assert!(!err.contains("987654321"), "{err}");
 }
+
+#[test]
+fn a_variable_in_a_key_is_an_error_not_a_silent_literal() {
+    rejects(
+        &format!("{HEAD}hosts:\n  \"${{API_HOST}}:443\":\n    max_connections: 3\nrouting_rules:\n  - event_type: a\n    mode: async\n    target: http://h:1/\n"),
+        "4:3",
+        "hosts.${API_HOST}:443: ${VAR} is not expanded in keys",
+    );
+}
+
+#[test]
+fn the_file_text_quoted_in_a_message_keeps_its_default_intact() {
+    let (code, _, err) = check(&format!(
+        "{HEAD}store:\n  fsync: ${{HOOKYARD_TEST_F:-nope}}\nrouting_rules:\n  - event_type: a\n    mode: async\n    target: http://h:1/\n"
+    ));
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("cfg.yaml:4:10: store.fsync: expected true or false, got a string from `${HOOKYARD_TEST_F:-nope}`"),
+        "{err}"
+    );
+}
