@@ -78,7 +78,12 @@ fn got(node: &Node, path: &str, expansion: &Expansion) -> String {
                 // The file's text, never the value it expanded to.
                 return format!("{what} from `{}`", e.raw);
             }
-            format!("{text:?}")
+            if kind == Scalar::Str {
+                format!("{text:?}")
+            } else {
+                // `1.5`, `true`: what the file wrote, without string quotes.
+                text.clone()
+            }
         }
     }
 }

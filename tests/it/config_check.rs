@@ -466,6 +466,11 @@ fn type_errors_are_in_plain_words() {
         !err.contains("invalid type") && !err.contains("i64"),
         "{err}"
     );
+    rejects(
+        &rules("  - event_type: a\n    mode: sync\n    target: http://h:1/\n    timeout_ms: 1.5\n"),
+        "7:17",
+        "routing_rules[0].timeout_ms: expected an integer, got 1.5",
+    );
     // A type error and an unknown key in the same file are both reported.
     let (_, _, err) = check(&format!(
         "{HEAD}hosts:\n  default:\n    shed_at: half\n    max_conections: 3\nrouting_rules:\n  - event_type: a\n    mode: async\n    target: http://h:1/\n"
