@@ -52,6 +52,60 @@ pub fn check(path: &Path) -> Result<String, CliError> {
     Ok(rule_table(&settings))
 }
 
+/// `hookyard check --format json`, for editors and CI: `{"ok", "errors", "rules"}`, and
+/// whether the config is valid. Each error has `file`, `line`, `column` (null when unknown),
+/// `key` (the path of the key, null when none), `message` and `snippet` (the file's line, null
+/// when it may hold a secret).
+pub fn check_json(path: &Path) -> (String, bool) {
+    let (ok, errors, rules) = match config::load(path) {
+        Ok(settings) => (true, Vec::new(), rules_json(&settings)),
+        Err(e) => {
+            let errors = e
+                .problems
+                .iter()
+                .map(|p| {
+                    let known = |n: u64| (n > 0).then_some(n);
+                    serde_json::json!({
+                        "file": e.path.display().to_string(),
+                        "line": known(p.line),
+                        "column": known(p.column),
+                        "key": p.key,
+                        "message": p.message,
+                        "snippet": e.snippet(p),
+                    })
+                })
+                .collect();
+            (false, errors, Vec::new())
+        }
+    };
+    let out = serde_json::json!({ "ok": ok, "errors": errors, "rules": rules });
+    (format!("{out:#}\n"), ok)
+}
+
+/// The compiled rules as JSON objects, the columns of [`rule_table`].
+fn rules_json(settings: &Settings) -> Vec<Value> {
+    settings
+        .rules
+        .rules()
+        .iter()
+        .map(|r| {
+            serde_json::json!({
+                "event_type": &*r.pattern,
+                "mode": r.mode.as_str(),
+                "target_host": r.target.host.to_string(),
+                "timeout_ms": r.timeout.as_millis() as u64,
+                "fallback": match (r.mode, r.fallback_to_async) {
+                    (DeliveryMode::Sync, true) => Some("async_dlq"),
+                    (DeliveryMode::Sync, false) => Some("none"),
+                    (DeliveryMode::Async, _) => None,
+                },
+                "queue": &*r.queue,
+                "attempts": r.retry_delays_ms.len() + 1,
+            })
+        })
+        .collect()
+}
+
 /// Renders the compiled rules as a table.
 pub fn rule_table(settings: &Settings) -> String {
     let rows: Vec<[String; 7]> = settings

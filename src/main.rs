@@ -51,6 +51,13 @@ enum LogFormat {
     Json,
 }
 
+/// What `hookyard check` prints.
+#[derive(Clone, Copy, ValueEnum)]
+enum CheckFormat {
+    Human,
+    Json,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Run the sidecar (ingress, admin API, delivery workers).
@@ -76,6 +83,10 @@ enum Command {
             default_value = "dispatcher-config.yaml"
         )]
         config: PathBuf,
+        /// Output: `human` (the rule table, or errors with snippets on stderr) or `json`
+        /// (`{"ok", "errors", "rules"}` on stdout, for editors and CI). Exit code 1 on errors.
+        #[arg(long, value_enum, default_value_t = CheckFormat::Human)]
+        format: CheckFormat,
     },
     /// Print the JSON Schema of the config file (for editors).
     Schema,
@@ -242,6 +253,18 @@ fn main() -> ExitCode {
         Command::Serve { log, .. } | Command::Receive { log, .. } => init_logging(log.log_format),
         _ => {}
     }
+    if let Command::Check {
+        config,
+        format: CheckFormat::Json,
+    } = &args.command
+    {
+        // Errors are part of the JSON on stdout, not lines on stderr.
+        let (json, ok) = cli::check_json(config);
+        return match (cli::print(&json), ok) {
+            (Ok(()), true) => ExitCode::SUCCESS,
+            _ => ExitCode::FAILURE,
+        };
+    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -284,7 +307,7 @@ fn init_logging(format: LogFormat) {
 async fn run(command: Command) -> Result<(), CliError> {
     match command {
         Command::Serve { config, .. } => cli::serve(&config).await,
-        Command::Check { config } => cli::print(&cli::check(&config)?),
+        Command::Check { config, .. } => cli::print(&cli::check(&config)?),
         Command::Schema => cli::print(&format!(
             "{}\n",
             serde_json::to_string_pretty(&hookyard::config::json_schema()).unwrap_or_default()

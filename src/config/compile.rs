@@ -17,10 +17,11 @@ use super::schema::{
     BreakerPolicyChoice, BreakerSection, ConfigFile, DurationValue, Fallback, HostSection, Mode,
     Pos, QueueSection, RuleSection, SignatureChoice, StoreKind,
 };
+use super::tree::{Expansion, SecretKind};
 use super::EdgeLimits;
 use super::{
-    env, BreakerPolicy, BreakerSettings, ConfigError, HostPolicies, HostPolicy, Problem,
-    QueuePolicies, QueuePolicy, Settings, StoreSettings, TlsTrust, DEVELOPMENT_SECRET,
+    BreakerPolicy, BreakerSettings, HostPolicies, HostPolicy, Problem, QueuePolicies, QueuePolicy,
+    Settings, StoreSettings, TlsTrust, DEVELOPMENT_SECRET,
 };
 use crate::routing::{parse_pattern, DeliveryMode, Rule, RuleTable, Target};
 use crate::secret::Redacted;
@@ -48,19 +49,21 @@ const MAX_TIMEOUT_MS: i64 = 300_000;
 
 struct Compiler<'a> {
     problems: Vec<Problem>,
-    lookup_env: &'a dyn Fn(&str) -> Option<String>,
+    /// What `${VAR}` expansion rewrote, to quote the file's text instead of a value.
+    expansion: &'a Expansion,
 }
 
+/// Compiles a file whose `${VAR}` references `parse` has already expanded. Problems carry
+/// positions in the expanded text; `finish` maps them back to the file.
 pub(super) fn compile(
     path: &Path,
-    text: &str,
     bytes: &[u8],
     file: ConfigFile,
-) -> Result<Settings, ConfigError> {
-    let lookup = |name: &str| std::env::var(name).ok();
+    expansion: &Expansion,
+) -> Result<Settings, Vec<Problem>> {
     let mut c = Compiler {
         problems: Vec::new(),
-        lookup_env: &lookup,
+        expansion,
     };
     let settings = c.settings(path, bytes, file);
     if c.problems.is_empty() {
@@ -68,8 +71,7 @@ pub(super) fn compile(
             return Ok(settings);
         }
     }
-    c.problems.sort_by_key(|p| (p.line, p.column));
-    Err(ConfigError::new(path, text, c.problems))
+    Err(c.problems)
 }
 
 impl Compiler<'_> {
@@ -77,28 +79,44 @@ impl Compiler<'_> {
         self.problems.push(p);
     }
 
-    fn expand(&mut self, value: &Pos<String>) -> Option<String> {
-        match env::expand(&value.value, self.lookup_env) {
-            Ok(s) => Some(s),
-            Err(msg) => {
-                self.problem(Problem::spanned(value, msg));
-                None
-            }
-        }
+    /// The value as the file writes it: `${VAR}` text for an expanded value.
+    fn raw<'v>(&'v self, value: &'v Pos<String>) -> &'v str {
+        self.expansion
+            .at
+            .get(&pos_of(value))
+            .map_or(value.value.as_str(), |e| e.raw.as_str())
     }
 
-    /// Expands a value that may hold a secret straight into a [`Redacted`], so the expanded
-    /// text never exists as a plain `String` that an error message could quote.
+    /// The value (already expanded by `parse`).
+    fn expand(&mut self, value: &Pos<String>) -> Option<String> {
+        Some(value.value.clone())
+    }
+
+    /// A value that may hold a secret, straight into a [`Redacted`], so it never exists as a
+    /// plain `String` that an error message could quote.
     fn expand_secret(&mut self, value: &Pos<String>, kind: SecretKind) -> Option<Redacted> {
-        match env::expand(&value.value, self.lookup_env) {
-            Ok(s) => Some(match kind {
-                SecretKind::Opaque => Redacted::opaque(s),
-                SecretKind::Url => Redacted::url(s),
-            }),
-            Err(msg) => {
-                self.problem(secret_problem(value, kind, msg));
-                None
-            }
+        let s = value.value.clone();
+        Some(match kind {
+            SecretKind::Opaque => Redacted::opaque(s),
+            SecretKind::Url => Redacted::url(s),
+        })
+    }
+
+    /// A problem about a secret-bearing value: its line is printed only when the file's text
+    /// holds no literal secret (a `${VAR}` reference is fine: the snippet shows the reference).
+    fn secret_problem(
+        &self,
+        value: &Pos<String>,
+        kind: SecretKind,
+        message: impl Into<String>,
+    ) -> Problem {
+        let hide = match kind {
+            SecretKind::Opaque => true,
+            SecretKind::Url => super::error::url_text_holds_secret(self.raw(value)),
+        };
+        Problem {
+            hide_snippet: hide,
+            ..Problem::spanned(value, message)
         }
     }
 
@@ -115,18 +133,16 @@ impl Compiler<'_> {
             Err(_) => {
                 // Quotes the file's text, never the expansion: whatever a variable holds is
                 // the environment's business, and errors are shown in many places.
-                let expanded = if v.value.contains("${") {
+                let raw = self.raw(v);
+                let expanded = if raw.contains("${") {
                     " after ${VAR} expansion"
                 } else {
                     ""
                 };
-                self.problem(Problem::spanned(
-                    v,
-                    format!(
-                        "{what} must be an IP:port address such as {default}, not {:?}{expanded}",
-                        v.value
-                    ),
-                ));
+                let message = format!(
+                    "{what} must be an IP:port address such as {default}, not {raw:?}{expanded}"
+                );
+                self.problem(Problem::spanned(v, message));
                 fallback
             }
         }
@@ -454,11 +470,12 @@ impl Compiler<'_> {
                     || raw.starts_with("rediss://")
                     || raw.starts_with("redis+unix://"))
                 {
-                    self.problem(secret_problem(
+                    let p = self.secret_problem(
                         url,
                         SecretKind::Url,
                         "store.url must start with redis://, rediss:// or redis+unix://",
-                    ));
+                    );
+                    self.problem(p);
                     return None;
                 }
                 if let Some(prefix) = s.key_prefix.as_deref() {
@@ -467,7 +484,7 @@ impl Compiler<'_> {
                         let at = s.kind.as_ref()?;
                         self.problem(Problem::spanned(
                             at,
-                            format!("store.key_prefix must be non-empty and free of braces, got {prefix:?}"),
+                            "store.key_prefix must be non-empty and free of braces",
                         ));
                     }
                 }
@@ -938,38 +955,17 @@ impl Compiler<'_> {
             Err(e) => {
                 // The key and the reason; never the URL, which may hold a password once
                 // expanded (the snippet shows the file's text, with its `${VAR}`).
-                self.problem(secret_problem(
+                let p = self.secret_problem(
                     v,
                     SecretKind::Url,
                     format!(
                         "routing_rules[{index}].target must be an absolute http:// or https:// URL: {e}"
                     ),
-                ));
+                );
+                self.problem(p);
                 None
             }
         }
-    }
-}
-
-/// What kind of secret a value may hold, which decides how much of it can ever be shown.
-#[derive(Clone, Copy)]
-enum SecretKind {
-    /// A token or signing secret: never shown, nor the file line that holds it.
-    Opaque,
-    /// A URL: its line is shown unless the file itself spells out a password or query value.
-    Url,
-}
-
-/// A problem about a secret-bearing value: its line is printed only when it holds no literal
-/// secret (a `${VAR}` reference is fine: the snippet shows the reference, not its value).
-fn secret_problem(value: &Pos<String>, kind: SecretKind, message: impl Into<String>) -> Problem {
-    let hide = match kind {
-        SecretKind::Opaque => true,
-        SecretKind::Url => super::error::url_text_holds_secret(&value.value),
-    };
-    Problem {
-        hide_snippet: hide,
-        ..Problem::spanned(value, message)
     }
 }
 

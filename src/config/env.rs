@@ -1,7 +1,8 @@
-//! `${VAR}` and `${VAR:-default}` expansion in string values.
+//! `${VAR}` and `${VAR:-default}` expansion of one scalar's text.
 //!
-//! Expansion happens on parsed values, not on the raw text, so line and column numbers in
-//! errors stay those of the file the user edited. `$${` writes a literal `${`.
+//! `tree.rs` applies it to every scalar value of the file and writes the result back in the
+//! scalar's place, keeping a map so that line and column numbers in errors stay those of the
+//! file the user edited. `$${` writes a literal `${`.
 
 /// Expands variables in `input`, reading them through `lookup`.
 pub fn expand(input: &str, lookup: impl Fn(&str) -> Option<String>) -> Result<String, String> {

@@ -11,6 +11,9 @@ pub struct Problem {
     /// 1-based; 0 when the position is unknown.
     pub column: u64,
     pub message: String,
+    /// The key the problem is about, as a path (`routing_rules[0].timeout_ms`), when known.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
     /// The line holds a secret: show the position but not the snippet.
     #[serde(skip)]
     pub hide_snippet: bool,
@@ -23,6 +26,7 @@ impl Problem {
             line,
             column,
             message: message.into(),
+            key: None,
             hide_snippet: false,
         }
     }
@@ -104,7 +108,40 @@ pub(crate) fn problem_from_yaml(err: &serde_saphyr::Error) -> Problem {
     if let Some(i) = message.rfind(" at line ") {
         message.truncate(i);
     }
-    Problem::at(line, column, message)
+    Problem::at(line, column, plain_words(&message))
+}
+
+/// serde's `invalid type: string "lots", expected i64` as `expected an integer, got "lots"`.
+/// The schema pass (`shape.rs`) catches type errors first; this covers what it cannot see.
+fn plain_words(message: &str) -> String {
+    let rest = message
+        .strip_prefix("invalid type: ")
+        .or_else(|| message.strip_prefix("invalid value: "));
+    let Some((got, expected)) = rest.and_then(|r| r.rsplit_once(", expected ")) else {
+        return message.to_string();
+    };
+    let expected = match expected {
+        "i8" | "i16" | "i32" | "i64" | "u8" | "u16" | "u32" | "u64" | "usize" | "isize" => {
+            "an integer"
+        }
+        "f32" | "f64" => "a number",
+        "a boolean" | "bool" => "true or false",
+        "a string" => "a string",
+        "a sequence" => "a list",
+        "a map" => "a mapping",
+        other => other,
+    };
+    let got = got
+        .replace("string ", "")
+        .replace("integer ", "")
+        .replace("floating point ", "");
+    let got = match got.as_str() {
+        "map" => "a mapping".to_string(),
+        "sequence" => "a list".to_string(),
+        "unit value" => "nothing".to_string(),
+        _ => got,
+    };
+    format!("expected {expected}, got {got}")
 }
 
 impl ConfigError {
@@ -140,6 +177,16 @@ impl ConfigError {
         )
     }
 
+    /// The file's line a problem points at, unless it may hold a secret.
+    pub fn snippet(&self, p: &Problem) -> Option<&str> {
+        if p.hide_snippet {
+            return None;
+        }
+        (p.line as usize)
+            .checked_sub(1)
+            .and_then(|i| self.source_text.lines().nth(i))
+    }
+
     /// The first problem on one line, `file:line:column: message`, for logs and the admin API.
     pub fn summary(&self) -> String {
         let n = self.problems.len();
@@ -172,13 +219,7 @@ impl fmt::Display for ConfigError {
                 writeln!(f)?;
             }
             writeln!(f, "error: {}", self.header(p))?;
-            if p.hide_snippet {
-                continue;
-            }
-            let Some(line_text) = (p.line as usize)
-                .checked_sub(1)
-                .and_then(|i| self.source_text.lines().nth(i))
-            else {
+            let Some(line_text) = self.snippet(p) else {
                 continue;
             };
             let gutter = p.line.to_string().len();
@@ -198,7 +239,16 @@ impl fmt::Display for ConfigError {
 
 #[cfg(test)]
 mod tests {
-    use super::url_text_holds_secret;
+    use super::{plain_words, url_text_holds_secret};
+
+    #[test]
+    fn serde_type_errors_read_as_plain_words() {
+        assert_eq!(
+            plain_words("invalid type: string \"lots\", expected i64"),
+            "expected an integer, got \"lots\""
+        );
+        assert_eq!(plain_words("missing field `x`"), "missing field `x`");
+    }
 
     #[test]
     fn url_lines_are_printable_only_without_literal_secrets() {

@@ -9,6 +9,8 @@ pub mod diff;
 mod env;
 mod error;
 pub mod schema;
+mod shape;
+mod tree;
 pub mod watch;
 
 use std::collections::HashMap;
@@ -323,11 +325,19 @@ pub fn load(path: &Path) -> Result<Settings, ConfigError> {
 /// Like [`load`], for a file already read (used by tests and reload).
 pub fn load_from_bytes(path: &Path, bytes: &[u8]) -> Result<Settings, ConfigError> {
     let text = std::str::from_utf8(bytes).map_err(|e| ConfigError::not_utf8(path, e))?;
-    let file: schema::ConfigFile = parse(path, text)?;
-    compile::compile(path, text, bytes, file)
+    let lookup = |name: &str| std::env::var(name).ok();
+    let (file, expansion) = parse(path, text, &lookup)?;
+    compile::compile(path, bytes, file, &expansion)
+        .map_err(|problems| finish(path, text, &expansion, problems, Vec::new()))
 }
 
-fn parse(path: &Path, text: &str) -> Result<schema::ConfigFile, ConfigError> {
+/// Reads the file as YAML, expands `${VAR}` in every scalar value, checks every key and type
+/// against the schema, then deserializes the expanded text.
+fn parse(
+    path: &Path,
+    text: &str,
+    lookup: &dyn Fn(&str) -> Option<String>,
+) -> Result<(schema::ConfigFile, tree::Expansion), ConfigError> {
     if text.trim().is_empty() {
         return Err(ConfigError::single(
             path,
@@ -339,9 +349,102 @@ fn parse(path: &Path, text: &str) -> Result<schema::ConfigFile, ConfigError> {
             ),
         ));
     }
+    // A syntax error stops here: past it, nothing in the file can be located reliably.
+    let root = tree::parse(text)
+        .map_err(|p| ConfigError::new(path, text, vec![syntax_problem(text, p)]))?;
+    let (expansion, unexpanded) = tree::expand(text, root.as_ref(), lookup);
+    let expanded_root;
+    let checked = if expansion.at.is_empty() {
+        root.as_ref()
+    } else {
+        expanded_root = tree::parse(&expansion.text)
+            .map_err(|p| finish(path, text, &expansion, vec![p], unexpanded.clone()))?;
+        expanded_root.as_ref()
+    };
+    let mut problems = Vec::new();
+    if let Some(root) = checked {
+        let schema = json_schema();
+        let mut checker = shape::Checker::new(&schema, &expansion);
+        checker.check(root, &schema, &mut String::new());
+        problems = checker.problems;
+    }
+    if !problems.is_empty() || !unexpanded.is_empty() {
+        return Err(finish(path, text, &expansion, problems, unexpanded));
+    }
     let options = serde_saphyr::options! { with_snippet: false };
-    serde_saphyr::from_str_with_options(text, options)
-        .map_err(|e| ConfigError::single(path, text, error::problem_from_yaml(&e)))
+    match serde_saphyr::from_str_with_options(&expansion.text, options) {
+        Ok(file) => Ok((file, expansion)),
+        Err(e) => Err(finish(
+            path,
+            text,
+            &expansion,
+            vec![error::problem_from_yaml(&e)],
+            Vec::new(),
+        )),
+    }
+}
+
+/// Problems found on the expanded text, made ready to show against the file: positions mapped
+/// back, expanded values taken out of messages, keys named, in file order. `in_file` are
+/// problems already positioned in the file (variables that could not be expanded); another
+/// problem at the same place (the type of `${UNSET}`) would only repeat them.
+fn finish(
+    path: &Path,
+    text: &str,
+    expansion: &tree::Expansion,
+    problems: Vec<Problem>,
+    in_file: Vec<Problem>,
+) -> ConfigError {
+    let taken: Vec<(u64, u64)> = in_file.iter().map(|p| (p.line, p.column)).collect();
+    let mut problems: Vec<Problem> = problems
+        .into_iter()
+        .map(|mut p| {
+            p.message = expansion.scrub(p.line, p.column, &p.message);
+            if p.line > 0 {
+                (p.line, p.column) = expansion.original(p.line, p.column);
+            }
+            if p.key.is_none() {
+                p.key = expansion
+                    .paths
+                    .get(&(p.line, p.column))
+                    .filter(|k| !k.is_empty())
+                    .cloned();
+            }
+            p
+        })
+        .filter(|p| !taken.contains(&(p.line, p.column)))
+        .chain(in_file)
+        .collect();
+    problems.sort_by_key(|p| (p.line, p.column));
+    ConfigError::new(path, text, problems)
+}
+
+/// A YAML syntax error, pointed where the user has to look.
+fn syntax_problem(text: &str, mut p: Problem) -> Problem {
+    // A tab used for indentation: point at the tab itself. The parser may notice it only at
+    // the end of the line before ("while scanning a plain scalar, found a tab" at the end of
+    // line N-1 for a tab that starts line N).
+    if p.message.contains("tab") {
+        for line in [p.line, p.line + 1, p.line.saturating_sub(1)] {
+            if line == 0 {
+                continue;
+            }
+            let Some(line_text) = text.lines().nth(line as usize - 1) else {
+                continue;
+            };
+            let indent: String = line_text
+                .chars()
+                .take_while(|c| *c == ' ' || *c == '\t')
+                .collect();
+            if let Some(i) = indent.find('\t') {
+                p.line = line;
+                p.column = i as u64 + 1;
+                p.message = "tabs are not allowed in YAML indentation; indent with spaces".into();
+                break;
+            }
+        }
+    }
+    p
 }
 
 /// The JSON Schema of the config file, for editors.

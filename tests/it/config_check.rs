@@ -196,7 +196,9 @@ fn env_expansion_reports_unset_variables_and_secrets_are_never_printed() {
     );
     assert_eq!(code, 1);
     assert!(
-        err.contains("cfg.yaml:2:13: environment variable HOOKYARD_TEST_UNSET_VAR is not set"),
+        err.contains(
+            "cfg.yaml:2:13: signing.secrets[0]: environment variable HOOKYARD_TEST_UNSET_VAR is not set"
+        ),
         "{err}"
     );
     let (code, _, err) = check(
@@ -388,4 +390,253 @@ fn breaker_policy_defaults_and_selection() {
         }
     );
     assert_eq!(b.half_open_probes, 2, "shared keys still inherit");
+}
+
+/// Runs `hookyard check` on `yaml` with extra arguments and environment variables; returns
+/// the exit code, stdout and stderr (with the temp path shown as `cfg.yaml`).
+fn check_with(yaml: &str, args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("cfg.yaml");
+    std::fs::write(&path, yaml).unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_hookyard"));
+    cmd.args(["check", "--config"]).arg(&path).args(args);
+    cmd.env_remove("HOOKYARD_SECRET");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().unwrap();
+    let shown =
+        |b: &[u8]| String::from_utf8_lossy(b).replace(&path.display().to_string(), "cfg.yaml");
+    (
+        out.status.code().unwrap_or(-1),
+        shown(&out.stdout),
+        shown(&out.stderr),
+    )
+}
+
+fn check_json(yaml: &str, env: &[(&str, &str)]) -> (i32, serde_json::Value) {
+    let (code, out, err) = check_with(yaml, &["--format", "json"], env);
+    let v = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}\n{err}"));
+    (code, v)
+}
+
+#[test]
+fn every_unknown_key_is_reported_in_one_run() {
+    let (code, _, err) = check(&rules(
+        "  - event_type: a\n    mode: async\n    target: http://h:1/\n    colour: blue\n  - event_type: b\n    mode: async\n    target: http://h:2/\n    shape: round\nweather: fine\n",
+    ));
+    assert_eq!(code, 1);
+    for at in [
+        "cfg.yaml:7:5: unknown field `colour`",
+        "cfg.yaml:11:5: unknown field `shape`",
+        "cfg.yaml:12:1: unknown field `weather`",
+    ] {
+        assert!(err.contains(at), "{at} missing:\n{err}");
+    }
+    assert_eq!(err.matches("error: ").count(), 3, "{err}");
+}
+
+#[test]
+fn near_miss_keys_get_a_did_you_mean() {
+    rejects(
+        &rules("  - event_type: a\n    mode: sync\n    target: http://h:1/\n    timout_ms: 100\n"),
+        "7:5",
+        "unknown field `timout_ms` in routing_rules[0]; did you mean `timeout_ms`?",
+    );
+    rejects(
+        &format!("{HEAD}queues:\n  default:\n    concurrancy: 4\nrouting_rules: []\n"),
+        "5:5",
+        "did you mean `concurrency`?",
+    );
+}
+
+#[test]
+fn type_errors_are_in_plain_words() {
+    let (code, _, err) = check(&rules(
+        "  - event_type: a\n    mode: sync\n    target: http://h:1/\n    timeout_ms: lots\n",
+    ));
+    assert_eq!(code, 1);
+    assert!(
+        err.contains(
+            "cfg.yaml:7:17: routing_rules[0].timeout_ms: expected an integer, got \"lots\""
+        ),
+        "{err}"
+    );
+    assert!(
+        !err.contains("invalid type") && !err.contains("i64"),
+        "{err}"
+    );
+    rejects(
+        &rules("  - event_type: a\n    mode: sync\n    target: http://h:1/\n    timeout_ms: 1.5\n"),
+        "7:17",
+        "routing_rules[0].timeout_ms: expected an integer, got 1.5",
+    );
+    // A type error and an unknown key in the same file are both reported.
+    let (_, _, err) = check(&format!(
+        "{HEAD}hosts:\n  default:\n    shed_at: half\n    max_conections: 3\nrouting_rules:\n  - event_type: a\n    mode: async\n    target: http://h:1/\n"
+    ));
+    assert!(
+        err.contains("cfg.yaml:5:14: hosts.default.shed_at: expected a number, got \"half\""),
+        "{err}"
+    );
+    assert!(
+        err.contains("cfg.yaml:6:5: unknown field `max_conections`"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_missing_target_points_at_the_rules_first_line() {
+    rejects(
+        &rules("  - event_type: a\n    mode: async\n  - event_type: b\n    mode: async\n    target: http://h:1/\n"),
+        "4:5",
+        "routing_rules[0]: missing required key `target`",
+    );
+}
+
+#[test]
+fn a_tab_points_at_the_line_that_holds_it() {
+    let yaml = rules("  - event_type: a\n    mode: async\n\ttarget: http://h:1/\n");
+    let (code, _, err) = check(&yaml);
+    assert_eq!(code, 1);
+    assert!(err.contains("cfg.yaml:6:1: tabs are not allowed"), "{err}");
+    assert!(err.contains("6 | \ttarget"), "{err}");
+}
+
+#[test]
+fn json_format_reports_errors_and_rules() {
+    let (code, v) = check_json(
+        &rules("  - event_type: a\n    mode: async\n    target: http://h:1/\n    colour: blue\n"),
+        &[],
+    );
+    assert_eq!(code, 1);
+    assert_eq!(v["ok"], false);
+    assert_eq!(v["rules"], serde_json::json!([]));
+    let e = &v["errors"][0];
+    assert_eq!(e["file"], "cfg.yaml");
+    assert_eq!(
+        (e["line"].as_u64(), e["column"].as_u64()),
+        (Some(7), Some(5))
+    );
+    assert_eq!(e["key"], "routing_rules[0].colour");
+    assert!(e["message"]
+        .as_str()
+        .unwrap()
+        .contains("unknown field `colour`"));
+    assert_eq!(e["snippet"], "    colour: blue");
+
+    let (code, v) = check_json(
+        &rules("  - event_type: a.b\n    mode: sync\n    target: http://h:1/\n    timeout_ms: 250\n    fallback: async_dlq\n"),
+        &[],
+    );
+    assert_eq!(code, 0, "{v}");
+    assert_eq!(v["ok"], true);
+    assert_eq!(v["errors"], serde_json::json!([]));
+    let r = &v["rules"][0];
+    assert_eq!(r["event_type"], "a.b");
+    assert_eq!(r["mode"], "sync");
+    assert_eq!(r["target_host"], "h:1");
+    assert_eq!(r["timeout_ms"], 250);
+    assert_eq!(r["fallback"], "async_dlq");
+    assert_eq!(r["queue"], "default");
+}
+
+#[test]
+fn variables_expand_in_every_scalar_including_numbers() {
+    let yaml = rules(
+        "  - event_type: a\n    mode: ${HOOKYARD_TEST_MODE:-sync}\n    target: http://h:1/\n    timeout_ms: ${HOOKYARD_TEST_T:-1500}\n    queue: ${Q:-prof}\n  - event_type: b\n    mode: async\n    target: http://h:2/\n    queue: \"$${literal}\"\n",
+    );
+    let (code, v) = check_json(&yaml, &[]);
+    assert_eq!(code, 0, "{v}");
+    assert_eq!(v["rules"][0]["queue"], "prof");
+    assert_eq!(v["rules"][0]["timeout_ms"], 1500);
+    assert_eq!(v["rules"][0]["mode"], "sync");
+    assert_eq!(
+        v["rules"][1]["queue"], "${literal}",
+        "$${{ writes a literal ${{"
+    );
+    let (code, v) = check_json(&yaml, &[("HOOKYARD_TEST_T", "250"), ("Q", "fast")]);
+    assert_eq!(code, 0, "{v}");
+    assert_eq!(v["rules"][0]["queue"], "fast");
+    assert_eq!(v["rules"][0]["timeout_ms"], 250);
+}
+
+#[test]
+fn an_unset_variable_in_a_number_is_an_error_naming_the_key() {
+    let (code, _, err) = check(&rules(
+        "  - event_type: a\n    mode: sync\n    target: http://h:1/\n    timeout_ms: ${HOOKYARD_TEST_UNSET_T}\n",
+    ));
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("cfg.yaml:7:17: routing_rules[0].timeout_ms: environment variable HOOKYARD_TEST_UNSET_T is not set"),
+        "{err}"
+    );
+    assert!(
+        err.contains("7 |     timeout_ms: ${HOOKYARD_TEST_UNSET_T}"),
+        "{err}"
+    );
+    // Reported once (not again as a type error), and alongside the file's other mistakes.
+    assert_eq!(err.matches("error: ").count(), 1, "{err}");
+    let (_, _, err) = check(&rules(
+        "  - event_type: a\n    mode: async\n    target: http://h:1/\n    queue: ${HOOKYARD_TEST_UNSET_Q}\n    colour: blue\n",
+    ));
+    assert!(err.contains("cfg.yaml:7:12: routing_rules[0].queue: environment variable HOOKYARD_TEST_UNSET_Q is not set"), "{err}");
+    assert!(
+        err.contains("cfg.yaml:8:5: unknown field `colour`"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_secret_expanded_into_a_bad_number_never_appears_in_the_error() {
+    const SECRET: &str = "hunter2-9f1c-secret";
+    let yaml = rules(
+        "  - event_type: a\n    mode: sync\n    target: http://h:1/\n    timeout_ms: ${HOOKYARD_TEST_SECRET}\n",
+    );
+    let (code, out, err) = check_with(&yaml, &[], &[("HOOKYARD_TEST_SECRET", SECRET)]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("cfg.yaml:7:17: routing_rules[0].timeout_ms: expected an integer"),
+        "{err}"
+    );
+    assert!(
+        err.contains("${HOOKYARD_TEST_SECRET}"),
+        "names the reference: {err}"
+    );
+    assert!(
+        !out.contains(SECRET) && !err.contains(SECRET),
+        "secret echoed: {err}"
+    );
+    let (_, v) = check_json(&yaml, &[("HOOKYARD_TEST_SECRET", SECRET)]);
+    assert!(!v.to_string().contains(SECRET), "secret echoed: {v}");
+
+    // A number that parses but is out of range: the message names the reference, not the digits.
+    let (code, _, err) = check_with(&yaml, &[], &[("HOOKYARD_TEST_SECRET", "987654321")]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("timeout_ms must be at most 300000, got ${HOOKYARD_TEST_SECRET}"),
+        "{err}"
+    );
+    assert!(!err.contains("987654321"), "{err}");
+}
+
+#[test]
+fn a_variable_in_a_key_is_an_error_not_a_silent_literal() {
+    rejects(
+        &format!("{HEAD}hosts:\n  \"${{API_HOST}}:443\":\n    max_connections: 3\nrouting_rules:\n  - event_type: a\n    mode: async\n    target: http://h:1/\n"),
+        "4:3",
+        "hosts.${API_HOST}:443: ${VAR} is not expanded in keys",
+    );
+}
+
+#[test]
+fn the_file_text_quoted_in_a_message_keeps_its_default_intact() {
+    let (code, _, err) = check(&format!(
+        "{HEAD}store:\n  fsync: ${{HOOKYARD_TEST_F:-nope}}\nrouting_rules:\n  - event_type: a\n    mode: async\n    target: http://h:1/\n"
+    ));
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("cfg.yaml:4:10: store.fsync: expected true or false, got a string from `${HOOKYARD_TEST_F:-nope}`"),
+        "{err}"
+    );
 }
