@@ -231,6 +231,9 @@ enum DlqAction {
         /// Replay every dead letter that matches the filters (all of them without one).
         #[arg(long)]
         all: bool,
+        /// Count what would be replayed; replay nothing.
+        #[arg(long)]
+        dry_run: bool,
         #[command(flatten)]
         filter: DlqFilterArgs,
     },
@@ -334,9 +337,12 @@ async fn run(command: Command) -> Result<(), CliError> {
                 cursor,
                 json,
             } => cli::dlq_list(&admin.client(), &filter.into(), limit, cursor, json).await,
-            DlqAction::Replay { ids, all, filter } => {
-                cli::dlq_replay(&admin.client(), ids, all, &filter.into()).await
-            }
+            DlqAction::Replay {
+                ids,
+                all,
+                dry_run,
+                filter,
+            } => cli::dlq_replay(&admin.client(), ids, all, &filter.into(), dry_run).await,
         },
         Command::Fallbacks {
             admin,

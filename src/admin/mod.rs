@@ -23,6 +23,10 @@ use crate::httpserver::{json, BodyBudget, Handler};
 use crate::queue::DlqFilter;
 use crate::reload::Reloader;
 
+pub mod jobs;
+
+use jobs::{Jobs, Selection};
+
 /// Largest admin request body (bulk replay filters and id lists).
 const MAX_ADMIN_BODY: usize = 1024 * 1024;
 /// Default and largest page size of list endpoints.
@@ -36,6 +40,8 @@ pub struct Admin {
     metrics: PrometheusHandle,
     /// The ingress body budget, read at scrape time.
     body_budget: Arc<BodyBudget>,
+    /// Bulk replays running in the background, and recently finished ones.
+    jobs: Arc<Jobs>,
 }
 
 impl Admin {
@@ -51,6 +57,7 @@ impl Admin {
             reloader,
             metrics,
             body_budget,
+            jobs: Arc::default(),
         })
     }
 }
@@ -247,6 +254,13 @@ impl Admin {
             },
             (&Method::GET, ["v1", "dlq"]) => self.list_dlq(&request).await,
             (&Method::POST, ["v1", "dlq", "replay"]) => self.bulk_replay(request, deadline).await,
+            (&Method::GET, ["v1", "jobs", id]) => match self.jobs.get(id) {
+                Some(job) => ok(json!(job)),
+                None => not_found(format!(
+                    "no job {id} (finished jobs are kept for {} at most)",
+                    humantime::format_duration(jobs::KEEP_FINISHED_FOR)
+                )),
+            },
             (&Method::POST, ["v1", "dlq", id, "replay"]) => {
                 let id = id.to_string();
                 match self
@@ -272,7 +286,7 @@ impl Admin {
             }
             (_, ["metrics" | "healthz" | "readyz"])
             | (_, ["v1", "config" | "circuits" | "fallbacks" | "dlq"])
-            | (_, ["v1", "events", _]) => method_not_allowed("GET"),
+            | (_, ["v1", "events" | "jobs", _]) => method_not_allowed("GET"),
             (
                 _,
                 ["v1", "config", "reload"]
@@ -366,6 +380,13 @@ impl Admin {
         request: Request<Incoming>,
         deadline: Instant,
     ) -> Response<Full<Bytes>> {
+        let dry_run = match query(&request).get("dry_run").map(String::as_str) {
+            None | Some("false") => false,
+            Some("true" | "") => true,
+            Some(other) => {
+                return bad_request(format!("dry_run must be true or false, not {other:?}"))
+            }
+        };
         let body = Limited::new(request.into_body(), MAX_ADMIN_BODY).collect();
         let body = match tokio::time::timeout_at(deadline, body).await {
             Ok(Ok(b)) => b.to_bytes(),
@@ -390,13 +411,16 @@ impl Admin {
                 Err(e) => return bad_request(format!("invalid JSON: {e}")),
             }
         };
-        let store = self.dispatcher.store();
-        let now = now_ms();
-        let result = if let Some(ids) = req.ids {
-            store
-                .replay(ids, now)
-                .await
-                .map(|ids| json!({"replayed": ids.len(), "ids": ids}))
+        let selection = if let Some(ids) = req.ids {
+            let filtered = req.event_type.is_some()
+                || req.queue.is_some()
+                || req.since.is_some()
+                || req.until.is_some()
+                || req.all.is_some();
+            if filtered {
+                return bad_request("give ids or a filter (or \"all\": true), not both");
+            }
+            Selection::Ids(ids)
         } else {
             let parse = |v: &Option<String>| v.as_deref().map(parse_time).transpose();
             let filter = match (parse(&req.since), parse(&req.until)) {
@@ -417,17 +441,34 @@ impl Admin {
                     "give ids, a filter (event_type, queue, since, until), or \"all\": true",
                 );
             }
-            store
-                .replay_matching(filter, now)
-                .await
-                .map(|n| json!({"replayed": n}))
+            Selection::Filter(filter)
         };
-        match result {
-            Ok(v) => {
-                self.dispatcher.enqueued.notify_waiters();
-                ok(v)
+        match self
+            .jobs
+            .start_replay(self.dispatcher.clone(), selection, dry_run)
+        {
+            Ok(id) => {
+                let location = format!("/v1/jobs/{id}");
+                let mut r = json(
+                    StatusCode::ACCEPTED,
+                    &json!({"job_id": id, "state": "running", "dry_run": dry_run, "location": location}),
+                );
+                if let Ok(v) = http::HeaderValue::from_str(&location) {
+                    r.headers_mut().insert(http::header::LOCATION, v);
+                }
+                r
             }
-            Err(e) => store_error(e),
+            Err(jobs::TooManyJobs) => {
+                let mut r = json(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    &json!({"error": "too_many_jobs", "reason": format!("{} replay jobs are running already; wait for one to finish", jobs::MAX_RUNNING)}),
+                );
+                r.headers_mut().insert(
+                    http::header::RETRY_AFTER,
+                    http::HeaderValue::from_static("5"),
+                );
+                r
+            }
         }
     }
 

@@ -12,6 +12,7 @@ mod config_check;
 mod crash;
 mod deploy;
 mod edge;
+mod jobs;
 mod redis;
 mod reload;
 mod secrets;
