@@ -79,6 +79,8 @@ enum Command {
     },
     /// Print the JSON Schema of the config file (for editors).
     Schema,
+    /// Print the OpenAPI 3.1 document of the ingress and admin APIs (as shipped in openapi.json).
+    Openapi,
     /// Print a shell completion script, e.g. `hookyard completions bash > /etc/bash_completion.d/hookyard`.
     Completions {
         /// The shell to complete in.
@@ -292,6 +294,7 @@ async fn run(command: Command) -> Result<(), CliError> {
             "{}\n",
             serde_json::to_string_pretty(&hookyard::config::json_schema()).unwrap_or_default()
         )),
+        Command::Openapi => cli::print(&hookyard::admin::openapi::document_json()),
         Command::Completions { shell } => {
             let mut script = Vec::new();
             clap_complete::generate(shell, &mut Args::command(), "hookyard", &mut script);

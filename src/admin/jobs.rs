@@ -39,7 +39,7 @@ pub enum Selection {
 }
 
 /// Lifecycle of a job.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum JobState {
     Running,
@@ -50,7 +50,7 @@ pub enum JobState {
 }
 
 /// How far a replay job got.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, utoipa::ToSchema)]
 pub struct Progress {
     /// Selected: the ids given, or the dead letters the filter matched when the job started
     /// (counted first, before anything is replayed).
@@ -65,7 +65,7 @@ pub struct Progress {
 }
 
 /// Counters besides the progress.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, utoipa::ToSchema)]
 pub struct Counts {
     /// Store calls that replayed (or, in a dry run, counted) a batch.
     pub batches: u64,
@@ -75,7 +75,7 @@ pub struct Counts {
 }
 
 /// A bulk replay, as `GET /v1/jobs/{id}` shows it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct ReplayJob {
     /// `job_<ulid>`.
     pub id: String,

@@ -24,6 +24,7 @@ use crate::queue::DlqFilter;
 use crate::reload::Reloader;
 
 pub mod jobs;
+pub mod openapi;
 
 use jobs::{Jobs, Selection};
 
@@ -170,13 +171,16 @@ fn page_limit(q: &HashMap<String, String>) -> Result<usize, String> {
 }
 
 /// Body of `POST /v1/dlq/replay`: explicit ids, or a filter.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct BulkReplay {
+    /// Replay these event ids (not with a filter).
     ids: Option<Vec<String>>,
     event_type: Option<String>,
     queue: Option<String>,
+    /// Dead-lettered at or after (RFC 3339 or unix ms).
     since: Option<String>,
+    /// Dead-lettered before (RFC 3339 or unix ms).
     until: Option<String>,
     /// Must be true to replay every dead letter with no filter at all.
     all: Option<bool>,
@@ -222,46 +226,126 @@ impl Handler for Admin {
     }
 }
 
+/// Every admin endpoint. [`Endpoint::of`] is the route table; `openapi.rs` documents each
+/// variant (an exhaustive match there), so a route cannot be served without being documented.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    Metrics,
+    Healthz,
+    Readyz,
+    Config,
+    Reload,
+    Event,
+    ListDlq,
+    BulkReplay,
+    ReplayOne,
+    Job,
+    Fallbacks,
+    Circuits,
+    EnableTargets,
+}
+
+impl Endpoint {
+    /// Every endpoint (a test checks none is missing).
+    pub const ALL: [Endpoint; 13] = [
+        Endpoint::Metrics,
+        Endpoint::Healthz,
+        Endpoint::Readyz,
+        Endpoint::Config,
+        Endpoint::Reload,
+        Endpoint::Event,
+        Endpoint::ListDlq,
+        Endpoint::BulkReplay,
+        Endpoint::ReplayOne,
+        Endpoint::Job,
+        Endpoint::Fallbacks,
+        Endpoint::Circuits,
+        Endpoint::EnableTargets,
+    ];
+
+    /// The endpoint served at a path (split on `/`), and its one path parameter if it has one.
+    /// Each path is served by one method; others get 405.
+    pub fn of<'a>(segments: &[&'a str]) -> Option<(Endpoint, Option<&'a str>)> {
+        Some(match segments {
+            ["metrics"] => (Endpoint::Metrics, None),
+            ["healthz"] => (Endpoint::Healthz, None),
+            ["readyz"] => (Endpoint::Readyz, None),
+            ["v1", "config"] => (Endpoint::Config, None),
+            ["v1", "config", "reload"] => (Endpoint::Reload, None),
+            ["v1", "events", id] => (Endpoint::Event, Some(*id)),
+            ["v1", "dlq"] => (Endpoint::ListDlq, None),
+            ["v1", "dlq", "replay"] => (Endpoint::BulkReplay, None),
+            ["v1", "dlq", id, "replay"] => (Endpoint::ReplayOne, Some(*id)),
+            ["v1", "jobs", id] => (Endpoint::Job, Some(*id)),
+            ["v1", "fallbacks"] => (Endpoint::Fallbacks, None),
+            ["v1", "circuits"] => (Endpoint::Circuits, None),
+            ["v1", "targets", "enable"] => (Endpoint::EnableTargets, None),
+            _ => return None,
+        })
+    }
+
+    /// The method that serves it.
+    pub fn method(self) -> Method {
+        match self {
+            Endpoint::Reload
+            | Endpoint::BulkReplay
+            | Endpoint::ReplayOne
+            | Endpoint::EnableTargets => Method::POST,
+            Endpoint::Metrics
+            | Endpoint::Healthz
+            | Endpoint::Readyz
+            | Endpoint::Config
+            | Endpoint::Event
+            | Endpoint::ListDlq
+            | Endpoint::Job
+            | Endpoint::Fallbacks
+            | Endpoint::Circuits => Method::GET,
+        }
+    }
+}
+
 impl Admin {
     async fn route(&self, request: Request<Incoming>, deadline: Instant) -> Response<Full<Bytes>> {
         let path = request.uri().path().to_string();
         let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
         let method = request.method().clone();
-        match (&method, segments.as_slice()) {
-            (&Method::GET, ["metrics"]) => self.metrics().await,
-            (&Method::GET, ["healthz"]) => ok(json!({"status": "ok"})),
-            (&Method::GET, ["readyz"]) => match self.dispatcher.store().ping().await {
+        let Some((endpoint, param)) = Endpoint::of(&segments) else {
+            return not_found(format!("no admin endpoint {method} {path}"));
+        };
+        if method != endpoint.method() {
+            return method_not_allowed(if endpoint.method() == Method::POST {
+                "POST"
+            } else {
+                "GET"
+            });
+        }
+        let id = param.unwrap_or_default();
+        match endpoint {
+            Endpoint::Metrics => self.metrics().await,
+            Endpoint::Healthz => ok(json!({"status": "ok"})),
+            Endpoint::Readyz => match self.dispatcher.store().ping().await {
                 Ok(()) => ok(json!({"status": "ready"})),
                 Err(e) => json(
                     StatusCode::SERVICE_UNAVAILABLE,
                     &json!({"status": "not_ready", "reason": e.to_string()}),
                 ),
             },
-            (&Method::GET, ["v1", "config"]) => self.config(),
-            (&Method::POST, ["v1", "config", "reload"]) => {
-                match self.reloader.reload("api").await {
-                    Ok(report) => ok(json!({"result": "ok", "report": report})),
-                    Err(e) => json(
-                        StatusCode::UNPROCESSABLE_ENTITY,
-                        &json!({"result": "error", "error": e.summary(), "problems": e.problems}),
-                    ),
-                }
-            }
-            (&Method::GET, ["v1", "events", id]) => match self.dispatcher.store().event(id).await {
+            Endpoint::Config => self.config(),
+            Endpoint::Reload => match self.reloader.reload("api").await {
+                Ok(report) => ok(json!({"result": "ok", "report": report})),
+                Err(e) => json(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    &json!({"result": "error", "error": e.summary(), "problems": e.problems}),
+                ),
+            },
+            Endpoint::Event => match self.dispatcher.store().event(id).await {
                 Ok(Some(record)) => ok(json!(record)),
                 Ok(None) => not_found(format!("no event {id}")),
                 Err(e) => store_error(e),
             },
-            (&Method::GET, ["v1", "dlq"]) => self.list_dlq(&request).await,
-            (&Method::POST, ["v1", "dlq", "replay"]) => self.bulk_replay(request, deadline).await,
-            (&Method::GET, ["v1", "jobs", id]) => match self.jobs.get(id) {
-                Some(job) => ok(json!(job)),
-                None => not_found(format!(
-                    "no job {id} (finished jobs are kept for {} at most)",
-                    humantime::format_duration(jobs::KEEP_FINISHED_FOR)
-                )),
-            },
-            (&Method::POST, ["v1", "dlq", id, "replay"]) => {
+            Endpoint::ListDlq => self.list_dlq(&request).await,
+            Endpoint::BulkReplay => self.bulk_replay(request, deadline).await,
+            Endpoint::ReplayOne => {
                 let id = id.to_string();
                 match self
                     .dispatcher
@@ -279,22 +363,16 @@ impl Admin {
                     Err(e) => store_error(e),
                 }
             }
-            (&Method::GET, ["v1", "fallbacks"]) => self.fallbacks(&request).await,
-            (&Method::GET, ["v1", "circuits"]) => self.circuits(),
-            (&Method::POST, ["v1", "targets", "enable"]) => {
-                ok(json!({"enabled": self.dispatcher.enable_all()}))
-            }
-            (_, ["metrics" | "healthz" | "readyz"])
-            | (_, ["v1", "config" | "circuits" | "fallbacks" | "dlq"])
-            | (_, ["v1", "events" | "jobs", _]) => method_not_allowed("GET"),
-            (
-                _,
-                ["v1", "config", "reload"]
-                | ["v1", "dlq", "replay"]
-                | ["v1", "dlq", _, "replay"]
-                | ["v1", "targets", "enable"],
-            ) => method_not_allowed("POST"),
-            _ => not_found(format!("no admin endpoint {method} {path}")),
+            Endpoint::Job => match self.jobs.get(id) {
+                Some(job) => ok(json!(job)),
+                None => not_found(format!(
+                    "no job {id} (finished jobs are kept for {} at most)",
+                    humantime::format_duration(jobs::KEEP_FINISHED_FOR)
+                )),
+            },
+            Endpoint::Fallbacks => self.fallbacks(&request).await,
+            Endpoint::Circuits => self.circuits(),
+            Endpoint::EnableTargets => ok(json!({"enabled": self.dispatcher.enable_all()})),
         }
     }
 

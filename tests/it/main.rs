@@ -13,6 +13,7 @@ mod crash;
 mod deploy;
 mod edge;
 mod jobs;
+mod openapi;
 mod redis;
 mod reload;
 mod secrets;
