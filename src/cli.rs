@@ -425,12 +425,22 @@ pub async fn dlq_list(
     }
 }
 
+/// How often `hookyard dlq replay` asks how its job is doing.
+const POLL_EVERY: Duration = Duration::from_millis(250);
+/// Failed polls in a row before `hookyard dlq replay` gives up watching (the job goes on).
+const POLL_FAILURES: u32 = 5;
+
 /// `hookyard dlq replay`: the given ids, or with `all` every dead letter the selection matches.
+///
+/// The sidecar replays in a background job; this starts it and polls `GET /v1/jobs/{id}`
+/// until it ends, so a replay of any size finishes without a request timing out. Progress goes
+/// to stderr: a bar on a terminal, otherwise a line now and then.
 pub async fn dlq_replay(
     client: &AdminClient,
     ids: Vec<String>,
     all: bool,
     selection: &DlqSelection,
+    dry_run: bool,
 ) -> Result<(), CliError> {
     let body = match (all, selection.is_empty()) {
         (true, true) => serde_json::json!({"all": true}),
@@ -450,19 +460,42 @@ pub async fn dlq_replay(
             ))
         }
     };
-    let result = client
-        .call(http::Method::POST, "/v1/dlq/replay", Some(body))
-        .await?;
-    print(&format!("replayed {}\n", result["replayed"]))?;
-    let replayed: Vec<&str> = result["ids"]
+    let path = if dry_run {
+        "/v1/dlq/replay?dry_run=true"
+    } else {
+        "/v1/dlq/replay"
+    };
+    let started = client.call(http::Method::POST, path, Some(body)).await?;
+    let job_id = started["job_id"]
+        .as_str()
+        .ok_or_else(|| CliError::Admin(format!("the sidecar started no job: {started}")))?
+        .to_string();
+    let job = watch_job(client, &job_id).await?;
+    let progress = &job["progress"];
+    if job["state"] != "done" {
+        let errors: Vec<&str> = job["errors"]
+            .as_array()
+            .map(|a| a.iter().filter_map(Value::as_str).collect())
+            .unwrap_or_default();
+        return Err(CliError::Admin(format!(
+            "replay job {job_id} failed after replaying {} of {}: {}",
+            progress["replayed"],
+            progress["matched"],
+            errors.last().copied().unwrap_or("no reason given")
+        )));
+    }
+    if dry_run {
+        print(&format!(
+            "would replay {}\n",
+            job["counts"]["would_replay"].as_u64().unwrap_or(0)
+        ))?;
+    } else {
+        print(&format!("replayed {}\n", progress["replayed"]))?;
+    }
+    let missing: Vec<&str> = job["missing_ids"]
         .as_array()
         .map(|a| a.iter().filter_map(Value::as_str).collect())
         .unwrap_or_default();
-    let missing: Vec<&str> = ids
-        .iter()
-        .map(String::as_str)
-        .filter(|id| !replayed.contains(id))
-        .collect();
     if missing.is_empty() {
         Ok(())
     } else {
@@ -470,6 +503,81 @@ pub async fn dlq_replay(
             "not in the dead-letter queue: {}",
             missing.join(", ")
         )))
+    }
+}
+
+/// Polls a job until it is no longer running, showing its progress on stderr; returns its
+/// last state.
+async fn watch_job(client: &AdminClient, job_id: &str) -> Result<Value, CliError> {
+    use std::io::IsTerminal;
+    let path = format!("/v1/jobs/{job_id}");
+    let bar = std::io::stderr().is_terminal().then(|| {
+        let bar = indicatif::ProgressBar::new(0);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{spinner} {msg} [{bar:40}] {pos}/{len} ({per_sec}, eta {eta})",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> "),
+        );
+        bar
+    });
+    let mut failures = 0;
+    let mut last_line = (tokio::time::Instant::now(), None::<(u64, u64)>);
+    loop {
+        let job = match client.call(http::Method::GET, &path, None).await {
+            Ok(job) => {
+                failures = 0;
+                job
+            }
+            Err(e) => {
+                failures += 1;
+                if failures >= POLL_FAILURES {
+                    if let Some(bar) = &bar {
+                        bar.abandon();
+                    }
+                    return Err(CliError::Admin(format!(
+                        "lost track of replay job {job_id} (it goes on in the sidecar; GET {path}): {e}"
+                    )));
+                }
+                tokio::time::sleep(POLL_EVERY * 4).await;
+                continue;
+            }
+        };
+        let p = &job["progress"];
+        let matched = p["matched"].as_u64().unwrap_or(0);
+        let done = matched.saturating_sub(p["remaining"].as_u64().unwrap_or(0));
+        let running = job["state"] == "running";
+        match &bar {
+            Some(bar) => {
+                bar.set_message(if job["dry_run"] == true {
+                    "counting"
+                } else {
+                    "replaying"
+                });
+                bar.set_length(matched);
+                bar.set_position(done);
+                if !running {
+                    bar.finish_and_clear();
+                }
+            }
+            None => {
+                // Plain lines for logs and pipes: when something moved, at most every 2 s.
+                let now = tokio::time::Instant::now();
+                let due = now.duration_since(last_line.0) >= Duration::from_secs(2);
+                if (due || !running) && last_line.1 != Some((done, matched)) {
+                    eprintln!(
+                        "replay job {job_id}: {done}/{matched} done ({} replayed, {} skipped)",
+                        p["replayed"], p["skipped"]
+                    );
+                    last_line = (now, Some((done, matched)));
+                }
+            }
+        }
+        if !running {
+            return Ok(job);
+        }
+        tokio::time::sleep(POLL_EVERY).await;
     }
 }
 

@@ -90,6 +90,8 @@ enum Command {
     },
     /// Print the JSON Schema of the config file (for editors).
     Schema,
+    /// Print the OpenAPI 3.1 document of the ingress and admin APIs (as shipped in openapi.json).
+    Openapi,
     /// Print a shell completion script, e.g. `hookyard completions bash > /etc/bash_completion.d/hookyard`.
     Completions {
         /// The shell to complete in.
@@ -242,6 +244,9 @@ enum DlqAction {
         /// Replay every dead letter that matches the filters (all of them without one).
         #[arg(long)]
         all: bool,
+        /// Count what would be replayed; replay nothing.
+        #[arg(long)]
+        dry_run: bool,
         #[command(flatten)]
         filter: DlqFilterArgs,
     },
@@ -312,6 +317,7 @@ async fn run(command: Command) -> Result<(), CliError> {
             "{}\n",
             serde_json::to_string_pretty(&hookyard::config::json_schema()).unwrap_or_default()
         )),
+        Command::Openapi => cli::print(&hookyard::admin::openapi::document_json()),
         Command::Completions { shell } => {
             let mut script = Vec::new();
             clap_complete::generate(shell, &mut Args::command(), "hookyard", &mut script);
@@ -357,9 +363,12 @@ async fn run(command: Command) -> Result<(), CliError> {
                 cursor,
                 json,
             } => cli::dlq_list(&admin.client(), &filter.into(), limit, cursor, json).await,
-            DlqAction::Replay { ids, all, filter } => {
-                cli::dlq_replay(&admin.client(), ids, all, &filter.into()).await
-            }
+            DlqAction::Replay {
+                ids,
+                all,
+                dry_run,
+                filter,
+            } => cli::dlq_replay(&admin.client(), ids, all, &filter.into(), dry_run).await,
         },
         Command::Fallbacks {
             admin,

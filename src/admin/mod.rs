@@ -23,6 +23,11 @@ use crate::httpserver::{json, BodyBudget, Handler};
 use crate::queue::DlqFilter;
 use crate::reload::Reloader;
 
+pub mod jobs;
+pub mod openapi;
+
+use jobs::{Jobs, Selection};
+
 /// Largest admin request body (bulk replay filters and id lists).
 const MAX_ADMIN_BODY: usize = 1024 * 1024;
 /// Default and largest page size of list endpoints.
@@ -36,6 +41,8 @@ pub struct Admin {
     metrics: PrometheusHandle,
     /// The ingress body budget, read at scrape time.
     body_budget: Arc<BodyBudget>,
+    /// Bulk replays running in the background, and recently finished ones.
+    jobs: Arc<Jobs>,
 }
 
 impl Admin {
@@ -51,6 +58,7 @@ impl Admin {
             reloader,
             metrics,
             body_budget,
+            jobs: Arc::default(),
         })
     }
 }
@@ -163,13 +171,16 @@ fn page_limit(q: &HashMap<String, String>) -> Result<usize, String> {
 }
 
 /// Body of `POST /v1/dlq/replay`: explicit ids, or a filter.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct BulkReplay {
+    /// Replay these event ids (not with a filter).
     ids: Option<Vec<String>>,
     event_type: Option<String>,
     queue: Option<String>,
+    /// Dead-lettered at or after (RFC 3339 or unix ms).
     since: Option<String>,
+    /// Dead-lettered before (RFC 3339 or unix ms).
     until: Option<String>,
     /// Must be true to replay every dead letter with no filter at all.
     all: Option<bool>,
@@ -215,39 +226,126 @@ impl Handler for Admin {
     }
 }
 
+/// Every admin endpoint. [`Endpoint::of`] is the route table; `openapi.rs` documents each
+/// variant (an exhaustive match there), so a route cannot be served without being documented.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    Metrics,
+    Healthz,
+    Readyz,
+    Config,
+    Reload,
+    Event,
+    ListDlq,
+    BulkReplay,
+    ReplayOne,
+    Job,
+    Fallbacks,
+    Circuits,
+    EnableTargets,
+}
+
+impl Endpoint {
+    /// Every endpoint (a test checks none is missing).
+    pub const ALL: [Endpoint; 13] = [
+        Endpoint::Metrics,
+        Endpoint::Healthz,
+        Endpoint::Readyz,
+        Endpoint::Config,
+        Endpoint::Reload,
+        Endpoint::Event,
+        Endpoint::ListDlq,
+        Endpoint::BulkReplay,
+        Endpoint::ReplayOne,
+        Endpoint::Job,
+        Endpoint::Fallbacks,
+        Endpoint::Circuits,
+        Endpoint::EnableTargets,
+    ];
+
+    /// The endpoint served at a path (split on `/`), and its one path parameter if it has one.
+    /// Each path is served by one method; others get 405.
+    pub fn of<'a>(segments: &[&'a str]) -> Option<(Endpoint, Option<&'a str>)> {
+        Some(match segments {
+            ["metrics"] => (Endpoint::Metrics, None),
+            ["healthz"] => (Endpoint::Healthz, None),
+            ["readyz"] => (Endpoint::Readyz, None),
+            ["v1", "config"] => (Endpoint::Config, None),
+            ["v1", "config", "reload"] => (Endpoint::Reload, None),
+            ["v1", "events", id] => (Endpoint::Event, Some(*id)),
+            ["v1", "dlq"] => (Endpoint::ListDlq, None),
+            ["v1", "dlq", "replay"] => (Endpoint::BulkReplay, None),
+            ["v1", "dlq", id, "replay"] => (Endpoint::ReplayOne, Some(*id)),
+            ["v1", "jobs", id] => (Endpoint::Job, Some(*id)),
+            ["v1", "fallbacks"] => (Endpoint::Fallbacks, None),
+            ["v1", "circuits"] => (Endpoint::Circuits, None),
+            ["v1", "targets", "enable"] => (Endpoint::EnableTargets, None),
+            _ => return None,
+        })
+    }
+
+    /// The method that serves it.
+    pub fn method(self) -> Method {
+        match self {
+            Endpoint::Reload
+            | Endpoint::BulkReplay
+            | Endpoint::ReplayOne
+            | Endpoint::EnableTargets => Method::POST,
+            Endpoint::Metrics
+            | Endpoint::Healthz
+            | Endpoint::Readyz
+            | Endpoint::Config
+            | Endpoint::Event
+            | Endpoint::ListDlq
+            | Endpoint::Job
+            | Endpoint::Fallbacks
+            | Endpoint::Circuits => Method::GET,
+        }
+    }
+}
+
 impl Admin {
     async fn route(&self, request: Request<Incoming>, deadline: Instant) -> Response<Full<Bytes>> {
         let path = request.uri().path().to_string();
         let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
         let method = request.method().clone();
-        match (&method, segments.as_slice()) {
-            (&Method::GET, ["metrics"]) => self.metrics().await,
-            (&Method::GET, ["healthz"]) => ok(json!({"status": "ok"})),
-            (&Method::GET, ["readyz"]) => match self.dispatcher.store().ping().await {
+        let Some((endpoint, param)) = Endpoint::of(&segments) else {
+            return not_found(format!("no admin endpoint {method} {path}"));
+        };
+        if method != endpoint.method() {
+            return method_not_allowed(if endpoint.method() == Method::POST {
+                "POST"
+            } else {
+                "GET"
+            });
+        }
+        let id = param.unwrap_or_default();
+        match endpoint {
+            Endpoint::Metrics => self.metrics().await,
+            Endpoint::Healthz => ok(json!({"status": "ok"})),
+            Endpoint::Readyz => match self.dispatcher.store().ping().await {
                 Ok(()) => ok(json!({"status": "ready"})),
                 Err(e) => json(
                     StatusCode::SERVICE_UNAVAILABLE,
                     &json!({"status": "not_ready", "reason": e.to_string()}),
                 ),
             },
-            (&Method::GET, ["v1", "config"]) => self.config(),
-            (&Method::POST, ["v1", "config", "reload"]) => {
-                match self.reloader.reload("api").await {
-                    Ok(report) => ok(json!({"result": "ok", "report": report})),
-                    Err(e) => json(
-                        StatusCode::UNPROCESSABLE_ENTITY,
-                        &json!({"result": "error", "error": e.summary(), "problems": e.problems}),
-                    ),
-                }
-            }
-            (&Method::GET, ["v1", "events", id]) => match self.dispatcher.store().event(id).await {
+            Endpoint::Config => self.config(),
+            Endpoint::Reload => match self.reloader.reload("api").await {
+                Ok(report) => ok(json!({"result": "ok", "report": report})),
+                Err(e) => json(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    &json!({"result": "error", "error": e.summary(), "problems": e.problems}),
+                ),
+            },
+            Endpoint::Event => match self.dispatcher.store().event(id).await {
                 Ok(Some(record)) => ok(json!(record)),
                 Ok(None) => not_found(format!("no event {id}")),
                 Err(e) => store_error(e),
             },
-            (&Method::GET, ["v1", "dlq"]) => self.list_dlq(&request).await,
-            (&Method::POST, ["v1", "dlq", "replay"]) => self.bulk_replay(request, deadline).await,
-            (&Method::POST, ["v1", "dlq", id, "replay"]) => {
+            Endpoint::ListDlq => self.list_dlq(&request).await,
+            Endpoint::BulkReplay => self.bulk_replay(request, deadline).await,
+            Endpoint::ReplayOne => {
                 let id = id.to_string();
                 match self
                     .dispatcher
@@ -265,22 +363,16 @@ impl Admin {
                     Err(e) => store_error(e),
                 }
             }
-            (&Method::GET, ["v1", "fallbacks"]) => self.fallbacks(&request).await,
-            (&Method::GET, ["v1", "circuits"]) => self.circuits(),
-            (&Method::POST, ["v1", "targets", "enable"]) => {
-                ok(json!({"enabled": self.dispatcher.enable_all()}))
-            }
-            (_, ["metrics" | "healthz" | "readyz"])
-            | (_, ["v1", "config" | "circuits" | "fallbacks" | "dlq"])
-            | (_, ["v1", "events", _]) => method_not_allowed("GET"),
-            (
-                _,
-                ["v1", "config", "reload"]
-                | ["v1", "dlq", "replay"]
-                | ["v1", "dlq", _, "replay"]
-                | ["v1", "targets", "enable"],
-            ) => method_not_allowed("POST"),
-            _ => not_found(format!("no admin endpoint {method} {path}")),
+            Endpoint::Job => match self.jobs.get(id) {
+                Some(job) => ok(json!(job)),
+                None => not_found(format!(
+                    "no job {id} (finished jobs are kept for {} at most)",
+                    humantime::format_duration(jobs::KEEP_FINISHED_FOR)
+                )),
+            },
+            Endpoint::Fallbacks => self.fallbacks(&request).await,
+            Endpoint::Circuits => self.circuits(),
+            Endpoint::EnableTargets => ok(json!({"enabled": self.dispatcher.enable_all()})),
         }
     }
 
@@ -359,6 +451,13 @@ impl Admin {
         request: Request<Incoming>,
         deadline: Instant,
     ) -> Response<Full<Bytes>> {
+        let dry_run = match query(&request).get("dry_run").map(String::as_str) {
+            None | Some("false") => false,
+            Some("true" | "") => true,
+            Some(other) => {
+                return bad_request(format!("dry_run must be true or false, not {other:?}"))
+            }
+        };
         let body = Limited::new(request.into_body(), MAX_ADMIN_BODY).collect();
         let body = match tokio::time::timeout_at(deadline, body).await {
             Ok(Ok(b)) => b.to_bytes(),
@@ -383,13 +482,16 @@ impl Admin {
                 Err(e) => return bad_request(format!("invalid JSON: {e}")),
             }
         };
-        let store = self.dispatcher.store();
-        let now = now_ms();
-        let result = if let Some(ids) = req.ids {
-            store
-                .replay(ids, now)
-                .await
-                .map(|ids| json!({"replayed": ids.len(), "ids": ids}))
+        let selection = if let Some(ids) = req.ids {
+            let filtered = req.event_type.is_some()
+                || req.queue.is_some()
+                || req.since.is_some()
+                || req.until.is_some()
+                || req.all.is_some();
+            if filtered {
+                return bad_request("give ids or a filter (or \"all\": true), not both");
+            }
+            Selection::Ids(ids)
         } else {
             let parse = |v: &Option<String>| v.as_deref().map(parse_time).transpose();
             let filter = match (parse(&req.since), parse(&req.until)) {
@@ -410,17 +512,34 @@ impl Admin {
                     "give ids, a filter (event_type, queue, since, until), or \"all\": true",
                 );
             }
-            store
-                .replay_matching(filter, now)
-                .await
-                .map(|n| json!({"replayed": n}))
+            Selection::Filter(filter)
         };
-        match result {
-            Ok(v) => {
-                self.dispatcher.enqueued.notify_waiters();
-                ok(v)
+        match self
+            .jobs
+            .start_replay(self.dispatcher.clone(), selection, dry_run)
+        {
+            Ok(id) => {
+                let location = format!("/v1/jobs/{id}");
+                let mut r = json(
+                    StatusCode::ACCEPTED,
+                    &json!({"job_id": id, "state": "running", "dry_run": dry_run, "location": location}),
+                );
+                if let Ok(v) = http::HeaderValue::from_str(&location) {
+                    r.headers_mut().insert(http::header::LOCATION, v);
+                }
+                r
             }
-            Err(e) => store_error(e),
+            Err(jobs::TooManyJobs) => {
+                let mut r = json(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    &json!({"error": "too_many_jobs", "reason": format!("{} replay jobs are running already; wait for one to finish", jobs::MAX_RUNNING)}),
+                );
+                r.headers_mut().insert(
+                    http::header::RETRY_AFTER,
+                    http::HeaderValue::from_static("5"),
+                );
+                r
+            }
         }
     }
 

@@ -3,6 +3,7 @@
 //! Everything about HTTP lives here (status codes, headers, JSON reasons, body limits);
 //! routing and delivery live behind [`Dispatcher::dispatch`].
 
+pub mod openapi;
 mod trace;
 
 use std::sync::Arc;

@@ -208,10 +208,9 @@ async fn bulk_replay_needs_a_filter_or_all() {
         400
     );
     rx.set_status(None);
-    let r = hy
-        .admin_post("/v1/dlq/replay", r#"{"event_type":"user.updated"}"#)
-        .await;
-    assert_eq!(r.json()["replayed"], 3);
+    let job = hy.replay_job("", r#"{"event_type":"user.updated"}"#).await;
+    assert_eq!(job["state"], "done");
+    assert_eq!(job["progress"]["replayed"], 3);
     eventually(Duration::from_secs(5), "replayed deliveries", async || {
         rx.stats().delivered_ok == 3
     })
@@ -457,9 +456,7 @@ async fn gone_410_dead_letters_and_disables_the_target_until_enabled() {
     rx.set_status(None);
     assert_eq!(hy.admin_post("/v1/targets/enable", "").await.status, 200);
     assert_eq!(
-        hy.admin_post("/v1/dlq/replay", r#"{"all":true}"#)
-            .await
-            .json()["replayed"],
+        hy.replay_job("", r#"{"all":true}"#).await["progress"]["replayed"],
         2
     );
     eventually(

@@ -438,10 +438,8 @@ async fn dead_letters_and_replay_on_redis() {
             .status,
         404
     );
-    let bulk = hy
-        .admin_post("/v1/dlq/replay", r#"{"event_type":"user.updated"}"#)
-        .await;
-    assert_eq!(bulk.json()["replayed"], 2);
+    let bulk = hy.replay_job("", r#"{"event_type":"user.updated"}"#).await;
+    assert_eq!(bulk["progress"]["replayed"], 2);
     eventually(
         Duration::from_secs(5),
         "bulk replayed deliveries",

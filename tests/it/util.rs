@@ -179,6 +179,30 @@ impl Sidecar {
         .await
     }
 
+    /// Starts a bulk replay job (`POST /v1/dlq/replay{query}` with `body`), waits until it is
+    /// no longer running and returns its last state.
+    pub async fn replay_job(&self, query: &str, body: &str) -> Value {
+        let started = self
+            .admin_post(&format!("/v1/dlq/replay{query}"), body)
+            .await;
+        assert_eq!(started.status, 202, "{:?}", started.json());
+        let id = started.json()["job_id"].as_str().unwrap().to_string();
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let job = self.admin_get(&format!("/v1/jobs/{id}")).await;
+            assert_eq!(job.status, 200);
+            let job = job.json();
+            if job["state"] != "running" {
+                return job;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "job still running: {job}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// The Prometheus text.
     pub async fn metrics(&self) -> String {
         String::from_utf8(self.admin_get("/metrics").await.body.to_vec()).unwrap()
