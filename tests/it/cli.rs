@@ -6,24 +6,7 @@ use std::time::Duration;
 use hookyard::receive::ReceiverConfig;
 use http::StatusCode;
 
-use crate::util::{eventually, receiver_with, Sidecar};
-
-/// Runs `hookyard args…` (without blocking the test's runtime, which serves the sidecar) and
-/// returns (success, stdout, stderr).
-async fn hookyard(args: &[&str]) -> (bool, String, String) {
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_hookyard"))
-        .args(args)
-        .env_remove("HOOKYARD_ADMIN_URL")
-        .env_remove("HOOKYARD_ADMIN_TOKEN")
-        .output()
-        .await
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
+use crate::util::{eventually, hookyard, receiver_with, Sidecar};
 
 #[tokio::test]
 async fn dlq_filters_reload_and_circuits_work_against_a_running_sidecar() {

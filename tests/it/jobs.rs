@@ -8,7 +8,7 @@ use hookyard::receive::ReceiverConfig;
 use http::StatusCode;
 use serde_json::Value;
 
-use crate::util::{eventually, receiver_with, Sidecar};
+use crate::util::{eventually, hookyard, receiver_with, Sidecar};
 
 const RULE: &str = "routing_rules:\n  - event_type: bulk.x\n    mode: async\n    target: {target}\n    queue: bulk\n    timeout_ms: 2000\n    retry_matrix: [10]\n";
 
@@ -157,22 +157,6 @@ async fn unknown_jobs_are_404_json_and_jobs_are_read_only() {
         .admin_post("/v1/dlq/replay", r#"{"ids":["evt_a"],"queue":"bulk"}"#)
         .await;
     assert_eq!(both.status, 400, "ids and a filter together");
-}
-
-/// Runs `hookyard args…` and returns (success, stdout, stderr).
-async fn hookyard(args: &[&str]) -> (bool, String, String) {
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_hookyard"))
-        .args(args)
-        .env_remove("HOOKYARD_ADMIN_URL")
-        .env_remove("HOOKYARD_ADMIN_TOKEN")
-        .output()
-        .await
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
 }
 
 #[tokio::test]

@@ -229,6 +229,23 @@ pub async fn receiver_with(mut config: ReceiverConfig) -> Receiver {
         .unwrap()
 }
 
+/// Runs the `hookyard` binary with `args` (without blocking the test's runtime, which may be
+/// serving the sidecar it talks to) and returns (success, stdout, stderr).
+pub async fn hookyard(args: &[&str]) -> (bool, String, String) {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_hookyard"))
+        .args(args)
+        .env_remove("HOOKYARD_ADMIN_URL")
+        .env_remove("HOOKYARD_ADMIN_TOKEN")
+        .output()
+        .await
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 /// Polls `check` every 10 ms until it returns true or `within` passes.
 pub async fn eventually(within: Duration, what: &str, mut check: impl AsyncFnMut() -> bool) {
     let deadline = Instant::now() + within;
