@@ -1,12 +1,13 @@
 # hookyard as a container image: build in the Rust image, run as a non-root user on a slim base.
 #   docker build -t hookyard .
-#   docker run -v hookyard-data:/data -e HOOKYARD_SECRET=whsec_... hookyard
+#   docker run -v hookyard-data:/data -e HOOKYARD_SECRET=whsec_... -e HOOKYARD_ADMIN_TOKEN=... hookyard
 # The image's config (deploy/container-config.yaml) keeps its queue in /data; mount your own
 # file over /etc/hookyard/dispatcher-config.yaml (or a ConfigMap, see deploy/kubernetes/).
 FROM rust:1-bookworm AS build
 WORKDIR /src
 # The manifest names benches and examples, so cargo wants them present even for the binary.
-COPY Cargo.toml Cargo.lock ./
+# build.rs stamps `hookyard --version` (the commit reads `unknown` without .git in the context).
+COPY Cargo.toml Cargo.lock build.rs ./
 COPY src src
 COPY benches benches
 COPY examples examples
