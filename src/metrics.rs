@@ -24,6 +24,8 @@ pub const DELIVERY_LATENCY: &str = "hookyard_delivery_latency_seconds";
 pub const HOST_IN_FLIGHT: &str = "hookyard_host_in_flight";
 pub const HOST_MAX_CONNECTIONS: &str = "hookyard_host_max_connections";
 pub const SHED: &str = "hookyard_shed_total";
+pub const HOST_CONNECTIONS: &str = "hookyard_host_connections";
+pub const HOST_SLOT_WAITS: &str = "hookyard_host_slot_waits_total";
 pub const CIRCUIT_STATE: &str = "hookyard_circuit_state";
 pub const CIRCUIT_TRANSITIONS: &str = "hookyard_circuit_transitions_total";
 pub const FALLBACKS: &str = "hookyard_fallback_total";
@@ -130,6 +132,16 @@ fn describe_all() {
         SHED,
         Unit::Count,
         "Sync requests shed because the host had no free connection slot."
+    );
+    describe_gauge!(
+        HOST_CONNECTIONS,
+        Unit::Count,
+        "Connections to a host by state: open (idle or busy) and idle (read at scrape time)."
+    );
+    describe_counter!(
+        HOST_SLOT_WAITS,
+        Unit::Count,
+        "Async deliveries put back for a moment because the host had no free connection slot."
     );
     describe_gauge!(
         CIRCUIT_STATE,
@@ -290,6 +302,9 @@ pub fn register_all(settings: &Settings) {
         for gone in registered.iter().filter(|h| !host_modes.contains_key(*h)) {
             gauge!(CIRCUIT_STATE, "host" => gone.clone()).set(0.0);
             gauge!(HOST_IN_FLIGHT, "host" => gone.clone()).set(0.0);
+            for state in ["open", "idle"] {
+                gauge!(HOST_CONNECTIONS, "host" => gone.clone(), "state" => state).set(0.0);
+            }
         }
         *registered = host_modes.keys().cloned().collect();
     }
@@ -316,6 +331,12 @@ pub fn register_all(settings: &Settings) {
         gauge!(CIRCUIT_STATE, "host" => host.clone()).increment(0.0);
         gauge!(HOST_IN_FLIGHT, "host" => host.clone()).increment(0.0);
         gauge!(HOST_MAX_CONNECTIONS, "host" => host.clone()).increment(0.0);
+        for state in ["open", "idle"] {
+            gauge!(HOST_CONNECTIONS, "host" => host.clone(), "state" => state).increment(0.0);
+        }
+        if modes[1] {
+            counter!(HOST_SLOT_WAITS, "host" => host.clone()).increment(0);
+        }
         for to in [
             BreakerState::Closed,
             BreakerState::Open,
@@ -376,6 +397,7 @@ pub struct HostMetrics {
     /// Index 0 = sync, 1 = async.
     modes: [OnceLock<ModeMetrics>; 2],
     shed: OnceLock<Counter>,
+    slot_waits: OnceLock<Counter>,
 }
 
 #[derive(Debug)]
@@ -392,6 +414,7 @@ impl HostMetrics {
             host: host.clone(),
             modes: [OnceLock::new(), OnceLock::new()],
             shed: OnceLock::new(),
+            slot_waits: OnceLock::new(),
         }
     }
 
@@ -413,6 +436,13 @@ impl HostMetrics {
     pub fn shed(&self) {
         self.shed
             .get_or_init(|| counter!(SHED, "host" => self.host.clone()))
+            .increment(1);
+    }
+
+    /// An async delivery found no free slot and was put back for a moment.
+    pub fn slot_wait(&self) {
+        self.slot_waits
+            .get_or_init(|| counter!(HOST_SLOT_WAITS, "host" => self.host.clone()))
             .increment(1);
     }
 }
@@ -479,9 +509,13 @@ pub fn status_class(status: u16) -> &'static str {
 
 /// Pool gauges of one host, refreshed at scrape time from the gate's counters (so the request
 /// path never touches them).
-pub fn host_gauges(host: &Arc<str>, in_flight: u32, max_connections: u32) {
-    gauge!(HOST_IN_FLIGHT, "host" => host.clone()).set(f64::from(in_flight));
-    gauge!(HOST_MAX_CONNECTIONS, "host" => host.clone()).set(f64::from(max_connections));
+pub fn host_gauges(host: &crate::sync::host::Host) {
+    let key = &host.key;
+    gauge!(HOST_IN_FLIGHT, "host" => key.clone()).set(f64::from(host.gate.in_flight()));
+    gauge!(HOST_MAX_CONNECTIONS, "host" => key.clone()).set(f64::from(host.gate.max_connections()));
+    let (open, idle) = host.connections();
+    gauge!(HOST_CONNECTIONS, "host" => key.clone(), "state" => "open").set(open as f64);
+    gauge!(HOST_CONNECTIONS, "host" => key.clone(), "state" => "idle").set(idle as f64);
 }
 
 /// The state of `host`'s breaker, set at scrape time.

@@ -389,11 +389,7 @@ impl Admin {
             }
         }
         for host in self.dispatcher.hosts().values() {
-            crate::metrics::host_gauges(
-                &host.key,
-                host.gate.in_flight(),
-                host.gate.max_connections(),
-            );
+            crate::metrics::host_gauges(host);
             // Read at scrape time, so a breaker rebuilt by a reload (new thresholds) shows its
             // own state rather than the last transition of the one it replaced.
             crate::metrics::circuit_state(&host.key, host.breaker.state());
@@ -564,12 +560,14 @@ impl Admin {
         let mut out: Vec<Value> = hosts
             .values()
             .map(|h| {
+                let (open, idle) = h.connections();
                 json!({
                     "host": h.key,
                     "breaker": h.breaker.snapshot(),
                     "in_flight": h.gate.in_flight(),
                     "max_connections": h.gate.max_connections(),
                     "shed_threshold": h.policy.shed_threshold(),
+                    "connections": {"open": open, "idle": idle},
                 })
             })
             .collect();

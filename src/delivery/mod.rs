@@ -430,6 +430,7 @@ async fn attempt(
     };
     let Some(_permit) = host.gate.try_enter() else {
         ticket.forgo();
+        host.metrics.slot_wait();
         return (
             None,
             Disposition::Defer {

@@ -49,6 +49,16 @@ impl Lanes {
         })
     }
 
+    /// (open, idle) connections over every lane.
+    fn connections(&self) -> (usize, usize) {
+        self.pools
+            .iter()
+            .filter_map(|p| p.get())
+            .fold((0, 0), |(open, idle), pool| {
+                (open + pool.open_count(), idle + pool.idle_count())
+            })
+    }
+
     fn current(&self) -> &ConnPool {
         let lane = LANE.with(|l| l.get());
         self.pools[lane]
@@ -85,6 +95,12 @@ impl Host {
     /// The connection pool of the calling thread's runtime.
     pub fn pool(&self) -> &ConnPool {
         self.lanes.current()
+    }
+
+    /// Connections to this host open right now over all event loops, and how many of them
+    /// are idle: with `gate.in_flight()`, the pool's saturation as seed 001 asks to watch it.
+    pub fn connections(&self) -> (usize, usize) {
+        self.lanes.connections()
     }
 
     /// A host with a fresh pool, gate and breaker; `on_close` runs when its breaker closes

@@ -11,6 +11,7 @@
 //! response has been read. At most `max_connections` idle connections are kept, and none longer
 //! than [`IDLE_TIMEOUT`].
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -47,6 +48,9 @@ pub struct ConnPool {
     idle: Mutex<Vec<Idle>>,
     connector: Connector,
     max_idle: usize,
+    /// Connections open right now, idle or busy: counted up when one is made, down when its
+    /// task ends (closed by either side).
+    open: Arc<AtomicUsize>,
 }
 
 impl std::fmt::Debug for ConnPool {
@@ -65,7 +69,13 @@ impl ConnPool {
             idle: Mutex::new(Vec::new()),
             connector,
             max_idle: max_idle.max(1),
+            open: Arc::new(AtomicUsize::new(0)),
         }
+    }
+
+    /// Connections open right now, idle or busy.
+    pub fn open_count(&self) -> usize {
+        self.open.load(Ordering::Relaxed)
     }
 
     /// Idle connections held right now.
@@ -191,10 +201,13 @@ impl ConnPool {
             .map_err(|e| CallError::Connect(error_chain(&e)))?;
         // The connection is driven by a task on this event loop, which is the only one that
         // uses this pool lane.
+        let open = self.open.clone();
+        open.fetch_add(1, Ordering::Relaxed);
         tokio::spawn(async move {
             if let Err(e) = connection.await {
                 tracing::debug!(error = %e, "upstream connection ended with an error");
             }
+            open.fetch_sub(1, Ordering::Relaxed);
         });
         Ok(sender)
     }

@@ -352,3 +352,69 @@ async fn a_setting_that_needs_a_restart_is_reported_until_it_is_reverted() {
             .is_empty()
     );
 }
+
+#[tokio::test]
+async fn a_hosts_max_connections_changes_live_under_load_and_the_pool_shows_its_connections() {
+    let rx = crate::util::receiver_with(hookyard::receive::ReceiverConfig {
+        delay: Duration::from_millis(100),
+        ..Default::default()
+    })
+    .await;
+    let host = rx.local_addr().to_string();
+    let target = format!("http://{host}/");
+    let hy = Sidecar::start(&format!(
+        "hosts:\n  default: {{ max_connections: 2 }}\nqueues:\n  default: {{ concurrency: 16 }}\n{}",
+        rule("async", &target)
+    ))
+    .await;
+    let burst = async |n: usize| {
+        for _ in 0..n {
+            assert_eq!(hy.post("flip", "{}", &[]).await.status, 202);
+        }
+    };
+    burst(12).await;
+    // While the gate is full, the pool holds two busy connections and workers wait for slots.
+    let series =
+        |state: &str| format!("hookyard_host_connections{{host=\"{host}\",state=\"{state}\"}}");
+    eventually(Duration::from_secs(5), "two connections open", async || {
+        crate::util::metric_value(&hy.metrics().await, &series("open")) == Some(2.0)
+    })
+    .await;
+    let circuits = hy.admin_get("/v1/circuits").await.json();
+    assert_eq!(circuits["hosts"][0]["connections"]["open"], 2, "{circuits}");
+
+    let text = std::fs::read_to_string(&hy.config_path).unwrap();
+    std::fs::write(
+        &hy.config_path,
+        text.replace("max_connections: 2", "max_connections: 6"),
+    )
+    .unwrap();
+    eventually(Duration::from_secs(5), "the reload", async || {
+        last_reload(&hy).await["trigger"] == "file"
+    })
+    .await;
+    burst(24).await;
+    eventually(Duration::from_secs(10), "all delivered", async || {
+        rx.stats().delivered_ok == 36
+    })
+    .await;
+    let stats = rx.stats();
+    assert_eq!(stats.max_concurrent, 6, "the new cap, reached and kept");
+    assert_eq!(
+        stats.unique_ids, 36,
+        "nothing dropped or sent twice: {stats:?}"
+    );
+    let metrics = hy.metrics().await;
+    assert!(
+        crate::util::metric_value(
+            &metrics,
+            &format!("hookyard_host_slot_waits_total{{host=\"{host}\"}}")
+        )
+        .is_some_and(|n| n > 0.0),
+        "workers waited for slots while the cap was 2"
+    );
+    // Idle now: every open connection is idle in the pool.
+    let open = crate::util::metric_value(&metrics, &series("open")).unwrap();
+    let idle = crate::util::metric_value(&metrics, &series("idle")).unwrap();
+    assert!(open >= 2.0 && idle == open, "open {open}, idle {idle}");
+}
