@@ -359,8 +359,8 @@ impl Dispatcher {
                 event_id: envelope.event_id,
                 response,
             },
-            Err(failure) if rule.fallback_to_async => {
-                let reason = failure.reason();
+            Err(failure) if rule.fallback_to_async && failure.fallback_reason().is_some() => {
+                let reason = failure.fallback_reason().unwrap_or(FallbackReason::Connect);
                 tracing::warn!(
                     event_id = %envelope.event_id,
                     trace_id = %envelope.trace_id,

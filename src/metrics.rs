@@ -212,9 +212,11 @@ pub fn possible_outcomes(mode: DeliveryMode, fallback_to_async: bool) -> &'stati
     match (mode, fallback_to_async) {
         (DeliveryMode::Async, _) => &["accepted", "duplicate", "queue_full", "store_unavailable"],
         (DeliveryMode::Sync, false) => &["delivered", "relayed_error", "failed"],
+        // `failed` stays possible: an answer too large to relay is not a fallback case.
         (DeliveryMode::Sync, true) => &[
             "delivered",
             "relayed_error",
+            "failed",
             "fallback",
             "duplicate",
             "queue_full",

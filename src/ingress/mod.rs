@@ -299,12 +299,12 @@ fn respond(outcome: Outcome, trace_id: &str) -> Response<Full<Bytes>> {
             &json!({"status": "accepted", "event_id": event_id, "trace_id": trace_id, "duplicate": true}),
         ),
         Outcome::Failed { event_id, failure } => {
-            let reason = failure.reason().as_str();
+            let reason = failure.reason_str();
             let (status, retry_after) = match &failure {
                 SyncFailure::Timeout(_) => (StatusCode::GATEWAY_TIMEOUT, None),
-                SyncFailure::Upstream5xx(_) | SyncFailure::Connect(_) => {
-                    (StatusCode::BAD_GATEWAY, None)
-                }
+                SyncFailure::Upstream5xx(_)
+                | SyncFailure::Connect(_)
+                | SyncFailure::NotRelayable(_) => (StatusCode::BAD_GATEWAY, None),
                 SyncFailure::Shed => (StatusCode::SERVICE_UNAVAILABLE, Some(1)),
                 SyncFailure::CircuitOpen { retry_after } => (
                     StatusCode::SERVICE_UNAVAILABLE,
@@ -326,7 +326,9 @@ fn respond(outcome: Outcome, trace_id: &str) -> Response<Full<Bytes>> {
             // Time spent on the target, where a call was made (not when shed or refused by an
             // open breaker, nor when no connection could be made).
             let downstream = match &failure {
-                SyncFailure::Upstream5xx(response) => Some(response.latency),
+                SyncFailure::Upstream5xx(response) | SyncFailure::NotRelayable(response) => {
+                    Some(response.latency)
+                }
                 SyncFailure::Timeout(deadline) => Some(*deadline),
                 _ => None,
             };

@@ -17,8 +17,8 @@ pub const MAX_RESPONSE_BYTES: usize = 4 * 1024 * 1024;
 /// What a call does with the target's response body.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ResponseBody {
-    /// Keep it for relaying to the caller (sync): a body over [`MAX_RESPONSE_BYTES`], or one
-    /// cut short, is a [`CallError::Broken`].
+    /// Keep it for relaying to the caller (sync): a body over [`MAX_RESPONSE_BYTES`] is a
+    /// [`CallError::TooLarge`], one cut short a [`CallError::Broken`].
     Relay,
     /// Read and drop it (async delivery: the status decides). Up to [`MAX_RESPONSE_BYTES`] is
     /// read so the connection can be reused; past that, or if it breaks, the connection is
@@ -50,6 +50,10 @@ pub enum CallError {
     /// The connection broke after it was made (reset, closed mid-response, bad HTTP).
     #[error("connection failed: {0}")]
     Broken(String),
+    /// The target answered with this status, but with a body over [`MAX_RESPONSE_BYTES`],
+    /// which a sync relay cannot hand on.
+    #[error("target answered {0} with a body over {MAX_RESPONSE_BYTES} bytes, too large to relay")]
+    TooLarge(StatusCode),
 }
 
 impl CallError {
@@ -59,6 +63,7 @@ impl CallError {
             Self::Timeout(_) => "timeout",
             Self::Connect(_) => "connect",
             Self::Broken(_) => "reset",
+            Self::TooLarge(status) => crate::metrics::status_class(status.as_u16()),
         }
     }
 }

@@ -34,18 +34,30 @@ pub enum SyncFailure {
     Connect(String),
     #[error("target answered {}", .0.status)]
     Upstream5xx(UpstreamResponse),
+    /// The target took the event (a 2xx-4xx answer) but its body is too large to relay. Not
+    /// a fallback case: queueing the event would deliver it twice.
+    #[error("target answered {} with a body too large to relay", .0.status)]
+    NotRelayable(UpstreamResponse),
 }
 
 impl SyncFailure {
-    /// The fallback reason recorded and reported for this failure.
-    pub fn reason(&self) -> FallbackReason {
+    /// The fallback reason of this failure; `None` when the target has the event already and
+    /// a fallback would deliver it again.
+    pub fn fallback_reason(&self) -> Option<FallbackReason> {
         match self {
-            Self::Shed => FallbackReason::Shed,
-            Self::CircuitOpen { .. } => FallbackReason::CircuitOpen,
-            Self::Timeout(_) => FallbackReason::Timeout,
-            Self::Connect(_) => FallbackReason::Connect,
-            Self::Upstream5xx(_) => FallbackReason::Upstream5xx,
+            Self::Shed => Some(FallbackReason::Shed),
+            Self::CircuitOpen { .. } => Some(FallbackReason::CircuitOpen),
+            Self::Timeout(_) => Some(FallbackReason::Timeout),
+            Self::Connect(_) => Some(FallbackReason::Connect),
+            Self::Upstream5xx(_) => Some(FallbackReason::Upstream5xx),
+            Self::NotRelayable(_) => None,
         }
+    }
+
+    /// The `reason` of the JSON answer.
+    pub fn reason_str(&self) -> &'static str {
+        self.fallback_reason()
+            .map_or("response_too_large", FallbackReason::as_str)
     }
 }
 
@@ -114,6 +126,22 @@ pub async fn deliver(
         Err(CallError::Connect(e)) | Err(CallError::Broken(e)) => {
             ticket.failure();
             Err(SyncFailure::Connect(e))
+        }
+        Err(CallError::TooLarge(status)) => {
+            let answer = UpstreamResponse {
+                status,
+                headers: http::HeaderMap::new(),
+                body: bytes::Bytes::new(),
+                latency,
+            };
+            if status.is_server_error() {
+                ticket.failure();
+                Err(SyncFailure::Upstream5xx(answer))
+            } else {
+                // The host answered and is healthy; only the relay cannot carry the body.
+                ticket.success();
+                Err(SyncFailure::NotRelayable(answer))
+            }
         }
     }
 }

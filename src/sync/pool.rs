@@ -124,20 +124,16 @@ impl ConnPool {
                             latency: Duration::ZERO,
                         });
                     }
-                    let body = Limited::new(body, MAX_RESPONSE_BYTES)
-                        .collect()
-                        .await
-                        .map_err(|e| {
-                            CallError::Broken(if e.is::<http_body_util::LengthLimitError>() {
-                                format!(
-                                    "response body over {MAX_RESPONSE_BYTES} bytes, too large \
-                                         to relay"
-                                )
-                            } else {
-                                format!("reading response body: {e}")
-                            })
-                        })?
-                        .to_bytes();
+                    let body = match Limited::new(body, MAX_RESPONSE_BYTES).collect().await {
+                        Ok(body) => body.to_bytes(),
+                        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+                            // The target did answer: its status decides what that means.
+                            return Err(CallError::TooLarge(parts.status));
+                        }
+                        Err(e) => {
+                            return Err(CallError::Broken(format!("reading response body: {e}")))
+                        }
+                    };
                     self.checkin(sender);
                     return Ok(UpstreamResponse {
                         status: parts.status,

@@ -249,6 +249,7 @@ async fn at_first_scrape_every_readme_family_exists_with_help_and_only_possible_
         set(&[
             "delivered",
             "relayed_error",
+            "failed",
             "fallback",
             "duplicate",
             "queue_full",
