@@ -354,13 +354,18 @@ impl Dispatcher {
             signature: rule.signature,
         };
         let host = self.host(&rule.target.host);
-        match sync::deliver(&host, rule, &envelope, &settings.signer).await {
-            Ok(response) => Outcome::Relayed {
+        let result = sync::deliver(&host, rule, &envelope, &settings.signer).await;
+        // The reason a failure may fall back for; `None` also when the target has the event.
+        let fallback = match &result {
+            Err(failure) if rule.fallback_to_async => failure.fallback_reason(),
+            _ => None,
+        };
+        match (result, fallback) {
+            (Ok(response), _) => Outcome::Relayed {
                 event_id: envelope.event_id,
                 response,
             },
-            Err(failure) if rule.fallback_to_async && failure.fallback_reason().is_some() => {
-                let reason = failure.fallback_reason().unwrap_or(FallbackReason::Connect);
+            (Err(failure), Some(reason)) => {
                 tracing::warn!(
                     event_id = %envelope.event_id,
                     trace_id = %envelope.trace_id,
@@ -394,7 +399,7 @@ impl Dispatcher {
                 }
                 outcome
             }
-            Err(failure) => Outcome::Failed {
+            (Err(failure), None) => Outcome::Failed {
                 event_id: envelope.event_id,
                 failure,
             },

@@ -33,20 +33,18 @@ impl BodyBudget {
     }
 }
 
-/// The bytes one request holds against the [`BodyBudget`]; given back on drop.
+/// The bytes one request holds against the [`BodyBudget`]; given back on drop. It borrows
+/// the budget: the request path touches only the shared byte counter, not a reference count.
 #[derive(Debug)]
-pub struct BudgetCharge {
-    budget: Arc<BodyBudget>,
+pub struct BudgetCharge<'a> {
+    budget: &'a BodyBudget,
     bytes: usize,
 }
 
-impl BudgetCharge {
+impl<'a> BudgetCharge<'a> {
     /// A charge of nothing yet against `budget`.
-    pub fn new(budget: &Arc<BodyBudget>) -> Self {
-        Self {
-            budget: budget.clone(),
-            bytes: 0,
-        }
+    pub fn new(budget: &'a BodyBudget) -> Self {
+        Self { budget, bytes: 0 }
     }
 
     /// Takes `bytes` more from the budget if that keeps its total within `limit`.
@@ -61,7 +59,7 @@ impl BudgetCharge {
     }
 }
 
-impl Drop for BudgetCharge {
+impl Drop for BudgetCharge<'_> {
     fn drop(&mut self) {
         if self.bytes > 0 {
             self.budget.held.fetch_sub(self.bytes, Ordering::Relaxed);
@@ -98,7 +96,7 @@ pub enum BodyError {
 pub async fn read_body(
     body: &mut Incoming,
     limits: BodyLimits,
-    charge: &mut BudgetCharge,
+    charge: &mut BudgetCharge<'_>,
 ) -> Result<Bytes, BodyError> {
     match tokio::time::timeout_at(limits.deadline, read_all(body, limits, charge)).await {
         Ok(result) => result,
@@ -109,7 +107,7 @@ pub async fn read_body(
 async fn read_all(
     body: &mut Incoming,
     limits: BodyLimits,
-    charge: &mut BudgetCharge,
+    charge: &mut BudgetCharge<'_>,
 ) -> Result<Bytes, BodyError> {
     // A declared length is charged in full before a byte is read: the body will be held
     // whole, and a refusal now costs the client nothing yet. Without one (chunked), each
