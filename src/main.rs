@@ -125,6 +125,9 @@ enum Command {
         /// How many webhook-ids answered 2xx to remember for duplicate counting (bounds memory).
         #[arg(long, default_value_t = 1_000_000, value_parser = clap::value_parser!(u64).range(2..))]
         remember_ids: u64,
+        /// Seed for picking which requests fail at --fail-rate, so a run can be repeated.
+        #[arg(long)]
+        seed: Option<u64>,
         #[command(flatten)]
         log: LogArgs,
     },
@@ -332,6 +335,7 @@ async fn run(command: Command) -> Result<(), CliError> {
             status,
             tolerance_secs,
             remember_ids,
+            seed,
             log: _,
         } => {
             let secrets = secret
@@ -352,6 +356,7 @@ async fn run(command: Command) -> Result<(), CliError> {
                 force_status: status,
                 delay: Duration::from_millis(delay_ms),
                 remember_ids: usize::try_from(remember_ids).unwrap_or(usize::MAX),
+                seed,
                 ..ReceiverConfig::default()
             };
             cli::receive(listen, config).await

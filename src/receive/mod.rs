@@ -22,6 +22,8 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
@@ -59,6 +61,10 @@ pub struct ReceiverConfig {
     /// the latest half of this many are). Bounds the receiver's memory in long load tests; a
     /// redelivery of an id forgotten since is not counted as a duplicate. Default 1 000 000.
     pub remember_ids: usize,
+    /// Seed of the generator that picks which requests fail at `fail_rate`. With a seed the
+    /// n-th request to arrive gets the same verdict on every run (a reproducible load test or
+    /// CI run); without one the generator is seeded by the OS. Default none.
+    pub seed: Option<u64>,
 }
 
 impl Default for ReceiverConfig {
@@ -72,6 +78,7 @@ impl Default for ReceiverConfig {
             delay: Duration::ZERO,
             max_recorded: 10_000,
             remember_ids: 1_000_000,
+            seed: None,
         }
     }
 }
@@ -289,6 +296,8 @@ struct Shared {
     fail_status: AtomicU16,
     force_status: AtomicU16,
     delay_nanos: AtomicU64,
+    /// Decides injected failures; one lock per request is nothing next to a test's HTTP work.
+    failure_dice: Mutex<StdRng>,
 
     received: AtomicU64,
     delivered_ok: AtomicU64,
@@ -332,6 +341,10 @@ impl Shared {
             fail_status: AtomicU16::new(config.fail_status),
             force_status: AtomicU16::new(config.force_status.unwrap_or(NO_STATUS)),
             delay_nanos: AtomicU64::new(duration_nanos(config.delay)),
+            failure_dice: Mutex::new(match config.seed {
+                Some(seed) => StdRng::seed_from_u64(seed),
+                None => StdRng::from_os_rng(),
+            }),
             received: AtomicU64::new(0),
             delivered_ok: AtomicU64::new(0),
             failed_injected: AtomicU64::new(0),
@@ -369,7 +382,7 @@ impl Shared {
         }
         let rate = f64::from_bits(self.fail_rate_bits.load(Ordering::Relaxed));
         // `random::<f64>()` is in [0, 1), so a rate of 0 never fails and 1 always does.
-        if rate > 0.0 && rand::random::<f64>() < rate {
+        if rate > 0.0 && lock(&self.failure_dice).random::<f64>() < rate {
             let status = self.fail_status.load(Ordering::Relaxed);
             return StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         }
@@ -662,6 +675,26 @@ mod tests {
             let err = Receiver::bind(addr, config).await.unwrap_err();
             assert_eq!(err.kind(), std::io::ErrorKind::InvalidInput);
         }
+    }
+
+    #[test]
+    fn a_seed_fixes_which_requests_fail_and_the_rate_holds() {
+        let verdicts = |seed| {
+            let shared = Shared::new(ReceiverConfig {
+                fail_rate: 0.2,
+                seed,
+                ..Default::default()
+            })
+            .unwrap();
+            (0..2_000)
+                .map(|_| shared.pick_status() != StatusCode::OK)
+                .collect::<Vec<_>>()
+        };
+        let first = verdicts(Some(7));
+        assert_eq!(first, verdicts(Some(7)), "same seed, same failures");
+        assert_ne!(first, verdicts(Some(8)), "another seed, other failures");
+        let failed = first.iter().filter(|f| **f).count();
+        assert!((300..500).contains(&failed), "{failed} of 2000 failed at 20%");
     }
 
     #[test]
