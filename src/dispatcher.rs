@@ -11,12 +11,13 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
+use http::HeaderMap;
 use serde::Serialize;
 
 use crate::clock::now_ms;
 use crate::config::{Settings, StoreSettings};
 use crate::queue::{EnqueueOutcome, FallbackReason, IdempotencyClaim, NewEvent, Store, StoreError};
-use crate::routing::{DeliveryMode, Rule};
+use crate::routing::{DeliveryMode, OrderingKeyError, Rule};
 use crate::sync::breaker::CloseHook;
 use crate::sync::{self, Envelope, Host, HostMap, SyncFailure, UpstreamResponse};
 
@@ -57,6 +58,9 @@ pub enum Outcome {
     NoRoute { event_type: String },
     /// The queue is at `max_depth`.
     QueueFull { queue: Arc<str> },
+    /// The rule orders events by a key this event does not carry (or carries malformed);
+    /// nothing was stored.
+    InvalidOrderingKey(OrderingKeyError),
     /// The store could not confirm the event durable; nothing was promised.
     StoreUnavailable {
         /// The id the event was given (and, when the outcome is unknown, may be stored under).
@@ -315,12 +319,19 @@ impl Dispatcher {
 
     /// Routes and delivers (sync) or enqueues (async) one event under the rules in force.
     pub async fn dispatch(&self, event: Event) -> Outcome {
-        self.dispatch_under(&self.snapshot(), event).await
+        self.dispatch_under(&self.snapshot(), event, &HeaderMap::new())
+            .await
     }
 
     /// Like [`Dispatcher::dispatch`], under a snapshot the caller already holds (ingress takes
-    /// one per request, so body limit and routing come from the same rules).
-    pub async fn dispatch_under(&self, snapshot: &Snapshot, event: Event) -> Outcome {
+    /// one per request, so body limit and routing come from the same rules). `headers` are the
+    /// caller's request headers, read only for a rule's `ordering_key: header:<Name>`.
+    pub async fn dispatch_under(
+        &self,
+        snapshot: &Snapshot,
+        event: Event,
+        headers: &HeaderMap,
+    ) -> Outcome {
         let settings = &snapshot.settings;
         let Some(rule) = settings.rules.route(&event.event_type).cloned() else {
             crate::metrics::event_unrouted();
@@ -330,8 +341,17 @@ impl Dispatcher {
         };
         let outcome = match rule.mode {
             DeliveryMode::Async => {
-                self.enqueue(&rule, settings, event, new_event_id(), None)
-                    .await
+                let ordering_key = match &rule.ordering_key {
+                    None => Ok(None),
+                    Some(source) => source.extract(headers, &event.body).map(Some),
+                };
+                match ordering_key {
+                    Ok(key) => {
+                        self.enqueue(&rule, settings, event, new_event_id(), None, key)
+                            .await
+                    }
+                    Err(e) => Outcome::InvalidOrderingKey(e),
+                }
             }
             // Boxed: the sync call's state is over 2 KiB, and every future that awaits it
             // inline (up to hyper's per-request service future) would grow and be copied by
@@ -352,6 +372,7 @@ impl Dispatcher {
             trace_id: event.trace_id,
             idempotency_key: event.idempotency_key,
             signature: rule.signature,
+            ordering: None,
         };
         let host = self.host(&rule.target.host);
         let result = sync::deliver(&host, rule, &envelope, &settings.signer).await;
@@ -391,8 +412,9 @@ impl Dispatcher {
                     trace_id,
                     idempotency_key,
                 };
+                // A sync rule has no ordering key: a fallback is delivered unordered.
                 let outcome = self
-                    .enqueue(rule, settings, event, event_id, Some(reason))
+                    .enqueue(rule, settings, event, event_id, Some(reason), None)
                     .await;
                 if matches!(outcome, Outcome::Queued { .. }) {
                     crate::metrics::fallback(reason.as_str());
@@ -413,6 +435,7 @@ impl Dispatcher {
         event: Event,
         event_id: String,
         fallback: Option<FallbackReason>,
+        ordering_key: Option<String>,
     ) -> Outcome {
         let now = now_ms();
         let claim = event.idempotency_key.as_ref().map(|key| IdempotencyClaim {
@@ -438,6 +461,7 @@ impl Dispatcher {
             received_at_ms: now,
             due_at_ms: now,
             fallback,
+            ordering_key,
         };
         match self.store.enqueue(new, claim, queue_policy.max_depth).await {
             Ok(EnqueueOutcome::Accepted) => {
@@ -475,6 +499,7 @@ fn outcome_label(outcome: &Outcome) -> &'static str {
         Outcome::NoRoute { .. } => "no_route",
         Outcome::QueueFull { .. } => "queue_full",
         Outcome::StoreUnavailable { .. } => "store_unavailable",
+        Outcome::InvalidOrderingKey(_) => "rejected",
     }
 }
 

@@ -17,6 +17,10 @@ pub const X_EVENT_TYPE: HeaderName = HeaderName::from_static("x-event-type");
 pub const X_CALLBACK_MODE: HeaderName = HeaderName::from_static("x-callback-mode");
 /// 1 for the first attempt, sent to the target.
 pub const X_DELIVERY_ATTEMPT: HeaderName = HeaderName::from_static("x-delivery-attempt");
+/// The event's ordering key, on deliveries of a rule with `ordering_key`.
+pub const X_ORDERING_KEY: HeaderName = HeaderName::from_static("x-ordering-key");
+/// The event's place in its ordering key (1, 2, 3…), so a receiver can check the order.
+pub const X_SEQUENCE: HeaderName = HeaderName::from_static("x-sequence");
 /// How the caller's event was handled (`sync` on a relayed answer).
 pub const X_DISPATCH_MODE: HeaderName = HeaderName::from_static("x-dispatch-mode");
 /// The event id on a relayed answer.

@@ -207,9 +207,16 @@ fn describe_all() {
 
 /// Every `events_received` outcome a rule can produce: sync relays, and only with fallback
 /// stores (then it can also be deduplicated, find the queue full or the store down); async
-/// only stores.
-pub fn possible_outcomes(mode: DeliveryMode, fallback_to_async: bool) -> &'static [&'static str] {
-    match (mode, fallback_to_async) {
+/// only stores, and refuses an event whose ordering key it cannot read when it has one.
+pub fn possible_outcomes(rule: &Rule) -> &'static [&'static str] {
+    match (rule.mode, rule.fallback_to_async) {
+        (DeliveryMode::Async, _) if rule.ordering_key.is_some() => &[
+            "accepted",
+            "duplicate",
+            "queue_full",
+            "store_unavailable",
+            "rejected",
+        ],
         (DeliveryMode::Async, _) => &["accepted", "duplicate", "queue_full", "store_unavailable"],
         (DeliveryMode::Sync, false) => &["delivered", "relayed_error", "failed"],
         // `failed` stays possible: an answer too large to relay is not a fallback case.
@@ -281,7 +288,7 @@ pub fn configured_queues(settings: &Settings) -> Vec<Arc<str>> {
 pub fn register_all(settings: &Settings) {
     let rules = settings.rules.rules();
     for rule in rules {
-        for outcome in possible_outcomes(rule.mode, rule.fallback_to_async) {
+        for outcome in possible_outcomes(rule) {
             counter!(EVENTS_RECEIVED, "event_type" => rule.pattern.clone(), "mode" => rule.mode.as_str(), "outcome" => *outcome)
                 .increment(0);
         }
@@ -459,7 +466,7 @@ pub struct RuleMetrics {
 }
 
 /// Every ingress outcome label, in `RuleMetrics` order.
-pub const OUTCOMES: [&str; 9] = [
+pub const OUTCOMES: [&str; 10] = [
     "delivered",
     "relayed_error",
     "accepted",
@@ -469,13 +476,14 @@ pub const OUTCOMES: [&str; 9] = [
     "no_route",
     "queue_full",
     "store_unavailable",
+    "rejected",
 ];
 
 impl RuleMetrics {
     /// Counts one event of `rule` that ended in `outcome`.
     pub fn received(&self, rule: &Rule, outcome: &'static str) {
         let counters = self.counters.get_or_init(|| {
-            let possible = possible_outcomes(rule.mode, rule.fallback_to_async);
+            let possible = possible_outcomes(rule);
             OUTCOMES.map(|o| {
                 possible.contains(&o).then(|| {
                     counter!(EVENTS_RECEIVED, "event_type" => rule.pattern.clone(), "mode" => rule.mode.as_str(), "outcome" => o)
@@ -602,15 +610,36 @@ pub fn edge_refusal(reason: EdgeRefusal) {
 mod tests {
     use super::*;
 
+    fn rule(mode: DeliveryMode, fallback_to_async: bool, ordered: bool) -> Rule {
+        Rule {
+            pattern: "t".into(),
+            mode,
+            target: crate::routing::Target::parse(crate::secret::Redacted::url(
+                "http://127.0.0.1:1/",
+            ))
+            .unwrap(),
+            timeout: Duration::from_millis(100),
+            fallback_to_async,
+            queue: "default".into(),
+            retry_delays_ms: Arc::from(vec![10u64]),
+            jitter: 0.0,
+            signature: crate::signing::SignatureScheme::StandardWebhooks,
+            ordering_key: ordered
+                .then(|| crate::routing::OrderingKeySource::parse("header:X-Key").unwrap()),
+            metrics: Default::default(),
+        }
+    }
+
     #[test]
     fn every_outcome_but_no_route_is_possible_for_some_rule_and_none_twice() {
         let mut seen = BTreeSet::new();
-        for (mode, fallback) in [
-            (DeliveryMode::Sync, false),
-            (DeliveryMode::Sync, true),
-            (DeliveryMode::Async, false),
+        for (mode, fallback, ordered) in [
+            (DeliveryMode::Sync, false, false),
+            (DeliveryMode::Sync, true, false),
+            (DeliveryMode::Async, false, false),
+            (DeliveryMode::Async, false, true),
         ] {
-            let possible = possible_outcomes(mode, fallback);
+            let possible = possible_outcomes(&rule(mode, fallback, ordered));
             assert!(possible.iter().all(|o| OUTCOMES.contains(o)));
             assert_eq!(
                 possible.iter().collect::<BTreeSet<_>>().len(),
@@ -621,7 +650,9 @@ mod tests {
         let expected: BTreeSet<_> = OUTCOMES.into_iter().filter(|o| *o != "no_route").collect();
         assert_eq!(seen, expected);
         // A sync rule with a fallback still fails when the answer is too large to relay.
-        assert!(possible_outcomes(DeliveryMode::Sync, true).contains(&"failed"));
-        assert!(!possible_outcomes(DeliveryMode::Sync, false).contains(&"accepted"));
+        assert!(possible_outcomes(&rule(DeliveryMode::Sync, true, false)).contains(&"failed"));
+        assert!(!possible_outcomes(&rule(DeliveryMode::Sync, false, false)).contains(&"accepted"));
+        // Only a rule with an ordering key refuses events for it.
+        assert!(!possible_outcomes(&rule(DeliveryMode::Async, false, false)).contains(&"rejected"));
     }
 }

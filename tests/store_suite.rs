@@ -45,6 +45,8 @@ macro_rules! with_cases {
         next_due_at_tracks_earliest,
         queues_are_isolated,
         close_then_calls_fail_closed,
+        ordering_keys_hand_out_one_event_per_key_in_sequence,
+        ordering_key_head_dead_lettered_by_expiry_releases_the_next,
         );
     };
 }

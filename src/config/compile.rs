@@ -23,7 +23,7 @@ use super::{
     BreakerPolicy, BreakerSettings, HostPolicies, HostPolicy, Problem, QueuePolicies, QueuePolicy,
     Settings, StoreSettings, TlsTrust, DEVELOPMENT_SECRET,
 };
-use crate::routing::{parse_pattern, DeliveryMode, Rule, RuleTable, Target};
+use crate::routing::{parse_pattern, DeliveryMode, OrderingKeySource, Rule, RuleTable, Target};
 use crate::secret::Redacted;
 use crate::signing::{Secret, SignatureScheme, Signer};
 
@@ -931,6 +931,24 @@ impl Compiler<'_> {
             Some(SignatureChoice::LegacyHmacSha256) => SignatureScheme::LegacyHmacSha256,
             _ => SignatureScheme::StandardWebhooks,
         };
+        let ordering_key = match (&r.ordering_key, mode) {
+            (None, _) => None,
+            (Some(k), DeliveryMode::Sync) => {
+                self.problem(Problem::spanned(
+                    k,
+                    "ordering_key applies to async rules only: a sync caller already waits for \
+                     each event in turn",
+                ));
+                None
+            }
+            (Some(k), DeliveryMode::Async) => match OrderingKeySource::parse(&k.value) {
+                Ok(source) => Some(source),
+                Err(e) => {
+                    self.problem(Problem::spanned(k, format!("invalid ordering_key: {e}")));
+                    None
+                }
+            },
+        };
         if !pattern_ok {
             return None;
         }
@@ -944,6 +962,7 @@ impl Compiler<'_> {
             retry_delays_ms,
             jitter,
             signature,
+            ordering_key,
             metrics: Default::default(),
         })
     }

@@ -309,6 +309,10 @@ pub struct RuleSection {
     pub retry_policy: Option<Pos<RetryPolicySection>>,
     /// `standard_webhooks` (default) or `legacy_hmac_sha256` (`X-Webhook-Signature: sha256=<hex>`).
     pub signature: Option<SignatureChoice>,
+    /// Async only: `header:<Name>` or `json:<pointer>`. Events with the same key are delivered
+    /// one at a time in accept order, each with `X-Ordering-Key` and `X-Sequence`.
+    #[schemars(with = "Option<String>")]
+    pub ordering_key: Option<Pos<String>>,
 }
 
 /// Delivery mode of a rule.

@@ -449,6 +449,7 @@ async fn attempt(
         trace_id: event.trace_id.clone(),
         idempotency_key: event.idempotency_key.clone(),
         signature: event.signature,
+        ordering: event.ordering.clone(),
     };
     let started_at_ms = now_ms();
     let request = request::build(

@@ -155,7 +155,8 @@ impl Ingress {
             .get(CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
-        let mut body = request.into_body();
+        // The headers stay for dispatch: a rule may take its ordering key from one.
+        let (parts, mut body) = request.into_parts();
         if declared.is_some_and(|n| n > limit as u64) {
             linger(body);
             return too_large();
@@ -215,7 +216,9 @@ impl Ingress {
             idempotency_key,
         };
         let response = respond(
-            self.dispatcher.dispatch_under(&snapshot, event).await,
+            self.dispatcher
+                .dispatch_under(&snapshot, event, &parts.headers)
+                .await,
             trace_id,
         );
         drop(charge);
@@ -341,6 +344,12 @@ fn respond(outcome: Outcome, trace_id: &str) -> Response<Full<Bytes>> {
         Outcome::NoRoute { event_type } => json(
             StatusCode::NOT_FOUND,
             &json!({"error": "no_route", "event_type": event_type, "trace_id": trace_id}),
+        ),
+        Outcome::InvalidOrderingKey(e) => error(
+            StatusCode::BAD_REQUEST,
+            "invalid_ordering_key",
+            &e.to_string(),
+            trace_id,
         ),
         Outcome::QueueFull { queue } => {
             let mut r = json(

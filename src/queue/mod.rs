@@ -17,6 +17,12 @@
 //! - an event deferred by an open breaker (`Disposition::Defer` with `breaker`) remembers the
 //!   host; `undefer(host)` makes those events due at once when the breaker closes, and
 //!   `undefer_all` does so for every host at startup (the breaker that deferred them is gone);
+//! - an event with an ordering key gets the key's next sequence number (1, 2, 3… per queue
+//!   and key) and is handed out only while no earlier event of its key is pending or leased:
+//!   the others wait [`EventState::Held`] and the next in sequence is released, due at once,
+//!   when the key's current event is delivered or dead-lettered (a replayed dead letter keeps
+//!   its sequence and waits its turn the same way). Other keys and unkeyed events never wait
+//!   for it;
 //! - times are passed in by the caller (`now_ms`), so tests drive the clock.
 
 pub mod redis;
@@ -139,6 +145,17 @@ pub struct NewEvent {
     pub due_at_ms: UnixMillis,
     /// Set when this event is a sync_to_async fallback: recorded in the same transaction.
     pub fallback: Option<FallbackReason>,
+    /// The rule's ordering key for this event: events of one key (within the queue) are
+    /// delivered one at a time in accept order. The store assigns its sequence number.
+    pub ordering_key: Option<String>,
+}
+
+/// An event's place in its ordering key: the key, and its 1-based sequence within it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct KeySequence {
+    pub key: String,
+    /// 1, 2, 3… in accept order per queue and key; stable across retries and replay.
+    pub sequence: u64,
 }
 
 /// An idempotency claim stored atomically with the event.
@@ -182,6 +199,8 @@ pub struct ClaimedEvent {
     /// Opaque token that proves this worker still holds the lease.
     pub lease_token: String,
     pub lease_until_ms: UnixMillis,
+    /// Its key and sequence when the rule orders events (`X-Ordering-Key`, `X-Sequence`).
+    pub ordering: Option<KeySequence>,
 }
 
 /// How one delivery attempt ended.
@@ -224,6 +243,8 @@ pub enum Disposition {
 pub enum EventState {
     /// Waiting for its due time or a worker.
     Pending,
+    /// Waiting for an earlier event of its ordering key to be delivered or dead-lettered.
+    Held,
     /// Leased by a worker right now.
     InFlight,
     Delivered,
@@ -248,6 +269,9 @@ pub struct EventRecord {
     pub dead_lettered_at_ms: Option<UnixMillis>,
     pub dead_letter_reason: Option<String>,
     pub fallback: Option<FallbackReason>,
+    /// Its ordering key and sequence, when its rule orders events.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ordering: Option<KeySequence>,
     pub attempts: Vec<AttemptRecord>,
 }
 
@@ -285,6 +309,9 @@ pub struct DeadLetter {
     pub last_error: Option<String>,
     pub received_at_ms: UnixMillis,
     pub dead_lettered_at_ms: UnixMillis,
+    /// The ordering key and sequence it held: later events of that key went on without it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ordering: Option<KeySequence>,
 }
 
 /// Reconciliation state of a sync_to_async fallback.
@@ -318,6 +345,8 @@ pub struct QueueStats {
     pub ready: u64,
     /// Waiting for a future due time.
     pub delayed: u64,
+    /// Waiting behind an earlier event of their ordering key.
+    pub held: u64,
     /// Leased by a worker.
     pub in_flight: u64,
     pub dead_lettered: u64,

@@ -55,8 +55,8 @@ use serde::{Deserialize, Serialize};
 use super::redis_lua::Scripts;
 use super::{
     AttemptRecord, ClaimedEvent, DeadLetter, Disposition, DlqFilter, EnqueueOutcome, EventRecord,
-    EventState, FallbackReason, FallbackRecord, IdempotencyClaim, NewEvent, Page, QueueStats,
-    Reconciliation, SignatureScheme, Store, StoreError, StoreFuture, UnixMillis,
+    EventState, FallbackReason, FallbackRecord, IdempotencyClaim, KeySequence, NewEvent, Page,
+    QueueStats, Reconciliation, SignatureScheme, Store, StoreError, StoreFuture, UnixMillis,
 };
 
 /// Dead letters / events handled per maintenance step (replay, purge), so one huge operation
@@ -191,9 +191,9 @@ struct StoredAttempt {
 }
 
 /// Fields the claim script returns after id, token and due time, in this order.
-pub(super) const CLAIM_FIELDS: [&str; 12] = [
+pub(super) const CLAIM_FIELDS: [&str; 14] = [
     "type", "queue", "target", "ct", "trace", "ikey", "sig", "timeout", "delays", "jitter", "made",
-    "body",
+    "body", "okey", "oseq",
 ];
 
 // ---------------------------------------------------------------------------------------------
@@ -268,6 +268,16 @@ fn last_attempt(v: &Value) -> Result<(Option<u16>, Option<String>), StoreError> 
     }
 }
 
+/// An event's ordering key and sequence from its `okey` and `oseq` fields.
+fn ordering_of(key: &Value, sequence: &Value) -> Result<Option<KeySequence>, StoreError> {
+    let Some(key) = opt_string(key)? else {
+        return Ok(None);
+    };
+    let sequence =
+        u64::try_from(int(sequence, "sequence")?).map_err(|_| corrupt("negative sequence"))?;
+    Ok(Some(KeySequence { key, sequence }))
+}
+
 fn claimed_from(
     entry: Value,
     lease_until_ms: UnixMillis,
@@ -306,6 +316,7 @@ fn claimed_from(
         attempt: u32::try_from(made.saturating_add(1)).unwrap_or(u32::MAX),
         lease_token: string(&f[1], "lease token")?,
         lease_until_ms,
+        ordering: ordering_of(&f[15], &f[16])?,
         id,
     };
     Ok((due, event))
@@ -476,6 +487,9 @@ impl RedisStore {
         if let Some(fb) = ev.fallback {
             inv.arg("fb").arg(fb.as_str());
         }
+        if let Some(key) = &ev.ordering_key {
+            inv.arg("okey").arg(key);
+        }
         let wait = self.inner.options.wait_replicas;
         let wait_timeout = self.inner.options.wait_timeout_ms;
         // The idempotency claim is written by the same script as the event, so when this
@@ -635,7 +649,7 @@ impl RedisStore {
                     .arg(&key)
                     .arg(&[
                         "type", "queue", "target", "trace", "state", "recv", "due", "dlv", "dla",
-                        "dlr", "fb",
+                        "dlr", "fb", "okey", "oseq",
                     ])
                     .cmd("LRANGE")
                     .arg(&att)
@@ -646,12 +660,13 @@ impl RedisStore {
                     .map_err(unavailable)
             })
             .await?;
-        if fields.len() != 11 || fields[4] == Value::Nil {
+        if fields.len() != 13 || fields[4] == Value::Nil {
             return Ok(None);
         }
         let state = match string(&fields[4], "state")?.as_str() {
             "p" | "r" => EventState::Pending,
             "f" => EventState::InFlight,
+            "h" => EventState::Held,
             "d" => EventState::Delivered,
             "x" => EventState::DeadLettered,
             other => return Err(corrupt(format!("unknown event state {other:?}"))),
@@ -693,6 +708,7 @@ impl RedisStore {
             dead_lettered_at_ms: opt_i64(&fields[8], "dead-lettered time")?,
             dead_letter_reason: opt_string(&fields[9])?,
             fallback: fallback_of(&fields[10])?,
+            ordering: ordering_of(&fields[11], &fields[12])?,
             attempts,
         }))
     }
@@ -763,6 +779,7 @@ impl RedisStore {
                     .arg(format!("{}:ev:{id}", self.inner.prefix))
                     .arg(&[
                         "type", "queue", "target", "trace", "dlr", "made", "last", "recv", "dla",
+                        "okey", "oseq",
                     ]);
             }
             let rows: Vec<Vec<Value>> =
@@ -771,7 +788,7 @@ impl RedisStore {
                 })
                 .await?;
             for (id, f) in ids.into_iter().zip(rows) {
-                if f.len() != 9 || f[0] == Value::Nil {
+                if f.len() != 11 || f[0] == Value::Nil {
                     // Purged between the two reads.
                     continue;
                 }
@@ -795,6 +812,7 @@ impl RedisStore {
                     last_error,
                     received_at_ms: int(&f[7], "received time")?,
                     dead_lettered_at_ms: int(&f[8], "dead-lettered time")?,
+                    ordering: ordering_of(&f[9], &f[10])?,
                 });
                 if items.len() > limit {
                     break;
@@ -1083,13 +1101,14 @@ impl Store for RedisStore {
                     inv.invoke_async(&mut conn).await.map_err(unavailable)
                 })
                 .await?;
-            let [ready, delayed, in_flight, dead, oldest] = v[..] else {
+            let [ready, delayed, in_flight, dead, oldest, held] = v[..] else {
                 return Err(corrupt(format!("stats answered {v:?}")));
             };
             let count = |n: i64| u64::try_from(n).unwrap_or(0);
             Ok(QueueStats {
                 ready: count(ready),
                 delayed: count(delayed),
+                held: count(held),
                 in_flight: count(in_flight),
                 dead_lettered: count(dead),
                 oldest_ready_age_ms: if oldest < 0 {

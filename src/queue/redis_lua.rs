@@ -25,6 +25,33 @@ local function drop_entry(stream, sid)
   redis.pcall('XACK', stream, G, sid)
   redis.call('XDEL', stream, sid)
 end
+-- Ordering keys of queue q: 'okseq' (key -> last sequence) and 'okact' (key -> the event
+-- pending or leased now) are hashes; each busy key's held events wait in a sorted set by
+-- sequence. The queue name is length-prefixed so no queue and key pair names another's set.
+local function held_set(q, okey) return P .. ':okh:' .. #q .. ':' .. q .. ':' .. okey end
+local function hold(id, q, okey, seq)
+  redis.call('HSET', ev(id), 'state', 'h')
+  redis.call('ZADD', held_set(q, okey), seq, id)
+  redis.call('INCR', qk(q, 'held'))
+end
+-- The key's current event is delivered or dead-lettered: the next held one (lowest sequence)
+-- becomes pending, due at once (or at its own due time if that is past: it waited that long),
+-- and the key's current event; with none held the key is free.
+local function release_next(q, okey, now)
+  local set = held_set(q, okey)
+  local nxt = redis.call('ZRANGE', set, 0, 0)[1]
+  if not nxt then
+    redis.call('HDEL', qk(q, 'okact'), okey)
+    return
+  end
+  redis.call('ZREM', set, nxt)
+  redis.call('DECR', qk(q, 'held'))
+  redis.call('HSET', qk(q, 'okact'), okey, nxt)
+  local due = redis.call('HGET', ev(nxt), 'due')
+  if not due or tonumber(due) > tonumber(now) then due = now end
+  redis.call('HSET', ev(nxt), 'state', 'p', 'due', due)
+  redis.call('ZADD', qk(q, 'delayed'), due, nxt)
+end
 "#;
 
 /// `ARGV`: prefix, id, queue, max_depth, received_at, due_at, idempotency key ('' for none),
@@ -52,7 +79,20 @@ local key = ev(id)
 if redis.call('EXISTS', key) == 1 then return {'exists'} end
 redis.call('HSET', key, unpack(ARGV, 11))
 redis.call('INCR', qk(q, 'depth'))
-if due <= recv then
+-- An ordering key ('okey' among the fields) takes the key's next sequence; a key with an
+-- event pending or leased holds this one back.
+local okey = redis.call('HGET', key, 'okey')
+local held = false
+if okey then
+  local seq = redis.call('HINCRBY', qk(q, 'okseq'), okey, 1)
+  redis.call('HSET', key, 'oseq', seq)
+  if redis.call('HSETNX', qk(q, 'okact'), okey, id) == 0 then
+    hold(id, q, okey, seq)
+    held = true
+  end
+end
+if held then
+elseif due <= recv then
   to_ready(id, q)
 else
   redis.call('HSET', key, 'state', 'p')
@@ -96,6 +136,8 @@ local function expired(id, sid)
   redis.call('DECR', qk(q, 'depth'))
   redis.call('INCR', qk(q, 'dead'))
   redis.call('ZADD', P .. ':dlq', 0, member)
+  local okey = redis.call('HGET', key, 'okey')
+  if okey then release_next(q, okey, ARGV[3]) end
   return true
 end
 local function lease_it(id, due)
@@ -105,9 +147,9 @@ local function lease_it(id, due)
   redis.call('HSET', key, 'state', 'f', 'tok', tok, 'until', until_s)
   redis.call('ZADD', leased, until_s, id)
   local f = redis.call('HMGET', key, 'type', 'queue', 'target', 'ct', 'trace', 'ikey', 'sig',
-    'timeout', 'delays', 'jitter', 'made', 'body')
+    'timeout', 'delays', 'jitter', 'made', 'body', 'okey', 'oseq')
   local entry = {id, tok, due}
-  for i = 1, 12 do entry[#entry + 1] = f[i] end
+  for i = 1, 14 do entry[#entry + 1] = f[i] end
   out[#out + 1] = entry
 end
 if limit <= 0 then return out end
@@ -235,17 +277,19 @@ if kind ~= 'defer' then
     redis.call('HSET', key, 'last', ARGV[9])
   end
 end
-if kind == 'delivered' then
-  redis.call('HSET', key, 'state', 'd', 'dlv', ARGV[6])
+if kind == 'delivered' or kind == 'dead' then
+  if kind == 'delivered' then
+    redis.call('HSET', key, 'state', 'd', 'dlv', ARGV[6])
+    redis.call('ZADD', P .. ':delivered', ARGV[6], id)
+  else
+    redis.call('HSET', key, 'state', 'x', 'dla', ARGV[6], 'dlr', ARGV[7], 'dlm', ARGV[8])
+    redis.call('INCR', qk(q, 'dead'))
+    redis.call('ZADD', P .. ':dlq', 0, ARGV[8])
+  end
   redis.call('HDEL', key, 'due')
   redis.call('DECR', qk(q, 'depth'))
-  redis.call('ZADD', P .. ':delivered', ARGV[6], id)
-elseif kind == 'dead' then
-  redis.call('HSET', key, 'state', 'x', 'dla', ARGV[6], 'dlr', ARGV[7], 'dlm', ARGV[8])
-  redis.call('HDEL', key, 'due')
-  redis.call('DECR', qk(q, 'depth'))
-  redis.call('INCR', qk(q, 'dead'))
-  redis.call('ZADD', P .. ':dlq', 0, ARGV[8])
+  local okey = redis.call('HGET', key, 'okey')
+  if okey then release_next(q, okey, ARGV[6]) end
 else
   redis.call('HSET', key, 'state', 'p', 'due', ARGV[5])
   redis.call('ZADD', qk(q, 'delayed'), ARGV[5], id)
@@ -303,14 +347,20 @@ local out = {}
 for i = 3, #ARGV do
   local id = ARGV[i]
   local key = ev(id)
-  local st = redis.call('HMGET', key, 'state', 'queue', 'dlm')
+  local st = redis.call('HMGET', key, 'state', 'queue', 'dlm', 'okey', 'oseq')
   if st[1] == 'x' then
     local q = st[2]
     if st[3] then redis.call('ZREM', P .. ':dlq', st[3]) end
     redis.call('HDEL', key, 'dla', 'dlr', 'dlm', 'lx')
     -- A new round: the attempt count restarts; the old attempts stay as history.
     redis.call('HSET', key, 'state', 'p', 'due', ARGV[2], 'made', 0)
-    redis.call('ZADD', qk(q, 'delayed'), ARGV[2], id)
+    -- A keyed dead letter keeps its sequence: it goes at once if its key is free, else waits
+    -- its turn behind the key's current event, ahead of the key's later held events.
+    if st[4] and redis.call('HSETNX', qk(q, 'okact'), st[4], id) == 0 then
+      hold(id, q, st[4], st[5])
+    else
+      redis.call('ZADD', qk(q, 'delayed'), ARGV[2], id)
+    end
     -- Replay is an operator's decision and is not refused at max_depth.
     redis.call('INCR', qk(q, 'depth'))
     redis.call('DECR', qk(q, 'dead'))
@@ -379,8 +429,8 @@ local function unread(stream)
 end
 "#;
 
-/// `ARGV`: prefix, queue, now. Returns `{ready, delayed, in_flight, dead, oldest_ready_due}`
-/// with -1 for "no ready event".
+/// `ARGV`: prefix, queue, now. Returns `{ready, delayed, in_flight, dead, oldest_ready_due,
+/// held}` with -1 for "no ready event".
 const STATS: &str = r#"
 local q, now = ARGV[2], ARGV[3]
 local delayed = qk(q, 'delayed')
@@ -394,7 +444,8 @@ if due_ready > 0 then
 end
 local inflight = redis.call('ZCARD', qk(q, 'leased'))
 local dead = tonumber(redis.call('GET', qk(q, 'dead')) or '0')
-return {count + due_ready, waiting, inflight, dead, oldest or -1}
+local held = tonumber(redis.call('GET', qk(q, 'held')) or '0')
+return {count + due_ready, waiting, inflight, dead, oldest or -1, held}
 "#;
 
 /// `ARGV`: prefix, queue. Returns the earliest due time (ready, delayed or lease expiry), or

@@ -65,8 +65,8 @@ pub use schema::SCHEMA_VERSION;
 
 use super::{
     AttemptRecord, ClaimedEvent, DeadLetter, Disposition, DlqFilter, EnqueueOutcome, EventRecord,
-    EventState, FallbackReason, FallbackRecord, IdempotencyClaim, NewEvent, Page, QueueStats,
-    Reconciliation, SignatureScheme, Store, StoreError, StoreFuture, UnixMillis,
+    EventState, FallbackReason, FallbackRecord, IdempotencyClaim, KeySequence, NewEvent, Page,
+    QueueStats, Reconciliation, SignatureScheme, Store, StoreError, StoreFuture, UnixMillis,
     LEASE_EXPIRED_REASON, MAX_LEASE_EXPIRIES,
 };
 
@@ -78,6 +78,8 @@ const PENDING: i64 = 0;
 const IN_FLIGHT: i64 = 1;
 const DELIVERED: i64 = 2;
 const DEAD_LETTERED: i64 = 3;
+/// Waiting for an earlier event of its ordering key; outside the claim index (`state < 2`).
+const HELD: i64 = 4;
 
 /// Rows handled per purge / replay step, so a large purge is many short transactions that
 /// enqueues can interleave with instead of one long one that stalls ingress.
@@ -119,13 +121,20 @@ const COUNT_DELAYED: &str = "SELECT COUNT(*) FROM events
 /// Leased events of a queue.
 const COUNT_IN_FLIGHT: &str =
     "SELECT COUNT(*) FROM events WHERE queue = ?1 AND state = 1 AND state < 2";
+/// Events of a queue held behind an earlier event of their key (index `events_held`).
+const COUNT_HELD: &str = "SELECT COUNT(*) FROM events WHERE queue = ?1 AND state = 4";
+/// The next event of an ordering key, lowest sequence first (index `events_held`).
+const NEXT_HELD: &str =
+    "SELECT rid FROM events WHERE queue = ?1 AND ordering_key = ?2 AND state = 4
+     ORDER BY sequence LIMIT 1";
 /// Dead letters of a queue (index `events_dead_queue`).
 const COUNT_DEAD: &str = "SELECT COUNT(*) FROM events WHERE queue = ?1 AND state = 3";
 
 /// One page of dead letters, newest first (see `read_dead_letters` for the parameters).
 const DLQ_PAGE: &str =
     "SELECT e.id, p.event_type, e.queue, p.target, p.trace_id, e.dead_letter_reason,
-            e.attempts_made, a.status, a.error, p.received_at, e.dead_lettered_at
+            e.attempts_made, a.status, a.error, p.received_at, e.dead_lettered_at,
+            e.ordering_key, e.sequence
      FROM events e
      JOIN event_payloads p ON p.rid = e.rid
      LEFT JOIN attempts a
@@ -278,12 +287,28 @@ fn get_fallback(row: &Row<'_>, idx: usize) -> rusqlite::Result<Option<FallbackRe
     .transpose()
 }
 
+/// An event's key and sequence from two columns (both NULL for an unkeyed event).
+fn get_ordering(
+    row: &Row<'_>,
+    key: usize,
+    sequence: usize,
+) -> rusqlite::Result<Option<KeySequence>> {
+    match row.get::<_, Option<String>>(key)? {
+        None => Ok(None),
+        Some(key_value) => Ok(Some(KeySequence {
+            key: key_value,
+            sequence: get_u64(row, sequence)?,
+        })),
+    }
+}
+
 fn get_state(row: &Row<'_>, idx: usize) -> rusqlite::Result<EventState> {
     match row.get::<_, i64>(idx)? {
         PENDING => Ok(EventState::Pending),
         IN_FLIGHT => Ok(EventState::InFlight),
         DELIVERED => Ok(EventState::Delivered),
         DEAD_LETTERED => Ok(EventState::DeadLettered),
+        HELD => Ok(EventState::Held),
         other => Err(corrupt_col(idx, format!("unknown event state {other}"))),
     }
 }
@@ -380,8 +405,9 @@ fn open_reader(path: &Path, options: &SqliteOptions) -> Result<Connection, Store
 }
 
 fn load_depths(conn: &Connection) -> Result<HashMap<String, u64>, StoreError> {
-    let mut stmt =
-        conn.prepare("SELECT queue, COUNT(*) FROM events WHERE state < 2 GROUP BY queue")?;
+    let mut stmt = conn.prepare(
+        "SELECT queue, COUNT(*) FROM events WHERE state < 2 OR state = 4 GROUP BY queue",
+    )?;
     let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, get_u64(r, 1)?)))?;
     let mut depths = HashMap::new();
     for row in rows {
@@ -1053,9 +1079,48 @@ fn tx_enqueue(
     ws.check_room(conn)?;
     let delays = serde_json::to_string(&ev.retry_delays_ms)
         .map_err(|e| StoreError::Corrupt(format!("cannot encode retry delays: {e}")))?;
-    conn.prepare_cached("INSERT INTO events (id, queue, state, due_at) VALUES (?1, ?2, 0, ?3)")?
-        .execute(params![ev.id, ev.queue, ev.due_at_ms])?;
+    // The key's place is read before the first write; a key with an event pending or leased
+    // holds this one back.
+    let ordering = match &ev.ordering_key {
+        None => None,
+        Some(key) => {
+            let row: Option<(i64, Option<i64>)> = conn
+                .prepare_cached(
+                    "SELECT last_seq, active_rid FROM ordering_keys WHERE queue = ?1 AND key = ?2",
+                )?
+                .query_row(params![ev.queue, key], |r| Ok((r.get(0)?, r.get(1)?)))
+                .optional()?;
+            let (last_seq, busy) =
+                row.map_or((0, false), |(last, active)| (last, active.is_some()));
+            Some((key, last_seq + 1, busy))
+        }
+    };
+    let state = match ordering {
+        Some((_, _, true)) => HELD,
+        _ => PENDING,
+    };
+    conn.prepare_cached(
+        "INSERT INTO events (id, queue, state, due_at, ordering_key, sequence)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+    )?
+    .execute(params![
+        ev.id,
+        ev.queue,
+        state,
+        ev.due_at_ms,
+        ordering.map(|(key, _, _)| key),
+        ordering.map(|(_, seq, _)| seq)
+    ])?;
     let rid = conn.last_insert_rowid();
+    if let Some((key, seq, _)) = ordering {
+        conn.prepare_cached(
+            "INSERT INTO ordering_keys (queue, key, last_seq, active_rid) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT (queue, key)
+             DO UPDATE SET last_seq = excluded.last_seq,
+                           active_rid = COALESCE(active_rid, excluded.active_rid)",
+        )?
+        .execute(params![ev.queue, key, seq, rid])?;
+    }
     conn.prepare_cached(
         "INSERT INTO event_payloads (rid, event_type, target, content_type, trace_id,
              idempotency_key, signature, timeout_ms, retry_delays_ms, jitter, received_at,
@@ -1109,6 +1174,7 @@ struct ClaimedState {
     id: String,
     queue: String,
     attempts_made: u32,
+    ordering: Option<KeySequence>,
 }
 
 fn claimed_from_row(
@@ -1138,6 +1204,7 @@ fn claimed_from_row(
         attempt: state.attempts_made.saturating_add(1),
         lease_token,
         lease_until_ms,
+        ordering: state.ordering,
     })
 }
 
@@ -1164,7 +1231,8 @@ fn tx_claim(
     // decode fails the claim while it has changed nothing, which is what lets claims run
     // without a savepoint (see `JobKind::needs_savepoint`).
     let mut state_row = conn.prepare_cached(
-        "SELECT id, queue, attempts_made, lease_expiries, round FROM events WHERE rid = ?1",
+        "SELECT id, queue, attempts_made, lease_expiries, round, ordering_key, sequence
+         FROM events WHERE rid = ?1",
     )?;
     let mut payload = conn.prepare_cached(&format!(
         "SELECT {PAYLOAD_COLUMNS} FROM event_payloads WHERE rid = ?1"
@@ -1177,6 +1245,7 @@ fn tx_claim(
                     id: row.get(0)?,
                     queue: row.get(1)?,
                     attempts_made: get_u32(row, 2)?,
+                    ordering: get_ordering(row, 5, 6)?,
                 },
                 row.get::<_, i64>(3)?,
                 row.get::<_, i64>(4)?,
@@ -1265,7 +1334,36 @@ fn dead_letter_expired(
         now_ms,
         LEASE_EXPIRED_REASON
     ])?;
+    if let Some(ordering) = &state.ordering {
+        release_next_of_key(conn, &state.queue, &ordering.key, now_ms)?;
+    }
     ws.adjust(&state.queue, -1);
+    Ok(())
+}
+
+/// The key's current event is delivered or dead-lettered: its next held event (lowest
+/// sequence) becomes pending, due at once, and the key's current event; a key with none held
+/// is free, so its next enqueue is pending at once.
+fn release_next_of_key(
+    conn: &Connection,
+    queue: &str,
+    key: &str,
+    now_ms: UnixMillis,
+) -> Result<(), StoreError> {
+    let next: Option<i64> = conn
+        .prepare_cached(NEXT_HELD)?
+        .query_row(params![queue, key], |r| r.get(0))
+        .optional()?;
+    if let Some(rid) = next {
+        // Its own due time if already past (it has waited that long: claims go oldest due
+        // first), else now.
+        conn.prepare_cached(
+            "UPDATE events SET state = 0, due_at = MIN(COALESCE(due_at, ?1), ?1) WHERE rid = ?2",
+        )?
+        .execute(params![now_ms, rid])?;
+    }
+    conn.prepare_cached("UPDATE ordering_keys SET active_rid = ?3 WHERE queue = ?1 AND key = ?2")?
+        .execute(params![queue, key, next])?;
     Ok(())
 }
 
@@ -1297,19 +1395,19 @@ fn tx_complete(
     // No savepoint (see `JobKind::needs_savepoint`): what RETURNING decodes, the claim that
     // issued this lease decoded already, so after this write only a SQLite error can fail.
     let by_rid = lease_rid(lease_token);
-    let updated: Option<(String, i64, i64)> = conn
+    let updated: Option<(String, i64, i64, Option<String>)> = conn
         .prepare_cached(if by_rid.is_some() {
             "UPDATE events SET state = ?1, due_at = ?2, lease_token = NULL, lease_expiries = 0,
                  attempts_made = attempts_made + ?3, delivered_at = ?4, dead_lettered_at = ?5,
                  dead_letter_reason = ?6, deferred_by = ?10
              WHERE rid = ?9 AND id = ?7 AND state = 1 AND lease_token = ?8
-             RETURNING queue, attempts_made, round"
+             RETURNING queue, attempts_made, round, ordering_key"
         } else {
             "UPDATE events SET state = ?1, due_at = ?2, lease_token = NULL, lease_expiries = 0,
                  attempts_made = attempts_made + ?3, delivered_at = ?4, dead_lettered_at = ?5,
                  dead_letter_reason = ?6, deferred_by = ?10
              WHERE id = ?7 AND state = 1 AND lease_token = ?8 AND ?9 IS NULL
-             RETURNING queue, attempts_made, round"
+             RETURNING queue, attempts_made, round, ordering_key"
         })?
         .query_row(
             params![
@@ -1324,10 +1422,10 @@ fn tx_complete(
                 by_rid,
                 deferred_by
             ],
-            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
         )
         .optional()?;
-    let Some((queue, attempts_made, round)) = updated else {
+    let Some((queue, attempts_made, round, ordering_key)) = updated else {
         return Ok(false);
     };
     if counts {
@@ -1350,6 +1448,9 @@ fn tx_complete(
         }
     }
     if state == DELIVERED || state == DEAD_LETTERED {
+        if let Some(key) = ordering_key {
+            release_next_of_key(conn, &queue, &key, now_ms)?;
+        }
         ws.adjust(&queue, -1);
     }
     Ok(true)
@@ -1399,14 +1500,33 @@ fn tx_replay(
              lease_expiries = 0, round = round + 1, dead_lettered_at = NULL,
              dead_letter_reason = NULL
          WHERE id = ?2 AND state = 3
-         RETURNING queue",
+         RETURNING queue, rid, ordering_key, sequence",
     )?;
+    // A keyed dead letter keeps its sequence: it goes first if its key is free, else waits
+    // (held) until the key's current event is done, before the key's later held events.
+    let mut take_key = conn.prepare_cached(
+        "INSERT INTO ordering_keys (queue, key, last_seq, active_rid) VALUES (?1, ?2, ?3, ?4)
+         ON CONFLICT (queue, key) DO UPDATE SET active_rid = COALESCE(active_rid, excluded.active_rid)
+         RETURNING active_rid",
+    )?;
+    let mut hold = conn.prepare_cached("UPDATE events SET state = 4 WHERE rid = ?1")?;
     let mut replayed = Vec::new();
     for id in ids {
-        let queue: Option<String> = stmt
-            .query_row(params![now_ms, id], |r| r.get(0))
+        let row: Option<(String, i64, Option<String>, Option<i64>)> = stmt
+            .query_row(params![now_ms, id], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+            })
             .optional()?;
-        if let Some(queue) = queue {
+        if let Some((queue, rid, key, sequence)) = row {
+            if let Some(key) = key {
+                let active: i64 = take_key
+                    .query_row(params![queue, key, sequence.unwrap_or(0), rid], |r| {
+                        r.get(0)
+                    })?;
+                if active != rid {
+                    hold.execute(params![rid])?;
+                }
+            }
             // Replay is an operator's decision and is not refused at max_depth.
             ws.adjust(&queue, 1);
             replayed.push(id.clone());
@@ -1463,7 +1583,8 @@ fn read_event(conn: &mut Connection, id: &str) -> Result<Option<EventRecord>, St
     let record = tx
         .prepare_cached(
             "SELECT e.id, p.event_type, e.queue, p.target, p.trace_id, e.state, p.received_at,
-                    e.due_at, e.delivered_at, e.dead_lettered_at, e.dead_letter_reason, p.fallback
+                    e.due_at, e.delivered_at, e.dead_lettered_at, e.dead_letter_reason, p.fallback,
+                    e.ordering_key, e.sequence
              FROM events e JOIN event_payloads p ON p.rid = e.rid WHERE e.id = ?1",
         )?
         .query_row(params![id], |r| {
@@ -1486,6 +1607,7 @@ fn read_event(conn: &mut Connection, id: &str) -> Result<Option<EventRecord>, St
                 dead_lettered_at_ms: r.get(9)?,
                 dead_letter_reason: r.get(10)?,
                 fallback: get_fallback(r, 11)?,
+                ordering: get_ordering(r, 12, 13)?,
                 attempts: Vec::new(),
             })
         })
@@ -1570,6 +1692,7 @@ fn read_dead_letters(
                     last_error: r.get(8)?,
                     received_at_ms: r.get(9)?,
                     dead_lettered_at_ms: r.get(10)?,
+                    ordering: get_ordering(r, 11, 12)?,
                 })
             },
         )?
@@ -1643,6 +1766,9 @@ fn read_stats(
     let in_flight = tx
         .prepare_cached(COUNT_IN_FLIGHT)?
         .query_row(params![queue], |r| get_u64(r, 0))?;
+    let held = tx
+        .prepare_cached(COUNT_HELD)?
+        .query_row(params![queue], |r| get_u64(r, 0))?;
     let dead_lettered = tx
         .prepare_cached(COUNT_DEAD)?
         .query_row(params![queue], |r| get_u64(r, 0))?;
@@ -1652,6 +1778,7 @@ fn read_stats(
     Ok(QueueStats {
         ready,
         delayed,
+        held,
         in_flight,
         dead_lettered,
         oldest_ready_age_ms,
@@ -1898,6 +2025,8 @@ mod tests {
             (COUNT_DELAYED, "events_claim"),
             (COUNT_IN_FLIGHT, "events_claim"),
             (COUNT_DEAD, "events_dead_queue"),
+            (COUNT_HELD, "events_held"),
+            (NEXT_HELD, "events_held"),
         ] {
             let mut stmt = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
             let args: Vec<Box<dyn rusqlite::ToSql>> =
@@ -1916,8 +2045,8 @@ mod tests {
         }
     }
 
-    /// A schema 3 file (full claim index, no per-queue dead-letter index, no `deferred_by`)
-    /// is brought to the current version.
+    /// A schema 3 file (full claim index, no per-queue dead-letter index, no `deferred_by`,
+    /// no ordering keys) is brought to the current version.
     #[test]
     fn schema_3_gets_the_partial_claim_index() {
         let mut conn = Connection::open_in_memory().unwrap();
@@ -1927,6 +2056,10 @@ mod tests {
              DROP INDEX events_dead_queue;
              DROP INDEX events_deferred;
              ALTER TABLE events DROP COLUMN deferred_by;
+             DROP INDEX events_held;
+             ALTER TABLE events DROP COLUMN ordering_key;
+             ALTER TABLE events DROP COLUMN sequence;
+             DROP TABLE ordering_keys;
              CREATE INDEX events_claim ON events(queue, state, due_at);
              PRAGMA user_version = 3;",
         )
@@ -1946,6 +2079,9 @@ mod tests {
             .ends_with("WHERE state < 2"));
         assert!(index_sql("events_dead_queue").is_some());
         assert!(index_sql("events_deferred").is_some());
+        assert!(index_sql("events_held")
+            .unwrap()
+            .ends_with("WHERE state = 4"));
         let version: i64 = conn
             .query_row("PRAGMA user_version", [], |r| r.get(0))
             .unwrap();
@@ -1999,6 +2135,7 @@ mod tests {
             received_at_ms: 1000,
             due_at_ms: 1000,
             fallback: None,
+            ordering_key: None,
         }
     }
 

@@ -11,6 +11,10 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+pub mod ordering;
+
+pub use ordering::{OrderingKeyError, OrderingKeySource};
+
 use crate::secret::Redacted;
 use crate::signing::SignatureScheme;
 
@@ -151,6 +155,9 @@ pub struct Rule {
     /// Fraction of each delay applied as +/- jitter.
     pub jitter: f64,
     pub signature: SignatureScheme,
+    /// Async only: events with the same key are delivered one at a time in accept order.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ordering_key: Option<OrderingKeySource>,
     /// This rule's `events_received` counters.
     #[serde(skip)]
     pub metrics: Arc<crate::metrics::RuleMetrics>,
@@ -344,6 +351,7 @@ mod tests {
             retry_delays_ms: Arc::from(vec![10u64]),
             jitter: 0.0,
             signature: SignatureScheme::StandardWebhooks,
+            ordering_key: None,
             metrics: Default::default(),
         }
     }

@@ -6,8 +6,10 @@ use http::{Method, Request};
 use http_body_util::Full;
 
 use crate::headers::{
-    IDEMPOTENCY_KEY, TRACEPARENT, X_CALLBACK_MODE, X_DELIVERY_ATTEMPT, X_EVENT_TYPE, X_TRACE_ID,
+    IDEMPOTENCY_KEY, TRACEPARENT, X_CALLBACK_MODE, X_DELIVERY_ATTEMPT, X_EVENT_TYPE,
+    X_ORDERING_KEY, X_SEQUENCE, X_TRACE_ID,
 };
+use crate::queue::KeySequence;
 use crate::routing::{DeliveryMode, Target};
 use crate::signing::{SignatureScheme, Signer};
 
@@ -23,6 +25,8 @@ pub struct Envelope {
     /// The caller's key, else the event id is sent.
     pub idempotency_key: Option<String>,
     pub signature: SignatureScheme,
+    /// Async deliveries of a rule with `ordering_key`: sent as `X-Ordering-Key`/`X-Sequence`.
+    pub ordering: Option<KeySequence>,
 }
 
 /// Builds the signed request for one attempt. `timestamp_secs` is the attempt's time.
@@ -89,6 +93,13 @@ pub fn build(
     }
     headers.insert(X_CALLBACK_MODE, HeaderValue::from_static(mode.as_str()));
     headers.insert(X_DELIVERY_ATTEMPT, attempt_value(attempt));
+    if let Some(ordering) = &envelope.ordering {
+        // Keys were checked at ingress to be printable ASCII, so this cannot fail either.
+        if let Ok(key) = HeaderValue::from_str(&ordering.key) {
+            headers.insert(X_ORDERING_KEY, key);
+            headers.insert(X_SEQUENCE, HeaderValue::from(ordering.sequence));
+        }
+    }
     request
 }
 
@@ -141,6 +152,7 @@ mod tests {
             trace_id: trace_id.into(),
             idempotency_key: idempotency_key.map(str::to_string),
             signature: SignatureScheme::StandardWebhooks,
+            ordering: None,
         }
     }
 

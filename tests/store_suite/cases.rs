@@ -11,8 +11,8 @@ use std::sync::Arc;
 use bytes::Bytes;
 use hookyard::queue::{
     AttemptRecord, ClaimedEvent, Disposition, DlqFilter, EnqueueOutcome, EventState,
-    FallbackReason, IdempotencyClaim, NewEvent, QueueStats, Reconciliation, SignatureScheme, Store,
-    StoreError, UnixMillis, LEASE_EXPIRED_REASON, MAX_LEASE_EXPIRIES,
+    FallbackReason, IdempotencyClaim, KeySequence, NewEvent, QueueStats, Reconciliation,
+    SignatureScheme, Store, StoreError, UnixMillis, LEASE_EXPIRED_REASON, MAX_LEASE_EXPIRIES,
 };
 
 /// An arbitrary fixed epoch for the test clock.
@@ -47,6 +47,7 @@ pub fn event(id: &str, event_type: &str, queue: &str, at: UnixMillis) -> NewEven
         received_at_ms: at,
         due_at_ms: at,
         fallback: None,
+        ordering_key: None,
     }
 }
 
@@ -1262,6 +1263,7 @@ pub async fn stats_gauges(store: &dyn Store) {
         QueueStats {
             ready: 2,
             delayed: 2,
+            held: 0,
             in_flight: 0,
             dead_lettered: 0,
             oldest_ready_age_ms: 50,
@@ -1289,6 +1291,7 @@ pub async fn stats_gauges(store: &dyn Store) {
         QueueStats {
             ready: 1,
             delayed: 1,
+            held: 0,
             in_flight: 1,
             dead_lettered: 1,
             oldest_ready_age_ms: 100,
@@ -1516,4 +1519,179 @@ where
     let c = claim_one(&*store, "q", T0).await;
     assert_eq!(c.body, body_of("evt_durable"));
     store.close().await.unwrap();
+}
+
+/// An event of ordering key `key`.
+fn keyed(id: &str, key: &str, queue: &str, at: UnixMillis) -> NewEvent {
+    let mut ev = event(id, "t", queue, at);
+    ev.ordering_key = Some(key.to_owned());
+    ev
+}
+
+fn seq(key: &str, sequence: u64) -> Option<KeySequence> {
+    Some(KeySequence {
+        key: key.to_owned(),
+        sequence,
+    })
+}
+
+async fn finish(store: &dyn Store, c: &ClaimedEvent, disposition: Disposition, at: UnixMillis) {
+    assert!(store
+        .complete(
+            &c.id,
+            &c.lease_token,
+            Some(attempt(c.attempt, at, Some(200), None)),
+            disposition,
+            at
+        )
+        .await
+        .unwrap());
+}
+
+/// Events of one key go one at a time in sequence; a retrying head holds back its key only;
+/// delivering or dead-lettering it releases the next; a replayed dead letter keeps its
+/// sequence and waits its turn ahead of later events; keys are scoped per queue.
+pub async fn ordering_keys_hand_out_one_event_per_key_in_sequence(store: &dyn Store) {
+    enqueue_ok(store, keyed("a1", "A", "q", T0)).await;
+    enqueue_ok(store, keyed("a2", "A", "q", T0 + 1)).await;
+    enqueue_ok(store, keyed("b1", "B", "q", T0 + 2)).await;
+    enqueue_ok(store, event("u1", "t", "q", T0 + 3)).await;
+    enqueue_ok(store, keyed("a3", "A", "q", T0 + 4)).await;
+    // The same key in another queue is another key.
+    enqueue_ok(store, keyed("x1", "A", "other", T0)).await;
+
+    let stats = store.stats("q", T0 + 10).await.unwrap();
+    assert_eq!((stats.ready, stats.held), (3, 2), "{stats:?}");
+    assert_eq!(
+        store.event("a2").await.unwrap().unwrap().state,
+        EventState::Held
+    );
+    let first = store.claim_due("q", T0 + 10, 10, LEASE).await.unwrap();
+    assert_eq!(ids(&first), ["a1", "b1", "u1"]);
+    assert_eq!(first[0].ordering, seq("A", 1));
+    assert_eq!(first[1].ordering, seq("B", 1));
+    assert_eq!(first[2].ordering, None);
+    let x1 = claim_one(store, "other", T0).await;
+    assert_eq!(x1.ordering, seq("A", 1));
+
+    // a1 fails and retries later: A waits, B and unkeyed events go on.
+    let a1 = &first[0];
+    finish(
+        store,
+        a1,
+        Disposition::Retry {
+            due_at_ms: T0 + 100,
+        },
+        T0 + 20,
+    )
+    .await;
+    finish(store, &first[1], Disposition::Delivered, T0 + 20).await;
+    enqueue_ok(store, keyed("b2", "B", "q", T0 + 30)).await;
+    assert_eq!(ids(&claim(store, "q", T0 + 50).await), ["b2"]);
+    let a1 = claim_one(store, "q", T0 + 100).await;
+    assert_eq!(
+        (a1.id.as_str(), a1.attempt, a1.ordering.clone()),
+        ("a1", 2, seq("A", 1))
+    );
+    assert!(
+        claim(store, "q", T0 + 100).await.is_empty(),
+        "a2 waits while a1 is leased"
+    );
+
+    // Delivered: a2 is next, due at once.
+    finish(store, &a1, Disposition::Delivered, T0 + 110).await;
+    let a2 = claim_one(store, "q", T0 + 110).await;
+    assert_eq!((a2.id.as_str(), a2.ordering.clone()), ("a2", seq("A", 2)));
+    // Dead-lettered: a3 goes on without it, and the DLQ says what a2 held.
+    finish(
+        store,
+        &a2,
+        Disposition::DeadLetter {
+            reason: "exhausted".into(),
+        },
+        T0 + 120,
+    )
+    .await;
+    let dlq = store
+        .list_dead_letters(DlqFilter::default(), None, 10)
+        .await
+        .unwrap();
+    assert_eq!(dlq_ids(&dlq), ["a2"]);
+    assert_eq!(dlq.items[0].ordering, seq("A", 2));
+    let a3 = claim_one(store, "q", T0 + 120).await;
+    assert_eq!((a3.id.as_str(), a3.ordering.clone()), ("a3", seq("A", 3)));
+    enqueue_ok(store, keyed("a4", "A", "q", T0 + 130)).await;
+    assert_eq!(
+        store.event("a4").await.unwrap().unwrap().ordering,
+        seq("A", 4)
+    );
+
+    // Replayed while a3 is leased: a2 keeps sequence 2 and waits, ahead of a4.
+    assert_eq!(
+        store.replay(vec!["a2".into()], T0 + 140).await.unwrap(),
+        ["a2"]
+    );
+    assert_eq!(
+        store.event("a2").await.unwrap().unwrap().state,
+        EventState::Held
+    );
+    assert!(claim(store, "q", T0 + 140).await.is_empty());
+    finish(store, &a3, Disposition::Delivered, T0 + 150).await;
+    let again = claim_one(store, "q", T0 + 150).await;
+    assert_eq!(
+        (again.id.as_str(), again.attempt, again.ordering.clone()),
+        ("a2", 1, seq("A", 2))
+    );
+    finish(store, &again, Disposition::Delivered, T0 + 160).await;
+    let a4 = claim_one(store, "q", T0 + 160).await;
+    assert_eq!(a4.id, "a4");
+    finish(store, &a4, Disposition::Delivered, T0 + 170).await;
+
+    // The key is free again: its next event is pending at once, and the sequence goes on.
+    enqueue_ok(store, keyed("a5", "A", "q", T0 + 180)).await;
+    let a5 = claim_one(store, "q", T0 + 180).await;
+    assert_eq!(a5.ordering, seq("A", 5));
+    // u1, b2 (never completed here) and a5 are leased; nothing waits.
+    let stats = store.stats("q", T0 + 180).await.unwrap();
+    assert_eq!(
+        (stats.held, stats.in_flight, stats.ready),
+        (0, 3, 0),
+        "{stats:?}"
+    );
+    let record = store.event("a5").await.unwrap().unwrap();
+    assert_eq!(record.ordering, seq("A", 5));
+}
+
+/// A key's head whose leases keep running out is dead-lettered by the claim that finds the
+/// last expiry; that releases the key's next event, and a graceful release keeps the head.
+pub async fn ordering_key_head_dead_lettered_by_expiry_releases_the_next(store: &dyn Store) {
+    const LEASE_MS: u64 = 1000;
+    let max = i64::from(MAX_LEASE_EXPIRIES);
+    enqueue_ok(store, keyed("k1", "K", "q", T0)).await;
+    enqueue_ok(store, keyed("k2", "K", "q", T0)).await;
+    // Handed back at shutdown: still the key's head, k2 still waits.
+    let c = claim_one(store, "q", T0).await;
+    store
+        .release(vec![(c.id.clone(), c.lease_token.clone())], T0)
+        .await
+        .unwrap();
+    for i in 0..max {
+        let got = store
+            .claim_due("q", T0 + i * LEASE_MS as i64, 10, LEASE_MS)
+            .await
+            .unwrap();
+        assert_eq!(ids(&got), ["k1"], "claim {i}");
+    }
+    let at = T0 + max * LEASE_MS as i64;
+    let got = store.claim_due("q", at, 10, LEASE_MS).await.unwrap();
+    assert_eq!(
+        store.event("k1").await.unwrap().unwrap().state,
+        EventState::DeadLettered
+    );
+    // Released by that same claim, k2 is due at once: this claim or the next hands it out.
+    let k2 = match got.first() {
+        Some(c) => c.clone(),
+        None => claim_one(store, "q", at).await,
+    };
+    assert_eq!((k2.id.as_str(), k2.ordering.clone()), ("k2", seq("K", 2)));
 }

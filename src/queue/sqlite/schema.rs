@@ -30,6 +30,15 @@
 //! once; at startup every such event is made due, since the breaker that deferred it is gone.
 //! The partial index holds only the few events deferred right now.
 //!
+//! # Version 6: ordering keys
+//!
+//! `events.ordering_key` and `events.sequence` place an event in its key (per queue), and
+//! `ordering_keys` holds each key's last sequence and its current event (`active_rid`: the one
+//! pending or leased now). Later events of a busy key are stored in state 4 (held), outside
+//! the claim index, so a claim never even reads them; `events_held` finds the next in sequence
+//! when the current one is delivered or dead-lettered. A key's row outlives its events so its
+//! sequence never restarts.
+//!
 //! # Version 3: lease expiries counted
 //!
 //! `events.lease_expiries` counts the leases of an event that ran out without a result since
@@ -42,7 +51,7 @@ use rusqlite::{Connection, TransactionBehavior};
 use crate::queue::StoreError;
 
 /// The schema version this build writes; stored in `PRAGMA user_version`.
-pub const SCHEMA_VERSION: i64 = 5;
+pub const SCHEMA_VERSION: i64 = 6;
 
 /// The current schema, for a new file.
 ///
@@ -62,10 +71,21 @@ CREATE TABLE events (
     dead_lettered_at   INTEGER,
     dead_letter_reason TEXT,
     lease_expiries     INTEGER NOT NULL DEFAULT 0,
-    deferred_by        TEXT
+    deferred_by        TEXT,
+    ordering_key       TEXT,
+    sequence           INTEGER
 );
 CREATE INDEX events_claim ON events(queue, state, due_at) WHERE state < 2;
 CREATE INDEX events_deferred ON events(deferred_by) WHERE deferred_by IS NOT NULL;
+CREATE INDEX events_held ON events(queue, ordering_key, sequence) WHERE state = 4;
+
+CREATE TABLE ordering_keys (
+    queue       TEXT NOT NULL,
+    key         TEXT NOT NULL,
+    last_seq    INTEGER NOT NULL,
+    active_rid  INTEGER,
+    PRIMARY KEY (queue, key)
+) WITHOUT ROWID;
 CREATE INDEX events_dead_queue ON events(queue) WHERE state = 3;
 CREATE INDEX events_dlq ON events(dead_lettered_at, id) WHERE state = 3;
 CREATE INDEX events_delivered ON events(delivered_at) WHERE state = 2;
@@ -193,13 +213,28 @@ ALTER TABLE events ADD COLUMN deferred_by TEXT;
 CREATE INDEX events_deferred ON events(deferred_by) WHERE deferred_by IS NOT NULL;
 ";
 
+/// Version 5 to 6: ordering keys. Existing events have none.
+const MIGRATE_5_TO_6: &str = "
+ALTER TABLE events ADD COLUMN ordering_key TEXT;
+ALTER TABLE events ADD COLUMN sequence INTEGER;
+CREATE INDEX events_held ON events(queue, ordering_key, sequence) WHERE state = 4;
+CREATE TABLE ordering_keys (
+    queue       TEXT NOT NULL,
+    key         TEXT NOT NULL,
+    last_seq    INTEGER NOT NULL,
+    active_rid  INTEGER,
+    PRIMARY KEY (queue, key)
+) WITHOUT ROWID;
+";
+
 /// `MIGRATIONS[i]` brings a file from version `i + 1` to `i + 2`; a file at version `v` runs
 /// every one from index `v - 1` on, in order.
-const MIGRATIONS: [&str; 4] = [
+const MIGRATIONS: [&str; 5] = [
     MIGRATE_1_TO_2,
     MIGRATE_2_TO_3,
     MIGRATE_3_TO_4,
     MIGRATE_4_TO_5,
+    MIGRATE_5_TO_6,
 ];
 const _: () = assert!(
     MIGRATIONS.len() as i64 == SCHEMA_VERSION - 1,
