@@ -127,6 +127,10 @@ pub struct ReceivedRequest {
     pub idempotency_key: Option<String>,
     /// `X-Event-Type` header.
     pub event_type: Option<String>,
+    /// `X-Ordering-Key` header, on deliveries of a rule with an ordering key.
+    pub ordering_key: Option<String>,
+    /// `X-Sequence` header, as sent.
+    pub sequence: Option<String>,
     /// The body, unchanged.
     pub body: Bytes,
     /// The status the receiver answered (401 for a bad signature).
@@ -517,6 +521,8 @@ async fn handle_post(shared: &Shared, req: Request<Incoming>) -> Response<Full<B
         traceparent: header_string(headers, &hdr::TRACEPARENT),
         idempotency_key: header_string(headers, &hdr::IDEMPOTENCY_KEY),
         event_type: header_string(headers, &hdr::X_EVENT_TYPE),
+        ordering_key: header_string(headers, &hdr::X_ORDERING_KEY),
+        sequence: header_string(headers, &hdr::X_SEQUENCE),
         body,
         status: 0,
         duplicate: false,

@@ -15,6 +15,7 @@ mod edge;
 mod jobs;
 mod metrics;
 mod openapi;
+mod ordering;
 mod redis;
 mod reload;
 mod retry_policy;

@@ -724,3 +724,114 @@ fn redis_only_keys_are_rejected_for_sqlite() {
     assert_eq!(got.len(), 1, "{got:?}");
     assert!(got[0].2.contains("for kind: redis"), "{got:?}");
 }
+
+/// Ordering keys on two instances sharing one Redis, 30% random 5xx: each key's deliveries
+/// arrive strictly in accept order whichever instance accepted or delivers them (a key's
+/// current event is claimable by one instance at a time). Then one instance is SIGKILLed
+/// while it holds keys' current events: the survivor takes them over after their lease and
+/// finishes every key, still in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_keep_each_key_in_order_and_take_over_a_killed_ones_keys() {
+    let _heavy = HEAVY.lock().await;
+    let Some(redis) = RedisServer::start("it::redis::ordering_two_instances") else {
+        return;
+    };
+    let rx = receiver_with(ReceiverConfig {
+        fail_rate: 0.3,
+        fail_status: 503,
+        seed: Some(9),
+        delay: Duration::from_millis(5),
+        ..Default::default()
+    })
+    .await;
+    let rest = format!(
+        "hosts:\n  default:\n    circuit_breaker: {{ consecutive_failures: 1000, recovery_ms: 100 }}\nqueues:\n  default: {{ concurrency: 16 }}\nrouting_rules:\n  - event_type: order.updated\n    mode: async\n    target: http://{}/o\n    timeout_ms: 500\n    retry_matrix: [5, 10, 10, 20, 20, 40, 40, 80, 80, 80, 80, 80]\n    ordering_key: header:X-Customer-Id\n",
+        rx.local_addr()
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let (ingress_a, admin_a) = (upstream::closed_port(), upstream::closed_port());
+    let path = dir.path().join("a.yaml");
+    let yaml = redis_yaml(
+        &redis,
+        "ord",
+        1500,
+        &ingress_a.to_string(),
+        &admin_a.to_string(),
+        &rest,
+    );
+    std::fs::write(&path, yaml).unwrap();
+    let mut a = Proc(
+        Command::new(env!("CARGO_BIN_EXE_hookyard"))
+            .args(["serve", "--config"])
+            .arg(&path)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let b = start_on_redis_with_claim_idle(&redis, "ord", 1500, &rest).await;
+    let client = http_client();
+    wait_status(
+        &client,
+        &format!("http://{admin_a}/readyz"),
+        200,
+        Duration::from_secs(10),
+    )
+    .await;
+    let urls = [
+        format!("http://{ingress_a}/v1/events/order.updated"),
+        format!("{}/v1/events/order.updated", b.ingress()),
+    ];
+    let keys = ["alice", "bob", "carol"];
+    // One at a time, alternating instances, so accept order is the order sent.
+    let mut post = async |n: usize| {
+        let answer = send(
+            &client,
+            "POST",
+            &urls[n % 2],
+            &[("x-customer-id", keys[n % 3])],
+            format!(r#"{{"n":{n}}}"#),
+        )
+        .await;
+        assert_eq!(answer.status, 202, "{:?}", answer.json());
+    };
+    for n in 0..60 {
+        post(n).await;
+    }
+    eventually(Duration::from_secs(20), "60 delivered", async || {
+        rx.stats().unique_ids == 60
+    })
+    .await;
+    assert_eq!(
+        crate::ordering::assert_each_key_in_accept_order(&rx.requests())
+            .values()
+            .sum::<u64>(),
+        60
+    );
+
+    // Freeze the receiver while both instances hold keys' current events, and kill one.
+    for n in 60..120 {
+        post(n).await;
+    }
+    rx.set_delay(Duration::from_secs(60));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let frozen = rx.stats().unique_ids;
+    assert!(frozen < 120, "the kill must happen mid-delivery");
+    a.0.kill().unwrap();
+    a.0.wait().unwrap();
+    rx.set_delay(Duration::from_millis(5));
+    eventually(
+        Duration::from_secs(30),
+        "all 120 delivered by the survivor",
+        async || rx.stats().unique_ids == 120,
+    )
+    .await;
+    let delivered = crate::ordering::assert_each_key_in_accept_order(&rx.requests());
+    assert_eq!(
+        delivered.values().copied().collect::<Vec<_>>(),
+        [40, 40, 40],
+        "{delivered:?}"
+    );
+    assert_eq!(rx.stats().duplicates_after_success, 0);
+}
