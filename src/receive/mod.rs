@@ -751,6 +751,8 @@ mod tests {
                 traceparent: None,
                 idempotency_key: None,
                 event_type: None,
+                ordering_key: None,
+                sequence: None,
                 body: Bytes::new(),
                 status: 200 + i,
                 duplicate: false,
