@@ -15,6 +15,9 @@ pub mod httpserver;
 pub mod ingress;
 pub mod metrics;
 pub mod queue;
+/// The `hookyard receive` test receiver; behind the default `receiver` feature so an embedder
+/// can leave it out.
+#[cfg(feature = "receiver")]
 pub mod receive;
 pub mod reload;
 pub mod routing;

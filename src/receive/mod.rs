@@ -694,7 +694,10 @@ mod tests {
         assert_eq!(first, verdicts(Some(7)), "same seed, same failures");
         assert_ne!(first, verdicts(Some(8)), "another seed, other failures");
         let failed = first.iter().filter(|f| **f).count();
-        assert!((300..500).contains(&failed), "{failed} of 2000 failed at 20%");
+        assert!(
+            (300..500).contains(&failed),
+            "{failed} of 2000 failed at 20%"
+        );
     }
 
     #[test]
