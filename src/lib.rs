@@ -5,6 +5,7 @@
 //! [`Dispatcher::from_config`] and hand it events with [`Dispatcher::dispatch`].
 
 pub mod admin;
+pub mod circuit;
 pub mod cli;
 pub mod clock;
 pub mod config;
@@ -13,6 +14,7 @@ pub mod dispatcher;
 pub mod headers;
 pub mod httpserver;
 pub mod ingress;
+pub mod metric_series;
 pub mod metrics;
 pub mod queue;
 /// The `hookyard receive` test receiver; behind the default `receiver` feature so an embedder

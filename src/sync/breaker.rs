@@ -37,6 +37,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+use crate::circuit::BreakerState;
 use crate::clock::Clock;
 use crate::config::{BreakerPolicy, BreakerSettings};
 
@@ -44,31 +45,12 @@ use crate::config::{BreakerPolicy, BreakerSettings};
 /// summing it stays ten loads.
 pub const BUCKETS: usize = 10;
 
-/// Breaker state as reported by the admin API and the `hookyard_circuit_state` gauge.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum BreakerState {
-    Closed = 0,
-    Open = 1,
-    HalfOpen = 2,
-}
-
-impl BreakerState {
-    fn from_bits(v: u64) -> Self {
-        match v & 0b11 {
-            1 => Self::Open,
-            2 => Self::HalfOpen,
-            _ => Self::Closed,
-        }
-    }
-
-    /// `closed`, `open` or `half_open`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Closed => "closed",
-            Self::Open => "open",
-            Self::HalfOpen => "half_open",
-        }
+/// The state packed in the low two bits of the core word.
+fn state_from_bits(v: u64) -> BreakerState {
+    match v & 0b11 {
+        1 => BreakerState::Open,
+        2 => BreakerState::HalfOpen,
+        _ => BreakerState::Closed,
     }
 }
 
@@ -87,7 +69,7 @@ impl Core {
 
     fn unpack(v: u64) -> Self {
         Self {
-            state: BreakerState::from_bits(v),
+            state: state_from_bits(v),
             probes_left: ((v >> 2) & 0xffff) as u16,
             successes: ((v >> 18) & 0xffff) as u16,
             generation: (v >> 34) as u32 & Self::GEN_MASK,

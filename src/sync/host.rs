@@ -143,7 +143,7 @@ impl Host {
         } else {
             // The old breaker is gone with whatever it held back: a fresh breaker is closed,
             // so the events the old one deferred are due now, as after a close.
-            if self.breaker.state() != super::breaker::BreakerState::Closed {
+            if self.breaker.state() != crate::circuit::BreakerState::Closed {
                 if let Some(hook) = &self.on_close {
                     hook(&self.key);
                 }
@@ -182,8 +182,8 @@ pub type HostMap = HashMap<Arc<str>, Arc<Host>>;
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::circuit::BreakerState;
     use crate::config::{BreakerPolicy, BreakerSettings};
-    use crate::sync::breaker::BreakerState;
 
     fn consecutive(n: u32) -> BreakerSettings {
         BreakerSettings {
