@@ -11,8 +11,10 @@ use super::gate::Gate;
 use super::pool::{connector, ConnPool, Connector};
 use crate::config::{HostPolicy, TlsTrust};
 
-/// Most pool lanes a host keeps: one per ingress runtime plus the main runtime.
-pub const MAX_LANES: usize = 64;
+// Defined in config, which caps `ingress.threads` with it. Re-exported because compile.rs still
+// names `crate::sync::host::MAX_LANES`; once it says `super::MAX_LANES` (a one-token edit left
+// to whoever owns compile.rs), this line and the last config -> sync import can go.
+pub use crate::config::MAX_LANES;
 
 thread_local! {
     static LANE: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
