@@ -258,7 +258,8 @@ pub const ATTEMPT_CLASSES: [&str; 7] = [
 /// registry lookup hashes the whole label set and allocates). Each mode's handles are taken on
 /// its first attempt, not when the host is built: so a host only ever called in sync mode never
 /// shows async series, and handles are never taken before the recorder is installed (they
-/// would be no-ops for good). `metric_series::register_all` creates the possible series up front, at zero.
+/// would be no-ops for good). `metric_series::register_all` creates the possible series up
+/// front, at zero.
 #[derive(Debug)]
 pub struct HostMetrics {
     host: Arc<str>,
@@ -317,8 +318,8 @@ impl HostMetrics {
 
 /// The `events_received` counters of one rule, registered on first use (rules are compiled
 /// before the recorder is installed, and handles taken then would be no-ops). Only the
-/// outcomes the rule's mode can produce get a counter; `metric_series::register_all` creates the same series
-/// at zero once the recorder is installed.
+/// outcomes the rule's mode can produce get a counter; `metric_series::register_all` creates
+/// the same series at zero once the recorder is installed.
 #[derive(Debug, Default)]
 pub struct RuleMetrics {
     counters: OnceLock<[Option<Counter>; OUTCOMES.len()]>,
