@@ -19,7 +19,8 @@ pub mod metrics;
 pub mod queue;
 /// The `hookyard receive` test receiver; behind the default `receiver` feature so an embedder
 /// can leave it out.
-#[cfg(feature = "receiver")]
+// Always in the crate's own unit tests: the delivery loop's tests deliver into it.
+#[cfg(any(feature = "receiver", test))]
 pub mod receive;
 pub mod reload;
 pub mod routing;
