@@ -233,10 +233,7 @@ fn bench_breaker(c: &mut Criterion) {
                     })
                 })
             });
-            assert_eq!(
-                breaker.state(),
-                hookyard::sync::breaker::BreakerState::Closed
-            );
+            assert_eq!(breaker.state(), hookyard::circuit::BreakerState::Closed);
         }
     }
     group.finish();

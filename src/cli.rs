@@ -1,7 +1,6 @@
 //! What each subcommand does; `main.rs` only parses arguments and calls these.
 
 use std::fmt::Write as _;
-use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
@@ -208,8 +207,9 @@ async fn wait_for_signals(_server: &crate::server::RunningServer) -> Result<(), 
 }
 
 /// `hookyard receive`: a verifying receiver until Ctrl-C.
+#[cfg(feature = "receiver")]
 pub async fn receive(
-    addr: SocketAddr,
+    addr: std::net::SocketAddr,
     config: crate::receive::ReceiverConfig,
 ) -> Result<(), CliError> {
     let receiver = crate::receive::Receiver::bind(addr, config).await?;

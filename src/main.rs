@@ -1,15 +1,17 @@
 //! The `hookyard` command line: parses arguments and calls into the library (`hookyard::cli`).
 
 use std::io::IsTerminal;
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+#[cfg(feature = "receiver")]
 use std::time::Duration;
 
 use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 use hookyard::cli::{self, AdminClient, CliError, DlqSelection};
+#[cfg(feature = "receiver")]
 use hookyard::receive::ReceiverConfig;
 use hookyard::secret::Redacted;
+#[cfg(feature = "receiver")]
 use hookyard::signing::Secret;
 
 // glibc malloc showed up at about 7% of the sync hop's CPU (many small, short-lived
@@ -98,10 +100,11 @@ enum Command {
         shell: clap_complete::Shell,
     },
     /// A verifying test receiver: checks signatures, counts duplicates, injects failures.
+    #[cfg(feature = "receiver")]
     Receive {
         /// Address to listen on.
         #[arg(long, default_value = "127.0.0.1:9000")]
-        listen: SocketAddr,
+        listen: std::net::SocketAddr,
         /// whsec_ secret to verify with (repeat while rotating). Without it nothing is verified.
         // Taken as `Redacted`, not parsed by clap: clap quotes a rejected value in its error,
         // and `hide_env_values` keeps `--help` from printing the environment's value.
@@ -258,7 +261,9 @@ enum DlqAction {
 fn main() -> ExitCode {
     let args = Args::parse();
     match &args.command {
-        Command::Serve { log, .. } | Command::Receive { log, .. } => init_logging(log.log_format),
+        Command::Serve { log, .. } => init_logging(log.log_format),
+        #[cfg(feature = "receiver")]
+        Command::Receive { log, .. } => init_logging(log.log_format),
         _ => {}
     }
     if let Command::Check {
@@ -326,6 +331,7 @@ async fn run(command: Command) -> Result<(), CliError> {
             clap_complete::generate(shell, &mut Args::command(), "hookyard", &mut script);
             cli::print(&String::from_utf8_lossy(&script))
         }
+        #[cfg(feature = "receiver")]
         Command::Receive {
             listen,
             secret,

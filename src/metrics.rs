@@ -1,11 +1,12 @@
-//! Every metric name in one place, and the only code that records them.
+//! Every metric name in one place, and the code that records them. Registering a config's
+//! series at zero, which needs the whole config, is `metric_series`, so this module stays below
+//! `config` and `sync`.
 //!
 //! Label values are bounded by construction: `host` comes from configured targets,
 //! `event_type` from rule patterns (an unrouted type is counted as `_unrouted`), `queue` from
 //! config, and the rest from fixed enums. Never an event id or a trace id.
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use metrics::{
@@ -14,9 +15,8 @@ use metrics::{
 };
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
-use crate::config::Settings;
+use crate::circuit::BreakerState;
 use crate::routing::{DeliveryMode, Rule};
-use crate::sync::breaker::BreakerState;
 
 pub const EVENTS_RECEIVED: &str = "hookyard_events_received_total";
 pub const DELIVERY_ATTEMPTS: &str = "hookyard_delivery_attempts_total";
@@ -250,140 +250,6 @@ pub const EDGE_REFUSAL_REASONS: [EdgeRefusal; 4] = [
     EdgeRefusal::BodyBudget,
 ];
 
-/// The modes in which `rule` makes attempts to its host: sync rules call it, and with fallback
-/// the queued copy is then delivered to it in async mode.
-fn attempt_modes(rule: &Rule) -> &'static [DeliveryMode] {
-    match (rule.mode, rule.fallback_to_async) {
-        (DeliveryMode::Async, _) => &[DeliveryMode::Async],
-        (DeliveryMode::Sync, false) => &[DeliveryMode::Sync],
-        (DeliveryMode::Sync, true) => &[DeliveryMode::Sync, DeliveryMode::Async],
-    }
-}
-
-/// The queues `settings` can store events in: every rule's queue (async rules, and sync rules
-/// with fallback), every configured queue section, and `default`.
-pub fn configured_queues(settings: &Settings) -> Vec<Arc<str>> {
-    let mut queues: Vec<Arc<str>> = settings
-        .rules
-        .rules()
-        .iter()
-        .map(|r| r.queue.clone())
-        .chain(settings.queues.named.keys().map(|q| Arc::from(q.as_str())))
-        .chain(std::iter::once(Arc::from("default")))
-        .collect();
-    queues.sort();
-    queues.dedup();
-    queues
-}
-
-/// Registers, at zero, every series `settings` can ever produce, so each family exists from the
-/// first scrape and `rate()` and alerts work before the first event. Called once the recorder
-/// is installed: at server start and after every successful reload. Only possible label sets
-/// are registered (a sync rule never gets `outcome="accepted"`). Series of hosts, rules or
-/// queues a reload removed are kept (Prometheus convention: a counter does not vanish while
-/// the process lives); they simply stop moving. The two gauges of a removed host that no scrape
-/// refreshes any more are zeroed: its breaker went with it (an event still queued for it gets a
-/// fresh, closed one, which the scrape then reports), so a circuit left open at the reload does
-/// not alert forever. Nothing here runs per request.
-pub fn register_all(settings: &Settings) {
-    let rules = settings.rules.rules();
-    for rule in rules {
-        for outcome in possible_outcomes(rule) {
-            counter!(EVENTS_RECEIVED, "event_type" => rule.pattern.clone(), "mode" => rule.mode.as_str(), "outcome" => *outcome)
-                .increment(0);
-        }
-    }
-    // With a `*` rule every event type routes somewhere.
-    if !rules.iter().any(|r| &*r.pattern == "*") {
-        counter!(EVENTS_RECEIVED, "event_type" => UNROUTED, "mode" => "none", "outcome" => "no_route")
-            .increment(0);
-    }
-    let mut host_modes: BTreeMap<Arc<str>, [bool; 2]> = BTreeMap::new();
-    for rule in rules {
-        let modes = host_modes.entry(rule.target.host.clone()).or_default();
-        for mode in attempt_modes(rule) {
-            modes[usize::from(*mode == DeliveryMode::Async)] = true;
-        }
-    }
-    {
-        static REGISTERED_HOSTS: Mutex<BTreeSet<Arc<str>>> = Mutex::new(BTreeSet::new());
-        let mut registered = REGISTERED_HOSTS.lock().unwrap_or_else(|p| p.into_inner());
-        for gone in registered.iter().filter(|h| !host_modes.contains_key(*h)) {
-            gauge!(CIRCUIT_STATE, "host" => gone.clone()).set(0.0);
-            gauge!(HOST_IN_FLIGHT, "host" => gone.clone()).set(0.0);
-            for state in ["open", "idle"] {
-                gauge!(HOST_CONNECTIONS, "host" => gone.clone(), "state" => state).set(0.0);
-            }
-        }
-        *registered = host_modes.keys().cloned().collect();
-    }
-    for (host, modes) in &host_modes {
-        for (m, mode) in [DeliveryMode::Sync, DeliveryMode::Async]
-            .into_iter()
-            .enumerate()
-        {
-            if !modes[m] {
-                continue;
-            }
-            for class in ATTEMPT_CLASSES {
-                counter!(DELIVERY_ATTEMPTS, "host" => host.clone(), "mode" => mode.as_str(), "class" => class)
-                    .increment(0);
-            }
-            // A histogram handle is enough: it renders with empty buckets.
-            let _ = histogram!(DELIVERY_LATENCY, "host" => host.clone(), "mode" => mode.as_str());
-        }
-        if modes[0] {
-            counter!(SHED, "host" => host.clone()).increment(0);
-        }
-        // `increment(0.0)`: creates the series at 0 (closed) but never resets a breaker a
-        // reload kept open.
-        gauge!(CIRCUIT_STATE, "host" => host.clone()).increment(0.0);
-        gauge!(HOST_IN_FLIGHT, "host" => host.clone()).increment(0.0);
-        gauge!(HOST_MAX_CONNECTIONS, "host" => host.clone()).increment(0.0);
-        for state in ["open", "idle"] {
-            gauge!(HOST_CONNECTIONS, "host" => host.clone(), "state" => state).increment(0.0);
-        }
-        if modes[1] {
-            counter!(HOST_SLOT_WAITS, "host" => host.clone()).increment(0);
-        }
-        for to in [
-            BreakerState::Closed,
-            BreakerState::Open,
-            BreakerState::HalfOpen,
-        ] {
-            counter!(CIRCUIT_TRANSITIONS, "host" => host.clone(), "to" => to.as_str()).increment(0);
-        }
-    }
-    if rules
-        .iter()
-        .any(|r| r.mode == DeliveryMode::Sync && r.fallback_to_async)
-    {
-        for reason in FALLBACK_REASONS {
-            counter!(FALLBACKS, "reason" => reason).increment(0);
-        }
-    }
-    for queue in configured_queues(settings) {
-        for result in DELIVERY_RESULTS {
-            counter!(DELIVERIES, "queue" => queue.clone(), "result" => result).increment(0);
-        }
-        for state in ["ready", "delayed", "in_flight"] {
-            gauge!(QUEUE_DEPTH, "queue" => queue.clone(), "state" => state).increment(0.0);
-        }
-        gauge!(DLQ_DEPTH, "queue" => queue.clone()).increment(0.0);
-        gauge!(OLDEST_READY_AGE, "queue" => queue.clone()).increment(0.0);
-    }
-    for result in RELOAD_RESULTS {
-        counter!(CONFIG_RELOADS, "result" => result).increment(0);
-    }
-    // Recorded only by the SQLite store, but registered either way so a dashboard's query for it
-    // is never empty.
-    let _ = histogram!(ENQUEUE_BATCH_SIZE);
-    for reason in EDGE_REFUSAL_REASONS {
-        counter!(EDGE_REFUSALS, "reason" => reason.as_str()).increment(0);
-    }
-    gauge!(BODY_BYTES_BUFFERED).increment(0.0);
-}
-
 /// An event type that matched no rule.
 pub fn event_unrouted() {
     counter!(EVENTS_RECEIVED, "event_type" => UNROUTED, "mode" => "none", "outcome" => "no_route")
@@ -391,7 +257,7 @@ pub fn event_unrouted() {
 }
 
 /// Every attempt class a delivery can end in, in `HostMetrics` order.
-const ATTEMPT_CLASSES: [&str; 7] = [
+pub const ATTEMPT_CLASSES: [&str; 7] = [
     "2xx", "redirect", "4xx", "5xx", "timeout", "connect", "reset",
 ];
 
@@ -399,7 +265,8 @@ const ATTEMPT_CLASSES: [&str; 7] = [
 /// registry lookup hashes the whole label set and allocates). Each mode's handles are taken on
 /// its first attempt, not when the host is built: so a host only ever called in sync mode never
 /// shows async series, and handles are never taken before the recorder is installed (they
-/// would be no-ops for good). [`register_all`] creates the possible series up front, at zero.
+/// would be no-ops for good). `metric_series::register_all` creates the possible series up
+/// front, at zero.
 #[derive(Debug)]
 pub struct HostMetrics {
     host: Arc<str>,
@@ -458,8 +325,8 @@ impl HostMetrics {
 
 /// The `events_received` counters of one rule, registered on first use (rules are compiled
 /// before the recorder is installed, and handles taken then would be no-ops). Only the
-/// outcomes the rule's mode can produce get a counter; [`register_all`] creates the same series
-/// at zero once the recorder is installed.
+/// outcomes the rule's mode can produce get a counter; `metric_series::register_all` creates
+/// the same series at zero once the recorder is installed.
 #[derive(Debug, Default)]
 pub struct RuleMetrics {
     counters: OnceLock<[Option<Counter>; OUTCOMES.len()]>,
@@ -519,11 +386,14 @@ pub fn status_class(status: u16) -> &'static str {
 
 /// Pool gauges of one host, refreshed at scrape time from the gate's counters (so the request
 /// path never touches them).
-pub fn host_gauges(host: &crate::sync::host::Host) {
-    let key = &host.key;
-    gauge!(HOST_IN_FLIGHT, "host" => key.clone()).set(f64::from(host.gate.in_flight()));
-    gauge!(HOST_MAX_CONNECTIONS, "host" => key.clone()).set(f64::from(host.gate.max_connections()));
-    let (open, idle) = host.connections();
+pub fn host_gauges(
+    key: &Arc<str>,
+    in_flight: u32,
+    max_connections: u32,
+    (open, idle): (usize, usize),
+) {
+    gauge!(HOST_IN_FLIGHT, "host" => key.clone()).set(f64::from(in_flight));
+    gauge!(HOST_MAX_CONNECTIONS, "host" => key.clone()).set(f64::from(max_connections));
     gauge!(HOST_CONNECTIONS, "host" => key.clone(), "state" => "open").set(open as f64);
     gauge!(HOST_CONNECTIONS, "host" => key.clone(), "state" => "idle").set(idle as f64);
 }
@@ -608,6 +478,8 @@ pub fn edge_refusal(reason: EdgeRefusal) {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeSet;
+
     use super::*;
 
     fn rule(mode: DeliveryMode, fallback_to_async: bool, ordered: bool) -> Rule {

@@ -94,7 +94,7 @@ impl Reloader {
                 }
                 let report = self.dispatcher.reload(settings);
                 // New rules, hosts and queues get their series at zero now, not at first use.
-                crate::metrics::register_all(&self.dispatcher.snapshot().settings);
+                crate::metric_series::register_all(&self.dispatcher.snapshot().settings);
                 status.needs_restart = report.needs_restart.clone();
                 if report.needs_restart.is_empty() {
                     tracing::info!(trigger, rules = report.rules, hash = %report.content_hash, "config reloaded");

@@ -189,7 +189,7 @@ pub async fn start(config_path: PathBuf, settings: Settings) -> Result<RunningSe
     );
     let dispatcher = Dispatcher::from_config(settings).await?;
     // Every series the rules can produce exists, at zero, from the first scrape.
-    crate::metrics::register_all(&dispatcher.snapshot().settings);
+    crate::metric_series::register_all(&dispatcher.snapshot().settings);
     let budget = BodyBudget::new();
     let reloader = Reloader::new(dispatcher.clone(), config_path);
     let (shutdown, shutdown_rx) = watch::channel(false);

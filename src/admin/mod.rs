@@ -379,7 +379,7 @@ impl Admin {
     async fn metrics(&self) -> Response<Full<Bytes>> {
         // Queue gauges are read from the store at scrape time, not polled in the background.
         let settings = self.dispatcher.snapshot().settings.clone();
-        let queues = crate::metrics::configured_queues(&settings);
+        let queues = crate::metric_series::configured_queues(&settings);
         crate::metrics::collect_process();
         crate::metrics::body_bytes_buffered(self.body_budget.held());
         let now = now_ms();
@@ -389,7 +389,12 @@ impl Admin {
             }
         }
         for host in self.dispatcher.hosts().values() {
-            crate::metrics::host_gauges(host);
+            crate::metrics::host_gauges(
+                &host.key,
+                host.gate.in_flight(),
+                host.gate.max_connections(),
+                host.connections(),
+            );
             // Read at scrape time, so a breaker rebuilt by a reload (new thresholds) shows its
             // own state rather than the last transition of the one it replaced.
             crate::metrics::circuit_state(&host.key, host.breaker.state());

@@ -34,6 +34,10 @@ pub const STANDARD_RETRY_SCHEDULE_MS: [u64; 9] = [
     86_400_000,
 ];
 
+/// Most pool lanes a host keeps: one per ingress event loop plus the main runtime. Defined here,
+/// below `sync`, because it also caps `ingress.threads`.
+pub const MAX_LANES: usize = 64;
+
 /// The development secret shipped in the default config; `serve` warns while it is in use.
 pub const DEVELOPMENT_SECRET: &str = "whsec_ZGV2ZWxvcG1lbnQtb25seS1ub3QtYS1zZWNyZXQ=";
 

@@ -11,8 +11,10 @@ use super::gate::Gate;
 use super::pool::{connector, ConnPool, Connector};
 use crate::config::{HostPolicy, TlsTrust};
 
-/// Most pool lanes a host keeps: one per ingress runtime plus the main runtime.
-pub const MAX_LANES: usize = 64;
+// Defined in config, which caps `ingress.threads` with it. Re-exported because compile.rs still
+// names `crate::sync::host::MAX_LANES`; once it says `super::MAX_LANES` (a one-token edit left
+// to whoever owns compile.rs), this line and the last config -> sync import can go.
+pub use crate::config::MAX_LANES;
 
 thread_local! {
     static LANE: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
@@ -143,7 +145,7 @@ impl Host {
         } else {
             // The old breaker is gone with whatever it held back: a fresh breaker is closed,
             // so the events the old one deferred are due now, as after a close.
-            if self.breaker.state() != super::breaker::BreakerState::Closed {
+            if self.breaker.state() != crate::circuit::BreakerState::Closed {
                 if let Some(hook) = &self.on_close {
                     hook(&self.key);
                 }
@@ -182,8 +184,8 @@ pub type HostMap = HashMap<Arc<str>, Arc<Host>>;
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::circuit::BreakerState;
     use crate::config::{BreakerPolicy, BreakerSettings};
-    use crate::sync::breaker::BreakerState;
 
     fn consecutive(n: u32) -> BreakerSettings {
         BreakerSettings {

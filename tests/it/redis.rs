@@ -785,7 +785,7 @@ async fn two_instances_keep_each_key_in_order_and_take_over_a_killed_ones_keys()
     ];
     let keys = ["alice", "bob", "carol"];
     // One at a time, alternating instances, so accept order is the order sent.
-    let mut post = async |n: usize| {
+    let post = async |n: usize| {
         let answer = send(
             &client,
             "POST",
