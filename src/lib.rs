@@ -11,6 +11,7 @@ pub mod clock;
 pub mod config;
 pub mod delivery;
 pub mod dispatcher;
+pub mod event;
 pub mod headers;
 pub mod httpserver;
 pub mod ingress;

@@ -373,7 +373,7 @@ impl Compiler<'_> {
             &file.ingress.threads,
             cores as u64,
             "ingress.threads",
-            (crate::sync::host::MAX_LANES - 1) as i64,
+            (super::MAX_LANES - 1) as i64,
         ) as usize;
         let edge = self.edge(&file.ingress);
         let store = self.store(path, &file.store);

@@ -13,30 +13,14 @@ use serde::Serialize;
 
 pub mod ordering;
 
+mod rule_metrics;
+
+pub use crate::event::DeliveryMode;
 pub use ordering::{OrderingKeyError, OrderingKeySource};
+pub use rule_metrics::{possible_outcomes, RuleMetrics, OUTCOMES};
 
 use crate::secret::Redacted;
 use crate::signing::SignatureScheme;
-
-/// How a rule delivers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum DeliveryMode {
-    /// The caller waits for the target's answer.
-    Sync,
-    /// Durably queued; the caller gets 202 at once.
-    Async,
-}
-
-impl DeliveryMode {
-    /// `"sync"` or `"async"`, as in headers and metric labels.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Sync => "sync",
-            Self::Async => "async",
-        }
-    }
-}
 
 /// Where a rule delivers.
 ///
@@ -160,7 +144,7 @@ pub struct Rule {
     pub ordering_key: Option<OrderingKeySource>,
     /// This rule's `events_received` counters.
     #[serde(skip)]
-    pub metrics: Arc<crate::metrics::RuleMetrics>,
+    pub metrics: Arc<RuleMetrics>,
 }
 
 /// The `host:port` key of a target URL (the port defaults by scheme), or `None` when the URL

@@ -9,12 +9,7 @@ use std::sync::Arc;
 use super::breaker::{Breaker, CloseHook};
 use super::gate::Gate;
 use super::pool::{connector, ConnPool, Connector};
-use crate::config::{HostPolicy, TlsTrust};
-
-// Defined in config, which caps `ingress.threads` with it. Re-exported because compile.rs still
-// names `crate::sync::host::MAX_LANES`; once it says `super::MAX_LANES` (a one-token edit left
-// to whoever owns compile.rs), this line and the last config -> sync import can go.
-pub use crate::config::MAX_LANES;
+use crate::config::{HostPolicy, TlsTrust, MAX_LANES};
 
 thread_local! {
     static LANE: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
