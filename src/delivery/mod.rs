@@ -134,27 +134,11 @@ async fn run_queue(
                 continue;
             }
         };
-        if claimed.is_empty() {
-            let wait = match dispatcher.store().next_due_at(&queue).await {
-                Ok(Some(due)) => {
-                    Duration::from_millis((due - now_ms()).max(0) as u64).min(MAX_IDLE)
-                }
-                Ok(None) => MAX_IDLE,
-                Err(_) => STORE_ERROR_BACKOFF,
-            };
-            if wait.is_zero() {
-                tokio::task::yield_now().await;
-                continue;
-            }
-            // A finished delivery may have scheduled a retry sooner than `wait`: re-plan then.
-            tokio::select! {
-                _ = &mut enqueued => {}
-                _ = tokio::time::sleep(wait) => {}
-                Some(result) = deliveries.join_next(), if !deliveries.is_empty() => streak.record(result),
-                _ = shutdown.changed() => {}
-            }
-            continue;
-        }
+        // Fewer than asked: nothing else is due now. Claiming again at once would only find
+        // nothing (a write job on the store's single writer each time, which with ordering keys
+        // came after nearly every delivery); wait for what can make more due instead.
+        let drained = claimed.len() < free;
+        let spawned = !claimed.is_empty();
         for event in claimed {
             // The semaphore is never closed, so acquire cannot fail.
             let Ok(permit) = slots.clone().acquire_owned().await else {
@@ -163,6 +147,30 @@ async fn run_queue(
             let dispatcher = dispatcher.clone();
             let queue = queue.clone();
             deliveries.spawn(async move { deliver(&dispatcher, &queue, event, permit).await });
+        }
+        if !drained {
+            continue;
+        }
+        let wait = match dispatcher.store().next_due_at(&queue).await {
+            Ok(Some(due)) => Duration::from_millis((due - now_ms()).max(0) as u64).min(MAX_IDLE),
+            Ok(None) => MAX_IDLE,
+            Err(_) => STORE_ERROR_BACKOFF,
+        };
+        if wait.is_zero() {
+            // Due now but not claimed: leased events whose lease ran out, or ones claimed by
+            // another instance a moment ago. Look again, after letting others run.
+            if !spawned {
+                tokio::task::yield_now().await;
+            }
+            continue;
+        }
+        // An enqueue, or a finished delivery (a retry sooner than `wait`, or the next event of
+        // its ordering key released), re-plans.
+        tokio::select! {
+            _ = &mut enqueued => {}
+            _ = tokio::time::sleep(wait) => {}
+            Some(result) = deliveries.join_next(), if !deliveries.is_empty() => streak.record(result),
+            _ = shutdown.changed() => {}
         }
     }
     // Deliveries in flight finish under their own deadline; their results are recorded.
