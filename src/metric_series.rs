@@ -135,7 +135,7 @@ pub fn register_all(settings: &Settings) {
         for result in DELIVERY_RESULTS {
             counter!(DELIVERIES, "queue" => queue.clone(), "result" => result).increment(0);
         }
-        for state in ["ready", "delayed", "in_flight"] {
+        for state in ["ready", "delayed", "in_flight", "held"] {
             gauge!(QUEUE_DEPTH, "queue" => queue.clone(), "state" => state).increment(0.0);
         }
         gauge!(DLQ_DEPTH, "queue" => queue.clone()).increment(0.0);

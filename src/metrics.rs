@@ -161,7 +161,7 @@ fn describe_all() {
     describe_gauge!(
         QUEUE_DEPTH,
         Unit::Count,
-        "Events in a queue, by state (ready, delayed, in_flight), read from the store at scrape time."
+        "Events in a queue, by state (ready, delayed, in_flight, held behind an earlier event of their ordering key), read from the store at scrape time."
     );
     describe_gauge!(
         DLQ_DEPTH,
@@ -348,6 +348,7 @@ pub fn queue_stats(queue: &Arc<str>, stats: &crate::queue::QueueStats) {
     gauge!(QUEUE_DEPTH, "queue" => queue.clone(), "state" => "delayed").set(stats.delayed as f64);
     gauge!(QUEUE_DEPTH, "queue" => queue.clone(), "state" => "in_flight")
         .set(stats.in_flight as f64);
+    gauge!(QUEUE_DEPTH, "queue" => queue.clone(), "state" => "held").set(stats.held as f64);
     gauge!(DLQ_DEPTH, "queue" => queue.clone()).set(stats.dead_lettered as f64);
     gauge!(OLDEST_READY_AGE, "queue" => queue.clone())
         .set(stats.oldest_ready_age_ms as f64 / 1000.0);
