@@ -12,18 +12,19 @@ use sha2::{Digest, Sha256};
 
 use super::schema::IngressSection;
 use super::schema::{
-    BreakerPolicyChoice, BreakerSection, ConfigFile, Fallback, HostSection, Mode, Pos,
-    QueueSection, RuleSection, SignatureChoice, StoreKind,
+    BreakerPolicyChoice, BreakerSection, ConfigFile, Fallback, HostSection, Mode, Pos, RuleSection,
+    SignatureChoice, StoreKind,
 };
 use super::tree::{Expansion, SecretKind};
 use super::EdgeLimits;
 use super::{
-    BreakerPolicy, BreakerSettings, HostPolicies, HostPolicy, Problem, QueuePolicies, QueuePolicy,
-    Settings, StoreSettings, TlsTrust, DEVELOPMENT_SECRET,
+    BreakerPolicy, BreakerSettings, HostPolicies, HostPolicy, Problem, QueuePolicies, Settings,
+    StoreSettings, TlsTrust, DEVELOPMENT_SECRET,
 };
 use crate::routing::{parse_pattern, DeliveryMode, OrderingKeySource, Rule, RuleTable, Target};
 use crate::signing::{Secret, SignatureScheme, Signer};
 
+mod queues;
 mod retry;
 mod scalar;
 
@@ -579,49 +580,6 @@ impl Compiler<'_> {
             overrides.insert(normalize_host_key(name), policy);
         }
         HostPolicies { default, overrides }
-    }
-
-    fn queue_policy(&mut self, s: &QueueSection, base: &QueuePolicy) -> QueuePolicy {
-        let jitter = self.jitter(&s.jitter, base.jitter);
-        let (retry_delays_ms, jitter) = self
-            .retry_schedule(&s.retry_matrix, &s.retry_policy, jitter)
-            .flatten()
-            .unwrap_or_else(|| (base.retry_delays_ms.clone(), jitter));
-        QueuePolicy {
-            concurrency: self.positive(
-                &s.concurrency,
-                base.concurrency.into(),
-                "concurrency",
-                10_000,
-            ) as u32,
-            max_depth: self.positive(&s.max_depth, base.max_depth, "max_depth", i64::MAX),
-            dlq_retention: Duration::from_secs(
-                3600 * self.positive(
-                    &s.dlq_retention_hours,
-                    base.dlq_retention.as_secs() / 3600,
-                    "dlq_retention_hours",
-                    24 * 365 * 10,
-                ),
-            ),
-            retry_delays_ms,
-            jitter,
-        }
-    }
-
-    fn queues(
-        &mut self,
-        queues: &std::collections::BTreeMap<String, QueueSection>,
-    ) -> QueuePolicies {
-        let default = queues
-            .get("default")
-            .map(|d| self.queue_policy(d, &QueuePolicy::default()))
-            .unwrap_or_default();
-        let mut named = HashMap::new();
-        for (name, section) in queues.iter().filter(|(n, _)| n.as_str() != "default") {
-            let policy = self.queue_policy(section, &default);
-            named.insert(name.clone(), policy);
-        }
-        QueuePolicies { default, named }
     }
 
     fn rules(&mut self, rules: &Pos<Vec<RuleSection>>, queues: &QueuePolicies) -> RuleTable {
