@@ -3,26 +3,26 @@
 //! Validation collects every problem rather than stopping at the first, so one `check` run
 //! shows the user everything to fix.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 
-use super::schema::IngressSection;
 use super::schema::{ConfigFile, Pos};
 use super::tree::{Expansion, SecretKind};
-use super::EdgeLimits;
-use super::{Problem, Settings, TlsTrust, DEVELOPMENT_SECRET};
-use crate::signing::{Secret, Signer};
+use super::{Problem, Settings};
 
 mod breaker;
 mod hosts;
+mod ingress;
 mod queues;
 mod retry;
 mod rules;
 mod scalar;
+mod signing;
 mod store;
+mod tls;
 
 /// Where a value sits in the file, for problems about a key rather than its value.
 fn pos_of<T>(p: &Pos<T>) -> (u64, u64) {
@@ -62,31 +62,6 @@ pub(super) fn compile(
 impl Compiler<'_> {
     fn problem(&mut self, p: Problem) {
         self.problems.push(p);
-    }
-
-    fn edge(&mut self, ingress: &IngressSection) -> EdgeLimits {
-        let default = EdgeLimits::default();
-        EdgeLimits {
-            request_timeout: Duration::from_millis(self.positive(
-                &ingress.request_timeout_ms,
-                default.request_timeout.as_millis() as u64,
-                "ingress.request_timeout_ms",
-                // An hour: past that it is no longer a defence against slow clients.
-                3_600_000,
-            )),
-            max_connections: self.positive(
-                &ingress.max_connections,
-                default.max_connections as u64,
-                "ingress.max_connections",
-                10_000_000,
-            ) as usize,
-            max_buffered_body_bytes: self.positive(
-                &ingress.max_buffered_body_bytes,
-                default.max_buffered_body_bytes as u64,
-                "ingress.max_buffered_body_bytes",
-                i64::MAX,
-            ) as usize,
-        }
     }
 
     fn settings(&mut self, path: &Path, bytes: &[u8], file: ConfigFile) -> Option<Settings> {
@@ -171,77 +146,5 @@ impl Compiler<'_> {
             queues,
             rules,
         })
-    }
-
-    fn tls(&mut self, config_path: &Path, s: &super::schema::TlsSection) -> Option<TlsTrust> {
-        use rustls::pki_types::pem::PemObject;
-        use rustls::pki_types::CertificateDer;
-        let mut extra = Vec::new();
-        for file in &s.ca_files {
-            let raw = self.expand(file)?;
-            let mut path = PathBuf::from(raw);
-            if path.is_relative() {
-                if let Some(dir) = config_path.parent() {
-                    path = dir.join(path);
-                }
-            }
-            let certs: Result<Vec<_>, _> = match CertificateDer::pem_file_iter(&path) {
-                Ok(iter) => iter.collect(),
-                Err(e) => {
-                    self.problem(Problem::spanned(
-                        file,
-                        format!("cannot read CA file {}: {e}", path.display()),
-                    ));
-                    continue;
-                }
-            };
-            match certs {
-                Ok(c) if !c.is_empty() => extra.extend(c),
-                Ok(_) => self.problem(Problem::spanned(
-                    file,
-                    format!("{} holds no PEM certificate", path.display()),
-                )),
-                Err(e) => self.problem(Problem::spanned(file, format!("{}: {e}", path.display()))),
-            }
-        }
-        match TlsTrust::new(extra) {
-            Ok(t) => Some(t),
-            Err(e) => {
-                let at = s.ca_files.first()?;
-                self.problem(Problem::spanned(at, e));
-                None
-            }
-        }
-    }
-
-    fn signing(&mut self, secrets: &Pos<Vec<Pos<String>>>) -> (Option<Signer>, bool) {
-        if secrets.value.is_empty() {
-            self.problem(Problem::spanned(
-                secrets,
-                "signing.secrets must list at least one whsec_ secret",
-            ));
-            return (None, false);
-        }
-        let mut parsed = Vec::new();
-        let mut dev = false;
-        for (i, s) in secrets.value.iter().enumerate() {
-            let Some(text) = self.expand_secret(s, SecretKind::Opaque) else {
-                continue;
-            };
-            dev |= text.expose() == DEVELOPMENT_SECRET;
-            match Secret::parse(text.expose()) {
-                Ok(secret) => parsed.push(secret),
-                // The error names the format, never the secret's value.
-                Err(e) => self.problem(Problem::secret(
-                    s,
-                    format!("signing.secrets[{i}]: invalid signing secret: {e}"),
-                )),
-            }
-        }
-        if parsed.len() != secrets.value.len() {
-            return (None, dev);
-        }
-        // `parsed` is non-empty here (checked above), the only way `Signer::new` fails.
-        (Signer::new(parsed).ok(), dev)
     }
 }
