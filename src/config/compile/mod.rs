@@ -2,6 +2,13 @@
 //!
 //! Validation collects every problem rather than stopping at the first, so one `check` run
 //! shows the user everything to fix.
+//!
+//! This file owns the compiler context (the problems collected so far and the `${VAR}`
+//! expansion map), the top-level keys (`listen`, `admin`, `ingress` bodies and threads) and
+//! `Compiler::settings`, whose order of calls is the order problems are reported in. Each
+//! section has its own file: `scalar` (values every section uses), `ingress`, `store`,
+//! `signing`, `tls`, `hosts` and `breaker`, `queues`, `retry` (schedules queues and rules
+//! share) and `rules`.
 
 use std::path::Path;
 use std::sync::Arc;
