@@ -2,7 +2,7 @@
 //!
 //! These types mirror the YAML one to one and reject unknown keys. They carry source
 //! positions (`Spanned`) on every value that validation may complain about, so an error can
-//! name the line and column. Nothing here is used at request time: `compile.rs` turns a
+//! name the line and column. Nothing here is used at request time: `compile/` turns a
 //! `ConfigFile` into the typed, checked `Settings` the sidecar runs on.
 //!
 //! The JSON Schema shipped as `dispatcher-config.schema.json` is generated from these types

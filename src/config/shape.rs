@@ -4,7 +4,7 @@
 //! `check` runs. This walks the positioned YAML tree against the JSON Schema generated from the
 //! schema types (the same one editors use, so the two cannot drift apart) and reports each
 //! problem at its key or value, in plain words, with "did you mean" for near-miss keys.
-//! Ranges and cross-field rules stay in `compile.rs`; only what would stop deserialization is
+//! Ranges and cross-field rules stay in `compile/`; only what would stop deserialization is
 //! checked here.
 
 use serde_json::{Map, Value};
