@@ -107,7 +107,7 @@ fn rules_json(settings: &Settings) -> Vec<Value> {
 
 /// Renders the compiled rules as a table.
 pub fn rule_table(settings: &Settings) -> String {
-    let rows: Vec<[String; 7]> = settings
+    let rows: Vec<[String; 8]> = settings
         .rules
         .rules()
         .iter()
@@ -124,6 +124,9 @@ pub fn rule_table(settings: &Settings) -> String {
                 },
                 r.queue.to_string(),
                 format!("{}", r.retry_delays_ms.len() + 1),
+                r.ordering_key
+                    .as_ref()
+                    .map_or_else(|| "-".into(), ToString::to_string),
             ]
         })
         .collect();
@@ -135,6 +138,7 @@ pub fn rule_table(settings: &Settings) -> String {
         "FALLBACK",
         "QUEUE",
         "ATTEMPTS",
+        "ORDERING KEY",
     ];
     let mut widths = header.map(str::len);
     for row in &rows {
