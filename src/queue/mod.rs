@@ -26,7 +26,6 @@
 //! - times are passed in by the caller (`now_ms`), so tests drive the clock.
 
 pub mod redis;
-mod redis_lua;
 pub mod sqlite;
 
 use std::future::Future;
