@@ -1,4 +1,4 @@
-//! The distributed [`Store`]: several hookyard instances share one Redis.
+//! The distributed [`Store`](super::Store): several hookyard instances share one Redis.
 //!
 //! # Shape
 //!
@@ -46,7 +46,7 @@
 //! # Files
 //!
 //! This file holds the handle ([`RedisStore`], [`RedisOptions`]), connecting, and the
-//! [`Store`] impl; `ops` builds the script invocations and pipelines of the larger
+//! [`Queue`] and [`Ledger`] impls; `ops` builds the script invocations and pipelines of the larger
 //! operations, `decode` reads Redis's replies, and `lua` holds the scripts.
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -64,8 +64,8 @@ mod tests;
 
 use super::{
     AttemptRecord, ClaimedEvent, DeadLetter, Disposition, DlqFilter, EnqueueOutcome, EventRecord,
-    FallbackRecord, IdempotencyClaim, NewEvent, Page, QueueStats, Store, StoreError, StoreFuture,
-    UnixMillis,
+    FallbackRecord, IdempotencyClaim, Ledger, NewEvent, Page, Queue, QueueStats, StoreError,
+    StoreFuture, UnixMillis,
 };
 use decode::{corrupt, opt_i64};
 use lua::Scripts;
@@ -107,7 +107,7 @@ impl Default for RedisOptions {
     }
 }
 
-/// The Redis-backed [`Store`]. Cheap to clone: clones share one connection manager.
+/// The Redis-backed [`Store`](super::Store). Cheap to clone: clones share one connection manager.
 #[derive(Clone)]
 pub struct RedisStore {
     inner: Arc<Inner>,
@@ -291,7 +291,7 @@ impl RedisStore {
     }
 }
 
-impl Store for RedisStore {
+impl Queue for RedisStore {
     fn enqueue(
         &self,
         event: NewEvent,
@@ -411,6 +411,37 @@ impl Store for RedisStore {
         })
     }
 
+    fn ping(&self) -> StoreFuture<'_, ()> {
+        Box::pin(async move {
+            let pong: String = self
+                .run(|mut conn| async move {
+                    redis::cmd("PING")
+                        .query_async(&mut conn)
+                        .await
+                        .map_err(unavailable)
+                })
+                .await?;
+            if pong == "PONG" {
+                Ok(())
+            } else {
+                Err(StoreError::Unavailable(format!(
+                    "redis answered {pong:?} to PING"
+                )))
+            }
+        })
+    }
+
+    fn close(&self) -> StoreFuture<'_, ()> {
+        Box::pin(async move {
+            // Every write is acknowledged before its call returns, so there is nothing to
+            // flush: closing only refuses further calls. The connection closes on drop.
+            self.inner.closed.store(true, Ordering::Release);
+            Ok(())
+        })
+    }
+}
+
+impl Ledger for RedisStore {
     fn event(&self, event_id: &str) -> StoreFuture<'_, Option<EventRecord>> {
         let event_id = event_id.to_owned();
         Box::pin(async move { self.do_event(&event_id).await })
@@ -491,35 +522,6 @@ impl Store for RedisStore {
                     count(now_ms.saturating_sub(oldest))
                 },
             })
-        })
-    }
-
-    fn ping(&self) -> StoreFuture<'_, ()> {
-        Box::pin(async move {
-            let pong: String = self
-                .run(|mut conn| async move {
-                    redis::cmd("PING")
-                        .query_async(&mut conn)
-                        .await
-                        .map_err(unavailable)
-                })
-                .await?;
-            if pong == "PONG" {
-                Ok(())
-            } else {
-                Err(StoreError::Unavailable(format!(
-                    "redis answered {pong:?} to PING"
-                )))
-            }
-        })
-    }
-
-    fn close(&self) -> StoreFuture<'_, ()> {
-        Box::pin(async move {
-            // Every write is acknowledged before its call returns, so there is nothing to
-            // flush: closing only refuses further calls. The connection closes on drop.
-            self.inner.closed.store(true, Ordering::Release);
-            Ok(())
         })
     }
 }

@@ -1,7 +1,7 @@
 //! The per-operation work of the Redis store: each builds the script invocation or pipeline
 //! for one call (enqueue, claim, complete, undefer, an event, dead-letter pages, fallbacks,
-//! purge) and decodes its answer. The [`Store`](crate::queue::Store) impl in `mod.rs` calls
-//! these.
+//! purge) and decodes its answer. The [`Queue`](crate::queue::Queue) and
+//! [`Ledger`](crate::queue::Ledger) impls in `mod.rs` call these.
 
 use redis::Value;
 

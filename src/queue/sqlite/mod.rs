@@ -1,4 +1,4 @@
-//! The embedded default [`Store`]: one SQLite file in WAL mode.
+//! The embedded default [`Store`](super::Store): one SQLite file in WAL mode.
 //!
 //! # Shape
 //!
@@ -40,16 +40,16 @@
 //!   `ping` (readiness) reports.
 //! - Nothing here panics on I/O trouble: SQLite errors become [`StoreError::Unavailable`],
 //!   undecodable rows [`StoreError::Corrupt`], malformed DLQ cursors
-//!   [`StoreError::InvalidInput`], and calls after [`Store::close`] [`StoreError::Closed`].
+//!   [`StoreError::InvalidInput`], and calls after [`Queue::close`] [`StoreError::Closed`].
 //! - The returned futures must be polled inside a Tokio runtime (reads use `spawn_blocking`).
 //!
 //! # Files
 //!
 //! This file holds the handle ([`SqliteStore`], [`SqliteOptions`]), opening and closing, and
-//! the [`Store`] impl that sends each call to the writer or a read connection. The rest:
-//! `sql` (statement text), `connect` (opening connections), `writer` (the writer thread and
-//! group commit), `tx` (the write transactions), `reads` (the read queries), `rows` (value
-//! decoding), and `schema`, `checkpoint`, `health`.
+//! the [`Queue`] and [`Ledger`] impls that send each call to the writer or a read connection.
+//! The rest: `sql` (statement text), `connect` (opening connections), `writer` (the writer
+//! thread and group commit), `tx` (the write transactions), `reads` (the read queries), `rows`
+//! (value decoding), and `schema`, `checkpoint`, `health`.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -83,8 +83,8 @@ use writer::{writer_loop, Job, JobKind, WriteJob, WriterState};
 
 use super::{
     AttemptRecord, ClaimedEvent, DeadLetter, Disposition, DlqFilter, EnqueueOutcome, EventRecord,
-    FallbackRecord, IdempotencyClaim, NewEvent, Page, QueueStats, Store, StoreError, StoreFuture,
-    UnixMillis,
+    FallbackRecord, IdempotencyClaim, Ledger, NewEvent, Page, Queue, QueueStats, StoreError,
+    StoreFuture, UnixMillis,
 };
 
 /// Histogram of how many enqueues shared one transaction (one fsync).
@@ -140,7 +140,8 @@ impl SqliteOptions {
     }
 }
 
-/// The SQLite-backed [`Store`]. Cheap to clone: clones share one writer thread and read pool.
+/// The SQLite-backed [`Store`](super::Store). Cheap to clone: clones share one writer thread
+/// and read pool.
 #[derive(Clone)]
 pub struct SqliteStore {
     inner: Arc<Inner>,
@@ -354,7 +355,7 @@ impl Drop for ClearOnDrop<'_> {
 // ---------------------------------------------------------------------------------------------
 // The trait
 
-impl Store for SqliteStore {
+impl Queue for SqliteStore {
     fn enqueue(
         &self,
         event: NewEvent,
@@ -447,68 +448,6 @@ impl Store for SqliteStore {
         }))
     }
 
-    fn event(&self, event_id: &str) -> StoreFuture<'_, Option<EventRecord>> {
-        let event_id = event_id.to_owned();
-        Box::pin(self.read(move |conn| read_event(conn, &event_id)))
-    }
-
-    fn list_dead_letters(
-        &self,
-        filter: DlqFilter,
-        cursor: Option<String>,
-        limit: usize,
-    ) -> StoreFuture<'_, Page<DeadLetter>> {
-        Box::pin(self.read(move |conn| read_dead_letters(conn, &filter, cursor.as_deref(), limit)))
-    }
-
-    fn replay(&self, event_ids: Vec<String>, now_ms: UnixMillis) -> StoreFuture<'_, Vec<String>> {
-        Box::pin(self.write(JobKind::Other, move |conn, ws| {
-            tx_replay(conn, ws, &event_ids, now_ms)
-        }))
-    }
-
-    fn replay_matching(&self, filter: DlqFilter, now_ms: UnixMillis) -> StoreFuture<'_, u64> {
-        Box::pin(super::replay_in_pages(
-            self,
-            filter,
-            now_ms,
-            MAINTENANCE_CHUNK,
-        ))
-    }
-
-    fn fallbacks(
-        &self,
-        since_ms: UnixMillis,
-        limit: usize,
-    ) -> StoreFuture<'_, Vec<FallbackRecord>> {
-        Box::pin(self.read(move |conn| read_fallbacks(conn, since_ms, limit)))
-    }
-
-    fn purge(&self, before_ms: UnixMillis, now_ms: UnixMillis) -> StoreFuture<'_, u64> {
-        Box::pin(async move {
-            // Chunked for the same reason as replay_matching: many short writes, not one long one.
-            let mut total = 0u64;
-            loop {
-                let (events, keys) = self
-                    .write(JobKind::Other, move |conn, _| {
-                        tx_purge_chunk(conn, before_ms, now_ms, MAINTENANCE_CHUNK)
-                    })
-                    .await?;
-                total += events;
-                // Each half of a chunk takes at most 2 * chunk events / chunk keys; fewer
-                // than a full chunk of both means nothing is left.
-                if events < MAINTENANCE_CHUNK as u64 && keys < MAINTENANCE_CHUNK as u64 {
-                    return Ok(total);
-                }
-            }
-        })
-    }
-
-    fn stats(&self, queue: &str, now_ms: UnixMillis) -> StoreFuture<'_, QueueStats> {
-        let queue = queue.to_owned();
-        Box::pin(self.read(move |conn| read_stats(conn, &queue, now_ms)))
-    }
-
     fn ping(&self) -> StoreFuture<'_, ()> {
         Box::pin(async move {
             let writer_alive = lock(&self.inner.writer_thread)?
@@ -569,5 +508,69 @@ impl Store for SqliteStore {
             lock(&self.inner.readers)?.clear();
             Ok(())
         })
+    }
+}
+
+impl Ledger for SqliteStore {
+    fn event(&self, event_id: &str) -> StoreFuture<'_, Option<EventRecord>> {
+        let event_id = event_id.to_owned();
+        Box::pin(self.read(move |conn| read_event(conn, &event_id)))
+    }
+
+    fn list_dead_letters(
+        &self,
+        filter: DlqFilter,
+        cursor: Option<String>,
+        limit: usize,
+    ) -> StoreFuture<'_, Page<DeadLetter>> {
+        Box::pin(self.read(move |conn| read_dead_letters(conn, &filter, cursor.as_deref(), limit)))
+    }
+
+    fn replay(&self, event_ids: Vec<String>, now_ms: UnixMillis) -> StoreFuture<'_, Vec<String>> {
+        Box::pin(self.write(JobKind::Other, move |conn, ws| {
+            tx_replay(conn, ws, &event_ids, now_ms)
+        }))
+    }
+
+    fn replay_matching(&self, filter: DlqFilter, now_ms: UnixMillis) -> StoreFuture<'_, u64> {
+        Box::pin(super::replay_in_pages(
+            self,
+            filter,
+            now_ms,
+            MAINTENANCE_CHUNK,
+        ))
+    }
+
+    fn fallbacks(
+        &self,
+        since_ms: UnixMillis,
+        limit: usize,
+    ) -> StoreFuture<'_, Vec<FallbackRecord>> {
+        Box::pin(self.read(move |conn| read_fallbacks(conn, since_ms, limit)))
+    }
+
+    fn purge(&self, before_ms: UnixMillis, now_ms: UnixMillis) -> StoreFuture<'_, u64> {
+        Box::pin(async move {
+            // Chunked for the same reason as replay_matching: many short writes, not one long one.
+            let mut total = 0u64;
+            loop {
+                let (events, keys) = self
+                    .write(JobKind::Other, move |conn, _| {
+                        tx_purge_chunk(conn, before_ms, now_ms, MAINTENANCE_CHUNK)
+                    })
+                    .await?;
+                total += events;
+                // Each half of a chunk takes at most 2 * chunk events / chunk keys; fewer
+                // than a full chunk of both means nothing is left.
+                if events < MAINTENANCE_CHUNK as u64 && keys < MAINTENANCE_CHUNK as u64 {
+                    return Ok(total);
+                }
+            }
+        })
+    }
+
+    fn stats(&self, queue: &str, now_ms: UnixMillis) -> StoreFuture<'_, QueueStats> {
+        let queue = queue.to_owned();
+        Box::pin(self.read(move |conn| read_stats(conn, &queue, now_ms)))
     }
 }
