@@ -15,7 +15,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use hookyard::queue::sqlite::{SqliteOptions, SqliteStore};
-use hookyard::queue::{EnqueueOutcome, Store, StoreError};
+use hookyard::queue::{EnqueueOutcome, Ledger, Queue, Store, StoreError};
 use tempfile::TempDir;
 
 /// Calls `$callback!($($args)* <every backend-agnostic case>)`: the one list of cases that

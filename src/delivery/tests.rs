@@ -20,7 +20,7 @@ struct PausedAfterNextDue {
     release: Notify,
 }
 
-impl Store for PausedAfterNextDue {
+impl Queue for PausedAfterNextDue {
     fn enqueue(
         &self,
         event: NewEvent,
@@ -77,6 +77,15 @@ impl Store for PausedAfterNextDue {
     fn release(&self, leases: Vec<(String, String)>, now_ms: UnixMillis) -> StoreFuture<'_, ()> {
         self.inner.release(leases, now_ms)
     }
+    fn ping(&self) -> StoreFuture<'_, ()> {
+        self.inner.ping()
+    }
+    fn close(&self) -> StoreFuture<'_, ()> {
+        self.inner.close()
+    }
+}
+
+impl Ledger for PausedAfterNextDue {
     fn event(&self, event_id: &str) -> StoreFuture<'_, Option<EventRecord>> {
         self.inner.event(event_id)
     }
@@ -106,12 +115,6 @@ impl Store for PausedAfterNextDue {
     }
     fn stats(&self, queue: &str, now_ms: UnixMillis) -> StoreFuture<'_, QueueStats> {
         self.inner.stats(queue, now_ms)
-    }
-    fn ping(&self) -> StoreFuture<'_, ()> {
-        self.inner.ping()
-    }
-    fn close(&self) -> StoreFuture<'_, ()> {
-        self.inner.close()
     }
 }
 

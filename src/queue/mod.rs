@@ -1,8 +1,12 @@
-//! Durable event storage behind one [`Store`] trait.
+//! Durable event storage behind two traits: [`Queue`], the hot path every accepted event and
+//! every delivery goes through (enqueue, idempotency lookup, claim, next due time, delivery
+//! result, undefer, release, readiness, close), and [`Ledger`], history and operator queries
+//! (an event and its attempts, dead letters and their replay, fallback records, purge,
+//! gauges). [`Store`] is both, and is what the rest of hookyard holds (`Arc<dyn Store>`).
 //!
 //! The async half of hookyard never keeps its backlog in memory: an event lives in the store
 //! from the moment it is accepted until it is delivered or dead-lettered. Every backend
-//! (`sqlite.rs`, the embedded default; `redis.rs`, for several instances) keeps the same
+//! (`sqlite/`, the embedded default; `redis/`, for several instances) keeps the same
 //! promises, checked by one behavioural suite (`tests/store_suite.rs`):
 //!
 //! - `enqueue` returns only after the event (and its idempotency key and fallback record, in the
@@ -26,7 +30,6 @@
 //! - times are passed in by the caller (`now_ms`), so tests drive the clock.
 
 pub mod redis;
-mod redis_lua;
 pub mod sqlite;
 
 use std::future::Future;
@@ -232,7 +235,7 @@ pub enum Disposition {
     Defer {
         due_at_ms: UnixMillis,
         /// The host (`host:port`) whose open breaker deferred it, if that was the reason.
-        /// [`Store::undefer`] makes such events due at once when that breaker closes.
+        /// [`Queue::undefer`] makes such events due at once when that breaker closes.
         breaker: Option<String>,
     },
 }
@@ -354,8 +357,9 @@ pub struct QueueStats {
     pub oldest_ready_age_ms: u64,
 }
 
-/// Durable storage for the async path. See the module docs for the promises.
-pub trait Store: Send + Sync + 'static {
+/// The hot path of durable storage for the async path: what ingress and the delivery workers
+/// call for every event. See the module docs for the promises.
+pub trait Queue: Send + Sync + 'static {
     /// Stores the event durably (and its idempotency claim, if any, in the same transaction).
     /// `max_depth` bounds the queue: a full queue yields `QueueFull` and stores nothing.
     fn enqueue(
@@ -403,13 +407,23 @@ pub trait Store: Send + Sync + 'static {
     /// than at each event's deferred time.
     fn undefer(&self, host: &str, now_ms: UnixMillis) -> StoreFuture<'_, u64>;
 
-    /// [`Store::undefer`] for every host. Called at startup: the breakers that deferred those
+    /// [`Queue::undefer`] for every host. Called at startup: the breakers that deferred those
     /// events died with the previous process, so nothing is holding them back any more.
     fn undefer_all(&self, now_ms: UnixMillis) -> StoreFuture<'_, u64>;
 
     /// Returns leased events to the queue, due at `now_ms` (graceful shutdown).
     fn release(&self, leases: Vec<(String, String)>, now_ms: UnixMillis) -> StoreFuture<'_, ()>;
 
+    /// Cheap liveness probe of the backend for `/readyz`.
+    fn ping(&self) -> StoreFuture<'_, ()>;
+
+    /// Flushes and closes; later calls fail with `StoreError::Closed`.
+    fn close(&self) -> StoreFuture<'_, ()>;
+}
+
+/// History and operator queries of durable storage: events and their attempts, dead letters
+/// and their replay, fallback records, retention purge and queue gauges. Off the hot path.
+pub trait Ledger: Send + Sync + 'static {
     /// One event and every attempt made.
     fn event(&self, event_id: &str) -> StoreFuture<'_, Option<EventRecord>>;
 
@@ -438,16 +452,17 @@ pub trait Store: Send + Sync + 'static {
 
     /// Gauges for one queue.
     fn stats(&self, queue: &str, now_ms: UnixMillis) -> StoreFuture<'_, QueueStats>;
-
-    /// Cheap liveness probe of the backend for `/readyz`.
-    fn ping(&self) -> StoreFuture<'_, ()>;
-
-    /// Flushes and closes; later calls fail with `StoreError::Closed`.
-    fn close(&self) -> StoreFuture<'_, ()>;
 }
 
+/// Durable storage for the async path: the hot path and the history together, the type the
+/// rest of hookyard holds (`Arc<dyn Store>`). Implemented for everything that implements both
+/// [`Queue`] and [`Ledger`]; backends implement those two.
+pub trait Store: Queue + Ledger {}
+
+impl<T: Queue + Ledger + ?Sized> Store for T {}
+
 /// Replays every dead letter matching `filter` by walking the DLQ newest first in pages of
-/// `chunk` and replaying each page: the shared body of [`Store::replay_matching`].
+/// `chunk` and replaying each page: the shared body of [`Ledger::replay_matching`].
 ///
 /// The keyset cursor only moves towards older entries, so an event that is replayed, fails
 /// again and is re-dead-lettered meanwhile (newer) is not taken twice, and no single write

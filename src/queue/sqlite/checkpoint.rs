@@ -36,7 +36,8 @@ use std::thread::JoinHandle;
 use rusqlite::hooks::Wal;
 use rusqlite::Connection;
 
-use super::{apply_common_pragmas, SqliteOptions};
+use super::connect::apply_common_pragmas;
+use super::SqliteOptions;
 use crate::queue::StoreError;
 
 /// The writer checkpoints itself once the WAL holds this many times

@@ -110,7 +110,7 @@ return {'ok'}
 /// `ARGV`: prefix, queue, now, limit, lease_until, consumer, claim_idle_ms, token base,
 /// most lease expiries in a row, their dead-letter reason, the DLQ member prefix for `now`
 /// (the id is appended). Returns one array per leased event: id, token, due (or expired lease)
-/// time, then the fields of [`CLAIM_FIELDS`](super::redis::CLAIM_FIELDS) in order.
+/// time, then the fields of [`CLAIM_FIELDS`](super::decode::CLAIM_FIELDS) in order.
 const CLAIM: &str = r#"
 local q, now, limit = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
 local until_s, consumer, idle, base = ARGV[5], ARGV[6], ARGV[7], ARGV[8]

@@ -1,0 +1,496 @@
+//! The per-operation work of the Redis store: each builds the script invocation or pipeline
+//! for one call (enqueue, claim, complete, undefer, an event, dead-letter pages, fallbacks,
+//! purge) and decodes its answer. The [`Queue`](crate::queue::Queue) and
+//! [`Ledger`](crate::queue::Ledger) impls in `mod.rs` call these.
+
+use redis::Value;
+
+use super::decode::{
+    array, claimed_from, corrupt, decode_cursor, dlq_member, encode_cursor, fallback_of, int,
+    last_attempt, opt_i64, opt_string, ordering_of, string, StoredAttempt,
+};
+use super::{unavailable, write_failed, RedisStore, IDEMPOTENCY_TTL_SLACK_MS, MAINTENANCE_CHUNK};
+use crate::queue::{
+    AttemptRecord, ClaimedEvent, DeadLetter, Disposition, DlqFilter, EnqueueOutcome, EventRecord,
+    EventState, FallbackRecord, IdempotencyClaim, NewEvent, Page, Reconciliation, StoreError,
+    UnixMillis,
+};
+
+impl RedisStore {
+    pub(super) async fn do_enqueue(
+        &self,
+        ev: NewEvent,
+        idem: Option<IdempotencyClaim>,
+        max_depth: u64,
+    ) -> Result<EnqueueOutcome, StoreError> {
+        let delays = serde_json::to_string(&ev.retry_delays_ms)
+            .map_err(|e| StoreError::Corrupt(format!("cannot encode retry delays: {e}")))?;
+        let mut inv = self.script(&self.inner.scripts.enqueue);
+        inv.arg(&ev.id).arg(&ev.queue).arg(max_depth.to_string());
+        inv.arg(ev.received_at_ms).arg(ev.due_at_ms);
+        match &idem {
+            Some(c) => {
+                let ttl = (c.expires_at_ms - ev.received_at_ms).max(1) + IDEMPOTENCY_TTL_SLACK_MS;
+                inv.arg(self.idem_key(&c.event_type, &c.key))
+                    .arg(c.expires_at_ms)
+                    .arg(ttl);
+            }
+            None => {
+                inv.arg("").arg(0).arg(0);
+            }
+        }
+        inv.arg(if ev.fallback.is_some() { "1" } else { "" });
+        inv.arg("type").arg(&ev.event_type);
+        inv.arg("queue").arg(&ev.queue);
+        inv.arg("target").arg(&ev.target);
+        inv.arg("trace").arg(&ev.trace_id);
+        inv.arg("sig").arg(ev.signature.as_str());
+        inv.arg("timeout").arg(ev.timeout_ms);
+        inv.arg("delays").arg(delays);
+        inv.arg("jitter").arg(ev.jitter.to_string());
+        inv.arg("recv").arg(ev.received_at_ms);
+        inv.arg("due").arg(ev.due_at_ms);
+        inv.arg("made").arg(0);
+        inv.arg("body").arg(&ev.body[..]);
+        if let Some(ct) = &ev.content_type {
+            inv.arg("ct").arg(ct);
+        }
+        if let Some(k) = &ev.idempotency_key {
+            inv.arg("ikey").arg(k);
+        }
+        if let Some(fb) = ev.fallback {
+            inv.arg("fb").arg(fb.as_str());
+        }
+        if let Some(key) = &ev.ordering_key {
+            inv.arg("okey").arg(key);
+        }
+        let wait = self.inner.options.wait_replicas;
+        let wait_timeout = self.inner.options.wait_timeout_ms;
+        // The idempotency claim is written by the same script as the event, so when this
+        // answers "outcome unknown", a retry with the same key finds the event if it was
+        // stored and is answered as its duplicate, and is stored normally if it was not.
+        self.run_write(|mut conn| async move {
+            let reply: Value = inv.invoke_async(&mut conn).await.map_err(write_failed)?;
+            let reply = array(reply)?;
+            let tag = reply.first().map(opt_string).transpose()?.flatten().unwrap_or_default();
+            let outcome = match tag.as_str() {
+                "ok" => EnqueueOutcome::Accepted,
+                "dup" => EnqueueOutcome::Duplicate {
+                    event_id: string(reply.get(1).unwrap_or(&Value::Nil), "duplicate's id")?,
+                },
+                "full" => return Ok(EnqueueOutcome::QueueFull),
+                "exists" => {
+                    return Err(StoreError::Unavailable(format!(
+                        "event id {} is already stored",
+                        ev.id
+                    )))
+                }
+                other => return Err(corrupt(format!("enqueue answered {other:?}"))),
+            };
+            if wait > 0 && outcome == EnqueueOutcome::Accepted {
+                // WAIT covers every earlier write of this connection, so concurrent enqueues
+                // share one replication round trip.
+                let acked: i64 = redis::cmd("WAIT")
+                    .arg(wait)
+                    .arg(wait_timeout)
+                    .query_async(&mut conn)
+                    .await
+                    .map_err(write_failed)?;
+                // The primary holds the event (and delivers it) whatever the replicas did; only
+                // its survival of a failover is in doubt.
+                if acked < i64::from(wait) {
+                    return Err(StoreError::OutcomeUnknown(format!(
+                        "only {acked} of {wait} redis replicas acknowledged the event in {wait_timeout} ms"
+                    )));
+                }
+            }
+            Ok(outcome)
+        })
+        .await
+    }
+
+    pub(super) async fn do_claim(
+        &self,
+        queue: &str,
+        now_ms: UnixMillis,
+        limit: usize,
+        lease_ms: u64,
+    ) -> Result<Vec<ClaimedEvent>, StoreError> {
+        self.check_open()?;
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let lease_until = now_ms.saturating_add(i64::try_from(lease_ms).unwrap_or(i64::MAX));
+        // 128 random bits per claim call; the script appends a counter per event. Unguessable,
+        // so a worker cannot complete a lease it was not given.
+        let base = format!("{:032x}", rand::random::<u128>());
+        let mut inv = self.script(&self.inner.scripts.claim);
+        inv.arg(queue)
+            .arg(now_ms)
+            .arg(limit)
+            .arg(lease_until)
+            .arg(&self.inner.consumer)
+            .arg(self.inner.options.claim_idle_ms)
+            .arg(base)
+            .arg(crate::queue::MAX_LEASE_EXPIRIES)
+            .arg(crate::queue::LEASE_EXPIRED_REASON)
+            .arg(dlq_member(now_ms, ""));
+        let reply: Value = self
+            .run(|mut conn| async move { inv.invoke_async(&mut conn).await.map_err(unavailable) })
+            .await?;
+        let mut claimed = array(reply)?
+            .into_iter()
+            .map(|e| claimed_from(e, lease_until))
+            .collect::<Result<Vec<_>, _>>()?;
+        // Oldest due first across the three sources (expired leases, idle entries, the stream).
+        claimed.sort_by(|a, b| a.0.cmp(&b.0).then_with(|| a.1.id.cmp(&b.1.id)));
+        Ok(claimed.into_iter().map(|(_, e)| e).collect())
+    }
+
+    pub(super) async fn do_complete(
+        &self,
+        event_id: &str,
+        lease_token: &str,
+        attempt: Option<AttemptRecord>,
+        disposition: Disposition,
+        now_ms: UnixMillis,
+    ) -> Result<bool, StoreError> {
+        let attempt_json = match &attempt {
+            Some(a) if !matches!(disposition, Disposition::Defer { .. }) => {
+                serde_json::to_string(&StoredAttempt {
+                    started_at_ms: a.started_at_ms,
+                    latency_ms: a.latency_ms,
+                    status: a.status,
+                    error: a.error.clone(),
+                })
+                .map_err(|e| StoreError::Corrupt(format!("cannot encode attempt: {e}")))?
+            }
+            _ => String::new(),
+        };
+        let mut deferred_by = String::new();
+        let (kind, due, reason) = match disposition {
+            Disposition::Delivered => ("delivered", now_ms, String::new()),
+            Disposition::Retry { due_at_ms } => ("retry", due_at_ms, String::new()),
+            Disposition::Defer { due_at_ms, breaker } => {
+                deferred_by = breaker.unwrap_or_default();
+                ("defer", due_at_ms, String::new())
+            }
+            Disposition::DeadLetter { reason } => ("dead", now_ms, reason),
+        };
+        let mut inv = self.script(&self.inner.scripts.complete);
+        inv.arg(event_id)
+            .arg(lease_token)
+            .arg(kind)
+            .arg(due)
+            .arg(now_ms)
+            .arg(reason)
+            .arg(dlq_member(now_ms, event_id))
+            .arg(attempt_json)
+            .arg(deferred_by);
+        let done: i64 = self
+            .run(|mut conn| async move { inv.invoke_async(&mut conn).await.map_err(unavailable) })
+            .await?;
+        Ok(done == 1)
+    }
+
+    /// Runs [`UNDEFER`](super::lua) in chunks, so one host's long backlog never holds
+    /// Redis for long.
+    pub(super) async fn do_undefer(
+        &self,
+        host: &str,
+        now_ms: UnixMillis,
+    ) -> Result<u64, StoreError> {
+        let mut total = 0u64;
+        loop {
+            let mut inv = self.script(&self.inner.scripts.undefer);
+            inv.arg(host).arg(now_ms).arg(MAINTENANCE_CHUNK);
+            let (made_due, taken): (u64, usize) =
+                self.run(|mut conn| async move {
+                    inv.invoke_async(&mut conn).await.map_err(unavailable)
+                })
+                .await?;
+            total += made_due;
+            if taken < MAINTENANCE_CHUNK {
+                return Ok(total);
+            }
+        }
+    }
+
+    pub(super) async fn do_event(&self, event_id: &str) -> Result<Option<EventRecord>, StoreError> {
+        let key = format!("{}:ev:{event_id}", self.inner.prefix);
+        let att = format!("{}:att:{event_id}", self.inner.prefix);
+        let (fields, attempts): (Vec<Value>, Vec<Value>) = self
+            .run(|mut conn| async move {
+                redis::pipe()
+                    .atomic()
+                    .cmd("HMGET")
+                    .arg(&key)
+                    .arg(&[
+                        "type", "queue", "target", "trace", "state", "recv", "due", "dlv", "dla",
+                        "dlr", "fb", "okey", "oseq",
+                    ])
+                    .cmd("LRANGE")
+                    .arg(&att)
+                    .arg(0)
+                    .arg(-1)
+                    .query_async(&mut conn)
+                    .await
+                    .map_err(unavailable)
+            })
+            .await?;
+        if fields.len() != 13 || fields[4] == Value::Nil {
+            return Ok(None);
+        }
+        let state = match string(&fields[4], "state")?.as_str() {
+            "p" | "r" => EventState::Pending,
+            "f" => EventState::InFlight,
+            "h" => EventState::Held,
+            "d" => EventState::Delivered,
+            "x" => EventState::DeadLettered,
+            other => return Err(corrupt(format!("unknown event state {other:?}"))),
+        };
+        let attempts = attempts
+            .iter()
+            .map(|v| {
+                let s = string(v, "attempt")?;
+                let (n, json) = s
+                    .split_once('|')
+                    .ok_or_else(|| corrupt(format!("bad attempt {s:?}")))?;
+                let a: StoredAttempt =
+                    serde_json::from_str(json).map_err(|e| corrupt(format!("attempt {e}")))?;
+                Ok(AttemptRecord {
+                    attempt: n
+                        .parse()
+                        .map_err(|_| corrupt(format!("bad attempt {s:?}")))?,
+                    started_at_ms: a.started_at_ms,
+                    latency_ms: a.latency_ms,
+                    status: a.status,
+                    error: a.error,
+                })
+            })
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        Ok(Some(EventRecord {
+            id: event_id.to_owned(),
+            event_type: string(&fields[0], "event type")?,
+            queue: string(&fields[1], "queue")?,
+            target: string(&fields[2], "target")?,
+            trace_id: string(&fields[3], "trace id")?,
+            state,
+            received_at_ms: int(&fields[5], "received time")?,
+            due_at_ms: if state == EventState::Pending {
+                opt_i64(&fields[6], "due time")?
+            } else {
+                None
+            },
+            delivered_at_ms: opt_i64(&fields[7], "delivered time")?,
+            dead_lettered_at_ms: opt_i64(&fields[8], "dead-lettered time")?,
+            dead_letter_reason: opt_string(&fields[9])?,
+            fallback: fallback_of(&fields[10])?,
+            ordering: ordering_of(&fields[11], &fields[12])?,
+            attempts,
+        }))
+    }
+
+    pub(super) async fn do_list_dead_letters(
+        &self,
+        filter: DlqFilter,
+        cursor: Option<String>,
+        limit: usize,
+    ) -> Result<Page<DeadLetter>, StoreError> {
+        self.check_open()?;
+        if limit == 0 {
+            return Ok(Page {
+                items: Vec::new(),
+                next_cursor: None,
+            });
+        }
+        // Newest first: a reverse lex range of `dlq`, whose members sort by (time, id). The
+        // cursor and `until` are exclusive upper bounds, `since` an inclusive lower one.
+        let mut max = "+".to_owned();
+        let mut tighten = |bound: String| {
+            if max == "+" || bound < max {
+                max = bound;
+            }
+        };
+        if let Some(c) = &cursor {
+            let (at, id) = decode_cursor(c)?;
+            tighten(format!("({}", dlq_member(at, &id)));
+        }
+        if let Some(until) = filter.until_ms {
+            tighten(format!("({:020}:", until.max(0)));
+        }
+        let min = match filter.since_ms {
+            Some(since) => format!("[{:020}:", since.max(0)),
+            None => "-".to_owned(),
+        };
+        let filtered = filter.event_type.is_some() || filter.queue.is_some();
+        let batch = if filtered { 256 } else { limit + 1 };
+        let dlq = format!("{}:dlq", self.inner.prefix);
+        let mut items = Vec::new();
+        loop {
+            let (dlq, max_b, min_b) = (dlq.clone(), max.clone(), min.clone());
+            let members: Vec<String> = self
+                .run(|mut conn| async move {
+                    redis::cmd("ZREVRANGEBYLEX")
+                        .arg(&dlq)
+                        .arg(&max_b)
+                        .arg(&min_b)
+                        .arg("LIMIT")
+                        .arg(0)
+                        .arg(batch)
+                        .query_async(&mut conn)
+                        .await
+                        .map_err(unavailable)
+                })
+                .await?;
+            let Some(last) = members.last() else { break };
+            max = format!("({last}");
+            let full = members.len() == batch;
+            let ids: Vec<String> = members
+                .iter()
+                .map(|m| m.split_once(':').map(|(_, id)| id.to_owned()))
+                .collect::<Option<_>>()
+                .ok_or_else(|| corrupt("bad dead-letter index entry"))?;
+            let mut pipe = redis::pipe();
+            for id in &ids {
+                pipe.cmd("HMGET")
+                    .arg(format!("{}:ev:{id}", self.inner.prefix))
+                    .arg(&[
+                        "type", "queue", "target", "trace", "dlr", "made", "last", "recv", "dla",
+                        "okey", "oseq",
+                    ]);
+            }
+            let rows: Vec<Vec<Value>> =
+                self.run(|mut conn| async move {
+                    pipe.query_async(&mut conn).await.map_err(unavailable)
+                })
+                .await?;
+            for (id, f) in ids.into_iter().zip(rows) {
+                if f.len() != 11 || f[0] == Value::Nil {
+                    // Purged between the two reads.
+                    continue;
+                }
+                let event_type = string(&f[0], "event type")?;
+                let queue = string(&f[1], "queue")?;
+                if filter.event_type.as_ref().is_some_and(|t| *t != event_type)
+                    || filter.queue.as_ref().is_some_and(|q| *q != queue)
+                {
+                    continue;
+                }
+                let (last_status, last_error) = last_attempt(&f[6])?;
+                items.push(DeadLetter {
+                    id,
+                    event_type,
+                    queue,
+                    target: string(&f[2], "target")?,
+                    trace_id: string(&f[3], "trace id")?,
+                    reason: opt_string(&f[4])?.unwrap_or_default(),
+                    attempts: u32::try_from(opt_i64(&f[5], "attempts")?.unwrap_or(0)).unwrap_or(0),
+                    last_status,
+                    last_error,
+                    received_at_ms: int(&f[7], "received time")?,
+                    dead_lettered_at_ms: int(&f[8], "dead-lettered time")?,
+                    ordering: ordering_of(&f[9], &f[10])?,
+                });
+                if items.len() > limit {
+                    break;
+                }
+            }
+            if items.len() > limit || !full {
+                break;
+            }
+        }
+        // One extra item was fetched only to learn whether another page exists.
+        let next_cursor = if items.len() > limit {
+            items.truncate(limit);
+            items
+                .last()
+                .map(|d| encode_cursor(d.dead_lettered_at_ms, &d.id))
+        } else {
+            None
+        };
+        Ok(Page { items, next_cursor })
+    }
+
+    pub(super) async fn do_fallbacks(
+        &self,
+        since_ms: UnixMillis,
+        limit: usize,
+    ) -> Result<Vec<FallbackRecord>, StoreError> {
+        let key = format!("{}:fallbacks", self.inner.prefix);
+        let rows: Vec<(String, i64)> = self
+            .run(|mut conn| async move {
+                redis::cmd("ZRANGEBYSCORE")
+                    .arg(&key)
+                    .arg(since_ms)
+                    .arg("+inf")
+                    .arg("WITHSCORES")
+                    .arg("LIMIT")
+                    .arg(0)
+                    .arg(limit)
+                    .query_async(&mut conn)
+                    .await
+                    .map_err(unavailable)
+            })
+            .await?;
+        if rows.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for (id, _) in &rows {
+            pipe.cmd("HMGET")
+                .arg(format!("{}:ev:{id}", self.inner.prefix))
+                .arg(&["trace", "type", "fb", "target", "state", "dlv"]);
+        }
+        let fields: Vec<Vec<Value>> = self
+            .run(|mut conn| async move { pipe.query_async(&mut conn).await.map_err(unavailable) })
+            .await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for ((event_id, at_ms), f) in rows.into_iter().zip(fields) {
+            if f.len() != 6 || f[0] == Value::Nil {
+                continue;
+            }
+            let state = match opt_string(&f[4])?.as_deref() {
+                Some("d") => Reconciliation::Delivered,
+                Some("x") => Reconciliation::DeadLettered,
+                _ => Reconciliation::Pending,
+            };
+            out.push(FallbackRecord {
+                event_id,
+                trace_id: string(&f[0], "trace id")?,
+                event_type: string(&f[1], "event type")?,
+                reason: fallback_of(&f[2])?.ok_or_else(|| corrupt("fallback without reason"))?,
+                target: string(&f[3], "target")?,
+                at_ms,
+                state,
+                delivered_at_ms: if state == Reconciliation::Delivered {
+                    opt_i64(&f[5], "delivered time")?
+                } else {
+                    None
+                },
+            });
+        }
+        Ok(out)
+    }
+
+    pub(super) async fn do_purge(&self, before_ms: UnixMillis) -> Result<u64, StoreError> {
+        // Chunked: many short scripts rather than one that blocks Redis for every client.
+        // Idempotency keys need no sweep: their TTL removes them.
+        let mut total = 0u64;
+        loop {
+            let mut inv = self.script(&self.inner.scripts.purge);
+            inv.arg(before_ms)
+                .arg(MAINTENANCE_CHUNK)
+                .arg(format!("({:020}:", before_ms.max(0)));
+            let (dead, delivered): (u64, u64) =
+                self.run(|mut conn| async move {
+                    inv.invoke_async(&mut conn).await.map_err(unavailable)
+                })
+                .await?;
+            total += dead + delivered;
+            if dead < MAINTENANCE_CHUNK as u64 && delivered < MAINTENANCE_CHUNK as u64 {
+                return Ok(total);
+            }
+        }
+    }
+}
