@@ -47,6 +47,7 @@ macro_rules! with_cases {
         close_then_calls_fail_closed,
         ordering_keys_hand_out_one_event_per_key_in_sequence,
         ordering_key_head_dead_lettered_by_expiry_releases_the_next,
+        finishing_a_keys_event_hands_the_next_one_to_the_same_worker,
         );
     };
 }

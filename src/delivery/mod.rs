@@ -22,7 +22,7 @@ pub use classify::{classify, retry_delay, Verdict};
 
 use crate::clock::now_ms;
 use crate::dispatcher::{lease_for, Dispatcher};
-use crate::queue::{AttemptRecord, ClaimedEvent, Disposition};
+use crate::queue::{AttemptRecord, ClaimedEvent, Completion, Disposition};
 use crate::routing::{DeliveryMode, Target};
 use crate::secret::Redacted;
 use crate::sync::{call, request, Envelope, ResponseBody};
@@ -144,9 +144,29 @@ async fn run_queue(
             let Ok(permit) = slots.clone().acquire_owned().await else {
                 break;
             };
-            let dispatcher = dispatcher.clone();
-            let queue = queue.clone();
-            deliveries.spawn(async move { deliver(&dispatcher, &queue, event, permit).await });
+            let (dispatcher, queue) = (dispatcher.clone(), queue.clone());
+            let (slots, shutdown) = (slots.clone(), shutdown.clone());
+            deliveries.spawn(async move {
+                let mut next = Some((event, permit));
+                let mut deferred_until = None;
+                // The worker that finishes an ordering key's event carries on with the key's
+                // next one, handed over by the store with the result (no claim in between),
+                // until the key has none waiting or shutdown begins.
+                while let Some((event, permit)) = next.take() {
+                    let take_next = (!*shutdown.borrow()).then_some(lease);
+                    let (until, following) =
+                        deliver(&dispatcher, &queue, event, permit, take_next).await;
+                    deferred_until = until;
+                    if let Some(following) = following {
+                        // The semaphore is never closed, so acquire cannot fail.
+                        let Ok(permit) = slots.clone().acquire_owned().await else {
+                            break;
+                        };
+                        next = Some((following, permit));
+                    }
+                }
+                deferred_until
+            });
         }
         if !drained {
             continue;
@@ -286,7 +306,9 @@ fn max_timeout(settings: &crate::config::Settings) -> Duration {
 }
 
 /// Makes one attempt at `event` and records what happened. Returns the new due time when the
-/// attempt was deferred without being made (open breaker, full gate).
+/// attempt was deferred without being made (open breaker, full gate), and, when `take_next`
+/// (a lease length) is given and this finished its ordering key's event, the key's next event,
+/// leased to this worker.
 ///
 /// `slot` (a place in the queue's worker pool) is given back once the attempt is made, before
 /// its result is written: the event stays leased until that write lands, so it cannot be
@@ -296,7 +318,8 @@ pub async fn deliver(
     queue: &Arc<str>,
     event: ClaimedEvent,
     slot: OwnedSemaphorePermit,
-) -> Option<i64> {
+    take_next: Option<Duration>,
+) -> (Option<i64>, Option<ClaimedEvent>) {
     let (attempt, disposition, deferral) = attempt(dispatcher, &event).await;
     drop(slot);
     let deferred_until = match disposition {
@@ -309,19 +332,37 @@ pub async fn deliver(
         _ => {}
     }
     let store = dispatcher.store();
+    let now = now_ms();
+    let done = match take_next {
+        // Only an ordered event can have a next one to hand over.
+        Some(lease) if event.ordering.is_some() => {
+            store
+                .complete_and_take_next(
+                    &event.id,
+                    &event.lease_token,
+                    attempt,
+                    disposition,
+                    now,
+                    lease.as_millis() as u64,
+                )
+                .await
+        }
+        _ => store
+            .complete(&event.id, &event.lease_token, attempt, disposition, now)
+            .await
+            .map(|recorded| Completion {
+                recorded,
+                next: None,
+            }),
+    };
     // A failed write here is not a lost event: the lease expires and the event is claimed again.
-    if let Err(e) = store
-        .complete(
-            &event.id,
-            &event.lease_token,
-            attempt,
-            disposition,
-            now_ms(),
-        )
-        .await
-    {
-        tracing::error!(event_id = %event.id, error = %e, "could not record delivery result; the lease will expire and the event will be retried");
-    }
+    let next = match done {
+        Ok(c) => c.next,
+        Err(e) => {
+            tracing::error!(event_id = %event.id, error = %e, "could not record delivery result; the lease will expire and the event will be retried");
+            None
+        }
+    };
     if let Some(d) = deferral {
         // The breaker closed while this deferral was being written: the close's undefer may
         // have run before the write landed and missed this event. Make it due now.
@@ -329,7 +370,7 @@ pub async fn deliver(
             undefer(dispatcher, &d.host.key).await;
         }
     }
-    deferred_until
+    (deferred_until, next)
 }
 
 /// An event deferred by an open breaker: which host, and how many times that breaker had

@@ -1695,3 +1695,86 @@ pub async fn ordering_key_head_dead_lettered_by_expiry_releases_the_next(store: 
     };
     assert_eq!((k2.id.as_str(), k2.ordering.clone()), ("k2", seq("K", 2)));
 }
+
+/// The worker that finishes a key's event gets the key's next one with the result, leased,
+/// without a claim; a retry or an unkeyed event hands nothing over; a handed-over lease that
+/// runs out is claimable again like any other.
+pub async fn finishing_a_keys_event_hands_the_next_one_to_the_same_worker(store: &dyn Store) {
+    enqueue_ok(store, keyed("k1", "K", "q", T0)).await;
+    enqueue_ok(store, keyed("k2", "K", "q", T0)).await;
+    enqueue_ok(store, keyed("k3", "K", "q", T0)).await;
+    enqueue_ok(store, event("u1", "t", "q", T0)).await;
+    let first = claim(store, "q", T0).await;
+    assert_eq!(ids(&first), ["k1", "u1"]);
+
+    let take = |c: &ClaimedEvent, disposition: Disposition, at: UnixMillis| {
+        let (id, token) = (c.id.clone(), c.lease_token.clone());
+        async move {
+            store
+                .complete_and_take_next(&id, &token, None, disposition, at, LEASE)
+                .await
+                .unwrap()
+        }
+    };
+    let done = take(&first[0], Disposition::Delivered, T0 + 10).await;
+    assert!(done.recorded);
+    let k2 = done.next.expect("k2 handed over");
+    assert_eq!(
+        (k2.id.as_str(), k2.attempt, k2.ordering.clone()),
+        ("k2", 1, seq("K", 2))
+    );
+    assert_eq!(
+        store.event("k2").await.unwrap().unwrap().state,
+        EventState::InFlight
+    );
+    assert!(
+        claim(store, "q", T0 + 10).await.is_empty(),
+        "k2 is leased, k3 held"
+    );
+
+    // A retry keeps the key: nothing is handed over, k2 comes back by claim.
+    let retried = take(
+        &k2,
+        Disposition::Retry {
+            due_at_ms: T0 + 100,
+        },
+        T0 + 20,
+    )
+    .await;
+    assert!(retried.recorded && retried.next.is_none());
+    let k2 = claim_one(store, "q", T0 + 100).await;
+    assert_eq!((k2.id.as_str(), k2.attempt), ("k2", 2));
+    // A stale token records nothing and takes nothing.
+    let stale = take(&first[0], Disposition::Delivered, T0 + 100).await;
+    assert!(!stale.recorded && stale.next.is_none());
+    let dead = take(
+        &k2,
+        Disposition::DeadLetter {
+            reason: "exhausted".into(),
+        },
+        T0 + 110,
+    )
+    .await;
+    let k3 = dead.next.expect("k3 handed over after a dead letter");
+    assert_eq!(k3.ordering, seq("K", 3));
+    // An unkeyed event has nothing to hand over.
+    let unkeyed = take(&first[1], Disposition::Delivered, T0 + 120).await;
+    assert!(unkeyed.recorded && unkeyed.next.is_none());
+
+    // k3's worker dies: its lease runs out and a claim hands it out again.
+    let lease_end = T0 + 110 + LEASE as i64;
+    assert!(claim(store, "q", lease_end - 1).await.is_empty());
+    let again = claim_one(store, "q", lease_end).await;
+    assert_eq!(
+        (again.id.as_str(), again.ordering.clone()),
+        ("k3", seq("K", 3))
+    );
+    let last = take(&again, Disposition::Delivered, lease_end + 1).await;
+    assert!(last.recorded && last.next.is_none());
+    let stats = store.stats("q", lease_end + 1).await.unwrap();
+    assert_eq!(
+        (stats.ready, stats.held, stats.in_flight),
+        (0, 0, 0),
+        "{stats:?}"
+    );
+}

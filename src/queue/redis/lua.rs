@@ -37,20 +37,34 @@ end
 -- The key's current event is delivered or dead-lettered: the next held one (lowest sequence)
 -- becomes pending, due at once (or at its own due time if that is past: it waited that long),
 -- and the key's current event; with none held the key is free.
-local function release_next(q, okey, now)
+-- With a lease token, the next event is leased until `lease_until` instead (outside the
+-- stream: a lease that runs out is found through the leased set, as any other) and returned
+-- as a claim entry, for the worker that finished the key to deliver it without a claim.
+local function release_next(q, okey, now, tok, lease_until)
   local set = held_set(q, okey)
   local nxt = redis.call('ZRANGE', set, 0, 0)[1]
   if not nxt then
     redis.call('HDEL', qk(q, 'okact'), okey)
-    return
+    return nil
   end
   redis.call('ZREM', set, nxt)
   redis.call('DECR', qk(q, 'held'))
   redis.call('HSET', qk(q, 'okact'), okey, nxt)
+  if tok and tok ~= '' then
+    local key = ev(nxt)
+    redis.call('HSET', key, 'state', 'f', 'tok', tok, 'until', lease_until)
+    redis.call('ZADD', qk(q, 'leased'), lease_until, nxt)
+    local f = redis.call('HMGET', key, 'type', 'queue', 'target', 'ct', 'trace', 'ikey', 'sig',
+      'timeout', 'delays', 'jitter', 'made', 'body', 'okey', 'oseq')
+    local entry = {nxt, tok, redis.call('HGET', key, 'due') or now}
+    for i = 1, 14 do entry[#entry + 1] = f[i] end
+    return entry
+  end
   local due = redis.call('HGET', ev(nxt), 'due')
   if not due or tonumber(due) > tonumber(now) then due = now end
   redis.call('HSET', ev(nxt), 'state', 'p', 'due', due)
   redis.call('ZADD', qk(q, 'delayed'), due, nxt)
+  return nil
 end
 "#;
 
@@ -247,7 +261,9 @@ return out
 
 /// `ARGV`: prefix, id, token, kind (`delivered` | `retry` | `defer` | `dead`), due_at, now,
 /// dead-letter reason, dlq member, attempt JSON ('' for none), the host whose breaker deferred
-/// it ('' for none). Returns 1, or 0 when the token no longer holds the lease.
+/// it ('' for none), a lease token for the next event of its ordering key ('' for none) and
+/// that lease's end. Returns 1; `{1, entry}` when it leased the key's next event (a claim
+/// entry); or 0 when the token no longer holds the lease.
 ///
 /// A breaker deferral is remembered twice: the event's `bd` field names the host, and the
 /// host's set `bd:<host>` (listed in `bdhosts`) holds the event, so [`UNDEFER`] finds them
@@ -289,7 +305,10 @@ if kind == 'delivered' or kind == 'dead' then
   redis.call('HDEL', key, 'due')
   redis.call('DECR', qk(q, 'depth'))
   local okey = redis.call('HGET', key, 'okey')
-  if okey then release_next(q, okey, ARGV[6]) end
+  if okey then
+    local taken = release_next(q, okey, ARGV[6], ARGV[11], ARGV[12])
+    if taken then return {1, taken} end
+  end
 else
   redis.call('HSET', key, 'state', 'p', 'due', ARGV[5])
   redis.call('ZADD', qk(q, 'delayed'), ARGV[5], id)

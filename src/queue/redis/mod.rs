@@ -63,9 +63,9 @@ mod ops;
 mod tests;
 
 use super::{
-    AttemptRecord, ClaimedEvent, DeadLetter, Disposition, DlqFilter, EnqueueOutcome, EventRecord,
-    FallbackRecord, IdempotencyClaim, Ledger, NewEvent, Page, Queue, QueueStats, StoreError,
-    StoreFuture, UnixMillis,
+    AttemptRecord, ClaimedEvent, Completion, DeadLetter, Disposition, DlqFilter, EnqueueOutcome,
+    EventRecord, FallbackRecord, IdempotencyClaim, Ledger, NewEvent, Page, Queue, QueueStats,
+    StoreError, StoreFuture, UnixMillis,
 };
 use decode::{corrupt, opt_i64};
 use lua::Scripts;
@@ -363,8 +363,32 @@ impl Queue for RedisStore {
     ) -> StoreFuture<'_, bool> {
         let (event_id, lease_token) = (event_id.to_owned(), lease_token.to_owned());
         Box::pin(async move {
-            self.do_complete(&event_id, &lease_token, attempt, disposition, now_ms)
+            self.do_complete(&event_id, &lease_token, attempt, disposition, now_ms, None)
                 .await
+                .map(|c| c.recorded)
+        })
+    }
+
+    fn complete_and_take_next(
+        &self,
+        event_id: &str,
+        lease_token: &str,
+        attempt: Option<AttemptRecord>,
+        disposition: Disposition,
+        now_ms: UnixMillis,
+        lease_ms: u64,
+    ) -> StoreFuture<'_, Completion> {
+        let (event_id, lease_token) = (event_id.to_owned(), lease_token.to_owned());
+        Box::pin(async move {
+            self.do_complete(
+                &event_id,
+                &lease_token,
+                attempt,
+                disposition,
+                now_ms,
+                Some(lease_ms),
+            )
+            .await
         })
     }
 

@@ -11,9 +11,9 @@ use super::decode::{
 };
 use super::{unavailable, write_failed, RedisStore, IDEMPOTENCY_TTL_SLACK_MS, MAINTENANCE_CHUNK};
 use crate::queue::{
-    AttemptRecord, ClaimedEvent, DeadLetter, Disposition, DlqFilter, EnqueueOutcome, EventRecord,
-    EventState, FallbackRecord, IdempotencyClaim, NewEvent, Page, Reconciliation, StoreError,
-    UnixMillis,
+    AttemptRecord, ClaimedEvent, Completion, DeadLetter, Disposition, DlqFilter, EnqueueOutcome,
+    EventRecord, EventState, FallbackRecord, IdempotencyClaim, NewEvent, Page, Reconciliation,
+    StoreError, UnixMillis,
 };
 
 impl RedisStore {
@@ -154,7 +154,8 @@ impl RedisStore {
         attempt: Option<AttemptRecord>,
         disposition: Disposition,
         now_ms: UnixMillis,
-    ) -> Result<bool, StoreError> {
+        take_next_lease_ms: Option<u64>,
+    ) -> Result<Completion, StoreError> {
         let attempt_json = match &attempt {
             Some(a) if !matches!(disposition, Disposition::Defer { .. }) => {
                 serde_json::to_string(&StoredAttempt {
@@ -187,10 +188,34 @@ impl RedisStore {
             .arg(dlq_member(now_ms, event_id))
             .arg(attempt_json)
             .arg(deferred_by);
-        let done: i64 = self
+        let lease_until = take_next_lease_ms
+            .map(|ms| now_ms.saturating_add(i64::try_from(ms).unwrap_or(i64::MAX)));
+        match lease_until {
+            Some(until) => inv
+                .arg(format!("{:032x}:k", rand::random::<u128>()))
+                .arg(until),
+            None => inv.arg("").arg(0),
+        };
+        let reply: Value = self
             .run(|mut conn| async move { inv.invoke_async(&mut conn).await.map_err(unavailable) })
             .await?;
-        Ok(done == 1)
+        match reply {
+            Value::Int(done) => Ok(Completion {
+                recorded: done == 1,
+                next: None,
+            }),
+            other => {
+                let mut parts = array(other)?.into_iter();
+                let entry = parts
+                    .nth(1)
+                    .ok_or_else(|| corrupt("completion reply without the next event"))?;
+                let (_, next) = claimed_from(entry, lease_until.unwrap_or(now_ms))?;
+                Ok(Completion {
+                    recorded: true,
+                    next: Some(next),
+                })
+            }
+        }
     }
 
     /// Runs [`UNDEFER`](super::lua) in chunks, so one host's long backlog never holds

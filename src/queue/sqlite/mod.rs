@@ -82,9 +82,9 @@ use tx::{tx_claim, tx_complete, tx_enqueue, tx_purge_chunk, tx_release, tx_repla
 use writer::{writer_loop, Job, JobKind, WriteJob, WriterState};
 
 use super::{
-    AttemptRecord, ClaimedEvent, DeadLetter, Disposition, DlqFilter, EnqueueOutcome, EventRecord,
-    FallbackRecord, IdempotencyClaim, Ledger, NewEvent, Page, Queue, QueueStats, StoreError,
-    StoreFuture, UnixMillis,
+    AttemptRecord, ClaimedEvent, Completion, DeadLetter, Disposition, DlqFilter, EnqueueOutcome,
+    EventRecord, FallbackRecord, IdempotencyClaim, Ledger, NewEvent, Page, Queue, QueueStats,
+    StoreError, StoreFuture, UnixMillis,
 };
 
 /// Histogram of how many enqueues shared one transaction (one fsync).
@@ -416,17 +416,53 @@ impl Queue for SqliteStore {
         now_ms: UnixMillis,
     ) -> StoreFuture<'_, bool> {
         let (event_id, lease_token) = (event_id.to_owned(), lease_token.to_owned());
-        Box::pin(self.write(JobKind::Delivery, move |conn, ws| {
-            tx_complete(
-                conn,
-                ws,
-                &event_id,
-                &lease_token,
-                attempt,
-                disposition,
-                now_ms,
-            )
-        }))
+        Box::pin(async move {
+            let (recorded, _) = self
+                .write(JobKind::Delivery, move |conn, ws| {
+                    tx_complete(
+                        conn,
+                        ws,
+                        &event_id,
+                        &lease_token,
+                        attempt,
+                        disposition,
+                        now_ms,
+                        None,
+                    )
+                })
+                .await?;
+            Ok(recorded)
+        })
+    }
+
+    fn complete_and_take_next(
+        &self,
+        event_id: &str,
+        lease_token: &str,
+        attempt: Option<AttemptRecord>,
+        disposition: Disposition,
+        now_ms: UnixMillis,
+        lease_ms: u64,
+    ) -> StoreFuture<'_, Completion> {
+        let (event_id, lease_token) = (event_id.to_owned(), lease_token.to_owned());
+        let until = now_ms.saturating_add(i64::try_from(lease_ms).unwrap_or(i64::MAX));
+        Box::pin(async move {
+            let (recorded, next) = self
+                .write(JobKind::Delivery, move |conn, ws| {
+                    tx_complete(
+                        conn,
+                        ws,
+                        &event_id,
+                        &lease_token,
+                        attempt,
+                        disposition,
+                        now_ms,
+                        Some(until),
+                    )
+                })
+                .await?;
+            Ok(Completion { recorded, next })
+        })
     }
 
     fn undefer(&self, host: &str, now_ms: UnixMillis) -> StoreFuture<'_, u64> {

@@ -276,36 +276,90 @@ pub(super) fn dead_letter_expired(
         LEASE_EXPIRED_REASON
     ])?;
     if let Some(ordering) = &state.ordering {
-        release_next_of_key(conn, &state.queue, &ordering.key, now_ms)?;
+        release_next_of_key(conn, &state.queue, &ordering.key, now_ms, None)?;
     }
     ws.adjust(&state.queue, -1);
     Ok(())
 }
 
 /// The key's current event is delivered or dead-lettered: its next held event (lowest
-/// sequence) becomes pending, due at once, and the key's current event; a key with none held
-/// is free, so its next enqueue is pending at once.
+/// sequence) becomes the key's current event; a key with none held is free, so its next
+/// enqueue is pending at once. With `lease_until` the next event is leased until then and
+/// returned, for the worker that finished the key to deliver it without a claim; otherwise
+/// (or if it does not decode: a claim then reports it) it is pending, due at once.
 pub(super) fn release_next_of_key(
     conn: &Connection,
     queue: &str,
     key: &str,
     now_ms: UnixMillis,
-) -> Result<(), StoreError> {
+    lease_until: Option<UnixMillis>,
+) -> Result<Option<ClaimedEvent>, StoreError> {
     let next: Option<i64> = conn
         .prepare_cached(NEXT_HELD)?
         .query_row(params![queue, key], |r| r.get(0))
         .optional()?;
+    let mut taken = None;
     if let Some(rid) = next {
-        // Its own due time if already past (it has waited that long: claims go oldest due
-        // first), else now.
-        conn.prepare_cached(
-            "UPDATE events SET state = 0, due_at = MIN(COALESCE(due_at, ?1), ?1) WHERE rid = ?2",
-        )?
-        .execute(params![now_ms, rid])?;
+        if let Some(until) = lease_until {
+            let token = new_lease_token(rid);
+            // Decoded before it is leased, and a failure only leaves it to a claim: this runs
+            // after the completion's own writes, which only a SQLite error may fail.
+            match read_leased(conn, rid, token.clone(), until) {
+                Ok(event) => {
+                    conn.prepare_cached(
+                        "UPDATE events SET state = 1, lease_token = ?1, due_at = ?2 WHERE rid = ?3",
+                    )?
+                    .execute(params![token, until, rid])?;
+                    taken = Some(event);
+                }
+                Err(e) => tracing::warn!(
+                    row = rid,
+                    error = %e,
+                    "the next event of an ordering key could not be read; leaving it to a claim"
+                ),
+            }
+        }
+        if taken.is_none() {
+            // Its own due time if already past (it has waited that long: claims go oldest due
+            // first), else now.
+            conn.prepare_cached(
+                "UPDATE events SET state = 0, due_at = MIN(COALESCE(due_at, ?1), ?1) WHERE rid = ?2",
+            )?
+            .execute(params![now_ms, rid])?;
+        }
     }
     conn.prepare_cached("UPDATE ordering_keys SET active_rid = ?3 WHERE queue = ?1 AND key = ?2")?
         .execute(params![queue, key, next])?;
-    Ok(())
+    Ok(taken)
+}
+
+/// One event row and its payload, as a claim hands it out under `lease_token`.
+fn read_leased(
+    conn: &Connection,
+    rid: i64,
+    lease_token: String,
+    lease_until_ms: UnixMillis,
+) -> Result<ClaimedEvent, StoreError> {
+    let state = conn
+        .prepare_cached(
+            "SELECT id, queue, attempts_made, ordering_key, sequence FROM events WHERE rid = ?1",
+        )?
+        .query_row(params![rid], |row| {
+            Ok(ClaimedState {
+                id: row.get(0)?,
+                queue: row.get(1)?,
+                attempts_made: get_u32(row, 2)?,
+                ordering: get_ordering(row, 3, 4)?,
+            })
+        })?;
+    conn.prepare_cached(&format!(
+        "SELECT {PAYLOAD_COLUMNS} FROM event_payloads WHERE rid = ?1"
+    ))?
+    .query_row(params![rid], |row| {
+        claimed_from_row(state, row, lease_token, lease_until_ms)
+    })
+    .optional()?
+    .ok_or_else(|| StoreError::Corrupt(format!("event row {rid} has no payload")))
 }
 
 pub(super) fn tx_complete(
@@ -316,7 +370,8 @@ pub(super) fn tx_complete(
     attempt: Option<AttemptRecord>,
     disposition: Disposition,
     now_ms: UnixMillis,
-) -> Result<bool, StoreError> {
+    take_next_until: Option<UnixMillis>,
+) -> Result<(bool, Option<ClaimedEvent>), StoreError> {
     let counts = !matches!(disposition, Disposition::Defer { .. });
     let mut deferred_by = None;
     let (state, due_at, delivered_at, dead_at, reason) = match disposition {
@@ -367,7 +422,7 @@ pub(super) fn tx_complete(
         )
         .optional()?;
     let Some((queue, attempts_made, round, ordering_key)) = updated else {
-        return Ok(false);
+        return Ok((false, None));
     };
     if counts {
         if let Some(a) = attempt {
@@ -388,13 +443,14 @@ pub(super) fn tx_complete(
             ])?;
         }
     }
+    let mut next = None;
     if state == DELIVERED || state == DEAD_LETTERED {
         if let Some(key) = ordering_key {
-            release_next_of_key(conn, &queue, &key, now_ms)?;
+            next = release_next_of_key(conn, &queue, &key, now_ms, take_next_until)?;
         }
         ws.adjust(&queue, -1);
     }
-    Ok(true)
+    Ok((true, next))
 }
 
 /// Makes the pending events deferred by `host`'s breaker (every breaker, for `None`) due at
