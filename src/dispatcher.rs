@@ -82,17 +82,23 @@ pub struct ReloadReport {
     pub needs_restart: Vec<&'static str>,
 }
 
-/// The rules and settings in force.
+/// The rules, settings and hosts in force, swapped as one: a dispatch that loaded it finds
+/// every host its rules name, built with the same settings, however many reloads happen
+/// meanwhile.
 #[derive(Debug)]
 pub struct Snapshot {
     pub settings: Arc<Settings>,
+    /// One host per rule target, with the policy of `settings`.
+    pub hosts: Arc<HostMap>,
     pub loaded_at_ms: i64,
 }
 
 /// Routes events and owns the per-host machinery and the store.
 pub struct Dispatcher {
     snapshot: ArcSwap<Snapshot>,
-    hosts: ArcSwap<HostMap>,
+    /// Hosts no rule names any more, made on demand for events queued before a reload changed
+    /// their rule's target (`Dispatcher::host`); rebuilt with the new policy at each reload.
+    orphan_hosts: ArcSwap<HostMap>,
     store: Arc<dyn Store>,
     /// Targets that answered 410 Gone: not delivered to until a reload or an admin action.
     disabled_targets: Mutex<HashSet<String>>,
@@ -187,9 +193,10 @@ impl Dispatcher {
             closes: Mutex::new(Some(close_rx)),
             snapshot: ArcSwap::from_pointee(Snapshot {
                 settings: Arc::new(settings),
+                hosts: Arc::new(hosts),
                 loaded_at_ms: now_ms(),
             }),
-            hosts: ArcSwap::from_pointee(hosts),
+            orphan_hosts: ArcSwap::from_pointee(HostMap::new()),
             startup,
             store,
             disabled_targets: Mutex::new(HashSet::new()),
@@ -219,23 +226,36 @@ impl Dispatcher {
         self.closes.lock().unwrap_or_else(|p| p.into_inner()).take()
     }
 
-    /// Every host, with its gate and breaker.
+    /// Every host, with its gate and breaker: those the rules name and those made for events
+    /// queued before a reload changed their target.
     pub fn hosts(&self) -> Arc<HostMap> {
-        self.hosts.load_full()
+        let snapshot = self.snapshot.load();
+        let orphans = self.orphan_hosts.load();
+        if orphans.is_empty() {
+            return snapshot.hosts.clone();
+        }
+        let mut all = HostMap::clone(&snapshot.hosts);
+        for (key, host) in orphans.iter() {
+            all.entry(key.clone()).or_insert_with(|| host.clone());
+        }
+        Arc::new(all)
     }
 
     /// The host for `key`, created with the current policy if no rule names it any more
     /// (an event queued before a reload changed its rule's target).
     pub fn host(&self, key: &str) -> Arc<Host> {
-        if let Some(h) = self.hosts.load().get(key) {
+        let snapshot = self.snapshot.load();
+        if let Some(h) = snapshot.hosts.get(key) {
             return h.clone();
         }
-        let snapshot = self.snapshot.load();
+        if let Some(h) = self.orphan_hosts.load().get(key) {
+            return h.clone();
+        }
         let policy = snapshot.settings.hosts.for_host(key).clone();
         let tls = &snapshot.settings.tls;
         let key: Arc<str> = key.into();
         let mut created = None;
-        self.hosts.rcu(|map| {
+        self.orphan_hosts.rcu(|map| {
             let mut map = HostMap::clone(map);
             let host = map
                 .entry(key.clone())
@@ -259,15 +279,28 @@ impl Dispatcher {
             tracing::info!(%queue, from, to, "queue concurrency changes live");
         }
         let needs_restart = diff.needs_restart;
-        let hosts = build_hosts(&new, &self.hosts.load(), &self.on_close);
+        // Existing hosts keep their pools, breakers and counters under the new policy.
+        let hosts = build_hosts(&new, &self.hosts(), &self.on_close);
+        // Orphans a rule names again moved into `hosts`; the rest take the new policy too.
+        let orphans: HostMap = self
+            .orphan_hosts
+            .load()
+            .iter()
+            .filter(|(key, _)| !hosts.contains_key(*key))
+            .map(|(key, host)| {
+                let policy = new.hosts.for_host(key);
+                (key.clone(), host.with_policy(policy, &new.tls))
+            })
+            .collect();
         let report = ReloadReport {
             content_hash: new.content_hash.clone(),
             rules: new.rules.len(),
             needs_restart,
         };
-        self.hosts.store(Arc::new(hosts));
+        self.orphan_hosts.store(Arc::new(orphans));
         self.snapshot.store(Arc::new(Snapshot {
             settings: Arc::new(new),
+            hosts: Arc::new(hosts),
             loaded_at_ms: now_ms(),
         }));
         self.disabled_targets
@@ -356,13 +389,14 @@ impl Dispatcher {
             // Boxed: the sync call's state is over 2 KiB, and every future that awaits it
             // inline (up to hyper's per-request service future) would grow and be copied by
             // that much on each request; one allocation is cheaper.
-            DeliveryMode::Sync => Box::pin(self.dispatch_sync(&rule, settings, event)).await,
+            DeliveryMode::Sync => Box::pin(self.dispatch_sync(&rule, snapshot, event)).await,
         };
         rule.metrics.received(&rule, outcome_label(&outcome));
         outcome
     }
 
-    async fn dispatch_sync(&self, rule: &Arc<Rule>, settings: &Settings, event: Event) -> Outcome {
+    async fn dispatch_sync(&self, rule: &Arc<Rule>, snapshot: &Snapshot, event: Event) -> Outcome {
+        let settings = &snapshot.settings;
         let event_id = new_event_id();
         let envelope = Envelope {
             event_id,
@@ -374,7 +408,11 @@ impl Dispatcher {
             signature: rule.signature,
             ordering: None,
         };
-        let host = self.host(&rule.target.host);
+        // Every rule's target has its host in the same snapshot as the rule.
+        let host = match snapshot.hosts.get(&rule.target.host) {
+            Some(host) => host.clone(),
+            None => self.host(&rule.target.host),
+        };
         let result = sync::deliver(&host, rule, &envelope, &settings.signer).await;
         // The reason a failure may fall back for; `None` also when the target has the event.
         let fallback = match &result {
@@ -522,4 +560,54 @@ fn build_hosts(settings: &Settings, old: &HostMap, on_close: &CloseHook) -> Host
 /// plus a margin for signing and bookkeeping.
 pub fn lease_for(timeout: Duration) -> Duration {
     timeout + Duration::from_secs(5)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::queue::sqlite::{SqliteOptions, SqliteStore};
+
+    fn settings(max_connections: u32, targets: &[&str]) -> Settings {
+        let rules: String = targets
+            .iter()
+            .enumerate()
+            .map(|(i, t)| format!("  - event_type: e{i}\n    mode: async\n    target: {t}\n"))
+            .collect();
+        let yaml = format!(
+            "signing:\n  secrets: [\"whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\"]\nhosts:\n  default:\n    max_connections: {max_connections}\nrouting_rules:\n{rules}"
+        );
+        crate::config::load_from_bytes(Path::new("t.yaml"), yaml.as_bytes()).unwrap()
+    }
+
+    /// Rules and hosts are one snapshot: a reload that adds a target publishes its host with
+    /// it, a snapshot taken before keeps its own hosts, and a host no rule names any more
+    /// (kept for queued events) takes the new policy.
+    #[test]
+    fn a_reload_swaps_rules_and_hosts_together() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("q.db"), SqliteOptions::default()).unwrap();
+        let d = Dispatcher::new(settings(8, &["http://a.test:1/"]), Arc::new(store));
+        let before = d.snapshot();
+        let orphan = d.host("gone.test:1");
+        assert_eq!(orphan.gate.max_connections(), 8);
+
+        d.reload(settings(16, &["http://a.test:1/", "http://b.test:2/"]));
+        let after = d.snapshot();
+        assert!(
+            after.hosts.contains_key("b.test:2"),
+            "the new target's host"
+        );
+        assert!(
+            !before.hosts.contains_key("b.test:2"),
+            "the old snapshot is unchanged"
+        );
+        assert_eq!(after.hosts["a.test:1"].gate.max_connections(), 16);
+        assert_eq!(d.host("gone.test:1").gate.max_connections(), 16);
+        let all = d.hosts();
+        assert!(["a.test:1", "b.test:2", "gone.test:1"]
+            .iter()
+            .all(|k| all.contains_key(*k)));
+    }
 }
