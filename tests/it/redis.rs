@@ -92,6 +92,42 @@ impl Drop for Proc {
     }
 }
 
+/// An instance on `redis` run as a child `hookyard serve`, so that a test can SIGKILL it (no
+/// graceful anything), once it is ready. Returns it, its ingress address, and the directory of
+/// its config, which must outlive it.
+async fn child_instance(
+    redis: &RedisServer,
+    prefix: &str,
+    claim_idle_ms: u64,
+    rest: &str,
+) -> (Proc, std::net::SocketAddr, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let (ingress, admin) = (upstream::closed_port(), upstream::closed_port());
+    let path = dir.path().join("instance.yaml");
+    let yaml = redis_yaml(
+        redis,
+        prefix,
+        claim_idle_ms,
+        &ingress.to_string(),
+        &admin.to_string(),
+        rest,
+    );
+    std::fs::write(&path, yaml).unwrap();
+    let child = Proc(
+        Command::new(env!("CARGO_BIN_EXE_hookyard"))
+            .args(["serve", "--config"])
+            .arg(&path)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let ready = format!("http://{admin}/readyz");
+    wait_status(&http_client(), &ready, 200, Duration::from_secs(10)).await;
+    (child, ingress, dir)
+}
+
 async fn wait_status(client: &crate::util::HttpClient, url: &str, status: u16, within: Duration) {
     eventually(within, &format!("{url} answering {status}"), async || {
         let req = http::Request::get(url)
@@ -127,40 +163,9 @@ async fn two_instances_one_killed_mid_delivery_survivor_delivers_everything_once
         .replace("timeout_ms: 500", "timeout_ms: 2500")
     );
     // The instance to be killed runs as a child process: SIGKILL, no graceful anything.
-    let dir = tempfile::tempdir().unwrap();
-    let (ingress_a, admin_a) = (upstream::closed_port(), upstream::closed_port());
-    let path = dir.path().join("a.yaml");
-    std::fs::write(
-        &path,
-        redis_yaml(
-            &redis,
-            "two",
-            3500,
-            &ingress_a.to_string(),
-            &admin_a.to_string(),
-            &rest,
-        ),
-    )
-    .unwrap();
-    let mut a = Proc(
-        Command::new(env!("CARGO_BIN_EXE_hookyard"))
-            .args(["serve", "--config"])
-            .arg(&path)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let (mut a, ingress_a, _a_dir) = child_instance(&redis, "two", 3500, &rest).await;
     let b = start_on_redis_with_claim_idle(&redis, "two", 3500, &rest).await;
     let client = http_client();
-    wait_status(
-        &client,
-        &format!("http://{admin_a}/readyz"),
-        200,
-        Duration::from_secs(10),
-    )
-    .await;
 
     let urls = [
         format!("http://{ingress_a}/v1/events/user.updated"),
@@ -748,37 +753,9 @@ async fn two_instances_keep_each_key_in_order_and_take_over_a_killed_ones_keys()
         "hosts:\n  default:\n    circuit_breaker: {{ consecutive_failures: 1000, recovery_ms: 100 }}\nqueues:\n  default: {{ concurrency: 16 }}\nrouting_rules:\n  - event_type: order.updated\n    mode: async\n    target: http://{}/o\n    timeout_ms: 500\n    retry_matrix: [5, 10, 10, 20, 20, 40, 40, 80, 80, 80, 80, 80]\n    ordering_key: header:X-Customer-Id\n",
         rx.local_addr()
     );
-    let dir = tempfile::tempdir().unwrap();
-    let (ingress_a, admin_a) = (upstream::closed_port(), upstream::closed_port());
-    let path = dir.path().join("a.yaml");
-    let yaml = redis_yaml(
-        &redis,
-        "ord",
-        1500,
-        &ingress_a.to_string(),
-        &admin_a.to_string(),
-        &rest,
-    );
-    std::fs::write(&path, yaml).unwrap();
-    let mut a = Proc(
-        Command::new(env!("CARGO_BIN_EXE_hookyard"))
-            .args(["serve", "--config"])
-            .arg(&path)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let (mut a, ingress_a, _a_dir) = child_instance(&redis, "ord", 1500, &rest).await;
     let b = start_on_redis_with_claim_idle(&redis, "ord", 1500, &rest).await;
     let client = http_client();
-    wait_status(
-        &client,
-        &format!("http://{admin_a}/readyz"),
-        200,
-        Duration::from_secs(10),
-    )
-    .await;
     let urls = [
         format!("http://{ingress_a}/v1/events/order.updated"),
         format!("{}/v1/events/order.updated", b.ingress()),

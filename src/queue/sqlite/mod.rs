@@ -355,6 +355,34 @@ impl Drop for ClearOnDrop<'_> {
 // ---------------------------------------------------------------------------------------------
 // The trait
 
+impl SqliteStore {
+    /// A delivery result as one writer job; with `take_next_until`, also the hand-over of the
+    /// event's ordering key to its next event (see [`Queue::complete_and_take_next`]).
+    fn record_result(
+        &self,
+        event_id: &str,
+        lease_token: &str,
+        attempt: Option<AttemptRecord>,
+        disposition: Disposition,
+        now_ms: UnixMillis,
+        take_next_until: Option<UnixMillis>,
+    ) -> impl std::future::Future<Output = Result<Completion, StoreError>> + Send + '_ {
+        let (event_id, lease_token) = (event_id.to_owned(), lease_token.to_owned());
+        self.write(JobKind::Delivery, move |conn, ws| {
+            tx_complete(
+                conn,
+                ws,
+                &event_id,
+                &lease_token,
+                attempt,
+                disposition,
+                now_ms,
+                take_next_until,
+            )
+        })
+    }
+}
+
 impl Queue for SqliteStore {
     fn enqueue(
         &self,
@@ -415,24 +443,8 @@ impl Queue for SqliteStore {
         disposition: Disposition,
         now_ms: UnixMillis,
     ) -> StoreFuture<'_, bool> {
-        let (event_id, lease_token) = (event_id.to_owned(), lease_token.to_owned());
-        Box::pin(async move {
-            let (recorded, _) = self
-                .write(JobKind::Delivery, move |conn, ws| {
-                    tx_complete(
-                        conn,
-                        ws,
-                        &event_id,
-                        &lease_token,
-                        attempt,
-                        disposition,
-                        now_ms,
-                        None,
-                    )
-                })
-                .await?;
-            Ok(recorded)
-        })
+        let done = self.record_result(event_id, lease_token, attempt, disposition, now_ms, None);
+        Box::pin(async move { Ok(done.await?.recorded) })
     }
 
     fn complete_and_take_next(
@@ -444,25 +456,15 @@ impl Queue for SqliteStore {
         now_ms: UnixMillis,
         lease_ms: u64,
     ) -> StoreFuture<'_, Completion> {
-        let (event_id, lease_token) = (event_id.to_owned(), lease_token.to_owned());
         let until = now_ms.saturating_add(i64::try_from(lease_ms).unwrap_or(i64::MAX));
-        Box::pin(async move {
-            let (recorded, next) = self
-                .write(JobKind::Delivery, move |conn, ws| {
-                    tx_complete(
-                        conn,
-                        ws,
-                        &event_id,
-                        &lease_token,
-                        attempt,
-                        disposition,
-                        now_ms,
-                        Some(until),
-                    )
-                })
-                .await?;
-            Ok(Completion { recorded, next })
-        })
+        Box::pin(self.record_result(
+            event_id,
+            lease_token,
+            attempt,
+            disposition,
+            now_ms,
+            Some(until),
+        ))
     }
 
     fn undefer(&self, host: &str, now_ms: UnixMillis) -> StoreFuture<'_, u64> {

@@ -10,8 +10,8 @@ use super::sql::{
 };
 use super::writer::WriterState;
 use crate::queue::{
-    AttemptRecord, ClaimedEvent, Disposition, EnqueueOutcome, FallbackReason, IdempotencyClaim,
-    NewEvent, StoreError, UnixMillis, LEASE_EXPIRED_REASON, MAX_LEASE_EXPIRIES,
+    AttemptRecord, ClaimedEvent, Completion, Disposition, EnqueueOutcome, FallbackReason,
+    IdempotencyClaim, NewEvent, StoreError, UnixMillis, LEASE_EXPIRED_REASON, MAX_LEASE_EXPIRIES,
 };
 
 /// `<rid>.<128 random bits in hex>`. The random part makes it unique for all practical
@@ -374,7 +374,7 @@ pub(super) fn tx_complete(
     disposition: Disposition,
     now_ms: UnixMillis,
     take_next_until: Option<UnixMillis>,
-) -> Result<(bool, Option<ClaimedEvent>), StoreError> {
+) -> Result<Completion, StoreError> {
     let counts = !matches!(disposition, Disposition::Defer { .. });
     let mut deferred_by = None;
     let (state, due_at, delivered_at, dead_at, reason) = match disposition {
@@ -425,7 +425,10 @@ pub(super) fn tx_complete(
         )
         .optional()?;
     let Some((queue, attempts_made, round, ordering_key)) = updated else {
-        return Ok((false, None));
+        return Ok(Completion {
+            recorded: false,
+            next: None,
+        });
     };
     if counts {
         if let Some(a) = attempt {
@@ -453,7 +456,10 @@ pub(super) fn tx_complete(
         }
         ws.adjust(&queue, -1);
     }
-    Ok((true, next))
+    Ok(Completion {
+        recorded: true,
+        next,
+    })
 }
 
 /// Makes the pending events deferred by `host`'s breaker (every breaker, for `None`) due at
