@@ -13,7 +13,7 @@ mod classify;
 
 use std::collections::HashSet;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
@@ -25,7 +25,7 @@ use crate::dispatcher::{lease_for, Dispatcher};
 use crate::queue::{AttemptRecord, ClaimedEvent, Completion, Disposition};
 use crate::routing::{DeliveryMode, Target};
 use crate::secret::Redacted;
-use crate::sync::{call, request, Envelope, ResponseBody};
+use crate::sync::{request, Attempted, Envelope, Refusal, ResponseBody};
 
 /// Longest a worker sleeps without looking at the store, so events enqueued by another
 /// instance sharing the store (or leases expiring) are noticed.
@@ -457,13 +457,44 @@ async fn attempt(
     };
     let host = dispatcher.host(&target.host);
     let closes_seen = host.breaker.closes();
-    let ticket = match host.breaker.admit() {
-        Ok(t) => t,
-        Err(open) => {
+    let settings = dispatcher.snapshot().settings.clone();
+    let started_at_ms = now_ms();
+    // Only the status decides an async attempt: the body is discarded, so a 2xx with a body
+    // past the response cap is a delivery, not a failure to retry.
+    let attempted = host
+        .attempt(
+            DeliveryMode::Async,
+            Duration::from_millis(event.timeout_ms),
+            ResponseBody::Discard,
+            || {
+                let envelope = Envelope {
+                    event_id: event.id.clone(),
+                    event_type: event.event_type.clone(),
+                    body: event.body.clone(),
+                    content_type: event.content_type.clone(),
+                    trace_id: event.trace_id.clone(),
+                    idempotency_key: event.idempotency_key.clone(),
+                    signature: event.signature,
+                    ordering: event.ordering.clone(),
+                };
+                request::build(
+                    &target,
+                    &envelope,
+                    DeliveryMode::Async,
+                    event.attempt,
+                    &settings.signer,
+                    started_at_ms / 1000,
+                )
+            },
+        )
+        .await;
+    let Attempted { result, latency } = match attempted {
+        Ok(attempted) => attempted,
+        Err(Refusal::CircuitOpen { retry_after }) => {
             // Until the next probe time (or, while probes are out, the open period a failed
             // probe would start); a probe that closes the breaker makes it due sooner.
             let due_at_ms =
-                now_ms() + open.retry_after.max(Duration::from_millis(10)).as_millis() as i64;
+                now_ms() + retry_after.max(Duration::from_millis(10)).as_millis() as i64;
             return (
                 None,
                 Disposition::Defer {
@@ -476,72 +507,22 @@ async fn attempt(
                 }),
             );
         }
+        Err(Refusal::GateFull | Refusal::Shed) => {
+            return (
+                None,
+                Disposition::Defer {
+                    due_at_ms: now_ms() + GATE_FULL_DEFER.as_millis() as i64,
+                    breaker: None,
+                },
+                None,
+            );
+        }
     };
-    let Some(_permit) = host.gate.try_enter() else {
-        ticket.forgo();
-        host.metrics.slot_wait();
-        return (
-            None,
-            Disposition::Defer {
-                due_at_ms: now_ms() + GATE_FULL_DEFER.as_millis() as i64,
-                breaker: None,
-            },
-            None,
-        );
-    };
-    let settings = dispatcher.snapshot().settings.clone();
-    let envelope = Envelope {
-        event_id: event.id.clone(),
-        event_type: event.event_type.clone(),
-        body: event.body.clone(),
-        content_type: event.content_type.clone(),
-        trace_id: event.trace_id.clone(),
-        idempotency_key: event.idempotency_key.clone(),
-        signature: event.signature,
-        ordering: event.ordering.clone(),
-    };
-    let started_at_ms = now_ms();
-    let request = request::build(
-        &target,
-        &envelope,
-        DeliveryMode::Async,
-        event.attempt,
-        &settings.signer,
-        started_at_ms / 1000,
-    );
-    let started = Instant::now();
-    // Only the status decides an async attempt: the body is discarded, so a 2xx with a body
-    // past the response cap is a delivery, not a failure to retry.
-    let result = call::call_with(
-        &host,
-        request,
-        Duration::from_millis(event.timeout_ms),
-        ResponseBody::Discard,
-    )
-    .await;
-    let latency = started.elapsed();
     let (status, error) = match &result {
         Ok(r) => (Some(r.status.as_u16()), None),
         Err(e) => (None, Some(e.class().to_string())),
     };
-    let class = match &result {
-        Ok(r) => crate::metrics::status_class(r.status.as_u16()),
-        Err(e) => e.class(),
-    };
-    host.metrics.attempt(DeliveryMode::Async, class, latency);
     let verdict = classify(&result);
-    match verdict {
-        Verdict::Delivered | Verdict::Permanent | Verdict::Redirect | Verdict::Gone => {
-            ticket.success()
-        }
-        Verdict::Retryable { .. } => {
-            // 408/425/429 are the receiver pacing us, not the host failing.
-            match &result {
-                Ok(r) if r.status.is_client_error() => ticket.success(),
-                _ => ticket.failure(),
-            }
-        }
-    }
     tracing::info!(
         event_id = %event.id,
         trace_id = %event.trace_id,

@@ -1,8 +1,11 @@
-//! The sync path as a visible pipeline: breaker -> shed gate -> deadline call -> classify.
+//! Delivery to a host: its pool, gate, breaker and the one attempt ([`Host::attempt`]) that
+//! sync relay and async delivery share, and the sync relay's policy on top of it.
 //!
 //! Each step is its own type ([`breaker::Breaker`], [`gate::Gate`], [`call::call`]), testable
-//! alone; this module only stacks them and turns their verdicts into one [`SyncFailure`].
+//! alone; `attempt` stacks them, and [`deliver`] turns an attempt into a relayable answer or
+//! one [`SyncFailure`].
 
+mod attempt;
 pub mod breaker;
 pub mod call;
 pub mod gate;
@@ -10,8 +13,9 @@ pub mod host;
 pub mod pool;
 pub mod request;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+pub use attempt::{Attempted, Refusal};
 pub use call::{CallError, ResponseBody, UpstreamResponse};
 pub use host::{Host, HostMap};
 pub use request::Envelope;
@@ -61,7 +65,8 @@ impl SyncFailure {
     }
 }
 
-/// Delivers `envelope` to `rule`'s target while the caller waits.
+/// Delivers `envelope` to `rule`'s target while the caller waits: one [`Host::attempt`] in
+/// sync mode under the rule's deadline.
 ///
 /// 2xx, 3xx and 4xx answers are returned for relaying (a 4xx is the caller's error and is
 /// never retried); everything else is a [`SyncFailure`].
@@ -71,62 +76,47 @@ pub async fn deliver(
     envelope: &Envelope,
     signer: &Signer,
 ) -> Result<UpstreamResponse, SyncFailure> {
-    // A caller that hangs up before the rule's deadline tells nothing about the host.
-    let ticket = host
-        .breaker
-        .admit()
-        .map_err(|open| SyncFailure::CircuitOpen {
-            retry_after: open.retry_after,
-        })?
-        .until(rule.timeout);
-    let Some(_permit) = host.gate.try_enter_sync() else {
-        // Shed before any call was made: nothing about the host's health was learned.
-        ticket.forgo();
-        host.metrics.shed();
-        return Err(SyncFailure::Shed);
-    };
-    let request = request::build(
-        &rule.target,
-        envelope,
-        DeliveryMode::Sync,
-        1,
-        signer,
-        now_ms() / 1000,
-    );
-    let started = Instant::now();
-    let result = call::call(host, request, rule.timeout).await;
-    let class = match &result {
-        Ok(r) => crate::metrics::status_class(r.status.as_u16()),
-        Err(e) => e.class(),
-    };
-    let latency = started.elapsed();
-    host.metrics.attempt(DeliveryMode::Sync, class, latency);
+    let attempted = host
+        .attempt(
+            DeliveryMode::Sync,
+            rule.timeout,
+            ResponseBody::Relay,
+            || {
+                request::build(
+                    &rule.target,
+                    envelope,
+                    DeliveryMode::Sync,
+                    1,
+                    signer,
+                    now_ms() / 1000,
+                )
+            },
+        )
+        .await
+        .map_err(|refused| match refused {
+            Refusal::CircuitOpen { retry_after } => SyncFailure::CircuitOpen { retry_after },
+            Refusal::Shed | Refusal::GateFull => SyncFailure::Shed,
+        })?;
+    let Attempted { result, latency } = attempted;
     tracing::debug!(
         event_id = %envelope.event_id,
         trace_id = %envelope.trace_id,
         attempt = 1,
         host = %host.key,
-        outcome = class,
+        outcome = match &result {
+            Ok(r) => crate::metrics::status_class(r.status.as_u16()),
+            Err(e) => e.class(),
+        },
         latency_ms = latency.as_millis() as u64,
         "sync delivery attempt"
     );
     match result {
         Ok(response) if response.status.is_server_error() => {
-            ticket.failure();
             Err(SyncFailure::Upstream5xx(response))
         }
-        Ok(response) => {
-            ticket.success();
-            Ok(response)
-        }
-        Err(CallError::Timeout(d)) => {
-            ticket.failure();
-            Err(SyncFailure::Timeout(d))
-        }
-        Err(CallError::Connect(e)) | Err(CallError::Broken(e)) => {
-            ticket.failure();
-            Err(SyncFailure::Connect(e))
-        }
+        Ok(response) => Ok(response),
+        Err(CallError::Timeout(d)) => Err(SyncFailure::Timeout(d)),
+        Err(CallError::Connect(e)) | Err(CallError::Broken(e)) => Err(SyncFailure::Connect(e)),
         Err(CallError::TooLarge(status)) => {
             let answer = UpstreamResponse {
                 status,
@@ -135,11 +125,8 @@ pub async fn deliver(
                 latency,
             };
             if status.is_server_error() {
-                ticket.failure();
                 Err(SyncFailure::Upstream5xx(answer))
             } else {
-                // The host answered and is healthy; only the relay cannot carry the body.
-                ticket.success();
                 Err(SyncFailure::NotRelayable(answer))
             }
         }
