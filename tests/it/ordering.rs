@@ -107,7 +107,7 @@ async fn a_failing_head_holds_back_its_key_only_until_it_is_dead_lettered() {
     .await;
     let healthy = receiver().await;
     let hy = Sidecar::start(&format!(
-        "routing_rules:\n  - event_type: bad\n    mode: async\n    target: http://{}/bad\n    retry_matrix: [400, 400]\n    ordering_key: json:/customer\n  - event_type: good\n    mode: async\n    target: http://{}/good\n    retry_matrix: [50]\n    ordering_key: json:/customer\n  - event_type: plain\n    mode: async\n    target: http://{}/plain\n",
+        "routing_rules:\n  - event_type: bad\n    mode: async\n    target: http://{}/bad\n    retry_matrix: [700, 700]\n    ordering_key: json:/customer\n  - event_type: good\n    mode: async\n    target: http://{}/good\n    retry_matrix: [50]\n    ordering_key: json:/customer\n  - event_type: plain\n    mode: async\n    target: http://{}/plain\n",
         failing.local_addr(),
         healthy.local_addr(),
         healthy.local_addr()
@@ -131,8 +131,9 @@ async fn a_failing_head_holds_back_its_key_only_until_it_is_dead_lettered() {
         async || healthy.stats().unique_ids == 2,
     )
     .await;
-    // Delivered while the head is still retrying (its schedule takes 800 ms).
-    assert!(started.elapsed() < Duration::from_millis(700));
+    // Delivered while the head is still retrying (its schedule takes 1.4 s; the slack is for a
+    // loaded machine).
+    assert!(started.elapsed() < Duration::from_millis(1200));
     let record = hy.admin_get(&format!("/v1/events/{held}")).await.json();
     assert_eq!(record["state"], "held", "{record}");
     assert_eq!(record["ordering"]["key"], "k1");
