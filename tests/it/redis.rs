@@ -787,14 +787,18 @@ async fn two_instances_keep_each_key_in_order_and_take_over_a_killed_ones_keys()
         60
     );
 
-    // Freeze the receiver while both instances hold keys' current events, and kill one.
+    // Freeze the receiver first, so that both instances are stuck on keys' current events
+    // (each answer would come in 60 s), then kill one of them.
+    rx.set_delay(Duration::from_secs(60));
     for n in 60..120 {
         post(n).await;
     }
-    rx.set_delay(Duration::from_secs(60));
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let frozen = rx.stats().unique_ids;
-    assert!(frozen < 120, "the kill must happen mid-delivery");
+    assert_eq!(rx.stats().unique_ids, 60, "nothing answered while frozen");
+    assert!(
+        rx.stats().in_flight > 0,
+        "deliveries are stuck at the receiver"
+    );
     a.0.kill().unwrap();
     a.0.wait().unwrap();
     rx.set_delay(Duration::from_millis(5));
