@@ -26,7 +26,8 @@ pub struct Accepted {
 #[derive(Serialize, utoipa::ToSchema)]
 pub struct IngressError {
     /// `not_found`, `method_not_allowed`, `invalid_event_type`, `invalid_idempotency_key`,
-    /// `invalid_content_type`, `payload_too_large`, `request_timeout`, `bad_body`, `no_route`,
+    /// `invalid_content_type`, `invalid_ordering_key`, `payload_too_large`, `request_timeout`,
+    /// `bad_body`, `no_route`,
     /// `queue_full`, `overloaded`, `store_unavailable`, or (502/503/504 of a sync rule) the
     /// failure as text.
     pub error: String,
@@ -58,7 +59,7 @@ pub struct IngressError {
         (status = "default", description = "Sync rule: the target's own answer, relayed",
             headers(("x-dispatch-mode" = String, description = "`sync`"), ("x-event-id" = String), ("x-trace-id" = String),
                 ("x-downstream-latency" = u64, description = "The target's time in ms"))),
-        (status = 400, description = "Invalid event type, Idempotency-Key, Content-Type or body", body = IngressError),
+        (status = 400, description = "Invalid event type, Idempotency-Key, Content-Type, ordering key or body", body = IngressError),
         (status = 404, description = "No rule matches the event type (`no_route`); any other path is `not_found`", body = IngressError),
         (status = 405, description = "Not POST", body = IngressError, headers(("allow" = String))),
         (status = 408, description = "The body did not arrive within ingress.request_timeout_ms", body = IngressError),

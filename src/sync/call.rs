@@ -68,17 +68,9 @@ impl CallError {
     }
 }
 
-/// Sends `request` through the host's pool and reads the full answer within `deadline`.
-/// The caller holds the host's gate permit and breaker ticket.
-pub async fn call(
-    host: &Host,
-    request: Request<Full<Bytes>>,
-    deadline: Duration,
-) -> Result<UpstreamResponse, CallError> {
-    call_with(host, request, deadline, ResponseBody::Relay).await
-}
-
-/// [`call`], doing `body` with the response body.
+/// Sends `request` through the host's pool and reads the answer within `deadline`, doing
+/// `body` with the response body. The caller ([`Host::attempt`]) holds the host's gate permit
+/// and breaker ticket.
 pub async fn call_with(
     host: &Host,
     request: Request<Full<Bytes>>,

@@ -1,7 +1,7 @@
 //! Delivery to a host: its pool, gate, breaker and the one attempt ([`Host::attempt`]) that
 //! sync relay and async delivery share, and the sync relay's policy on top of it.
 //!
-//! Each step is its own type ([`breaker::Breaker`], [`gate::Gate`], [`call::call`]), testable
+//! Each step is its own type ([`breaker::Breaker`], [`gate::Gate`], [`call::call_with`]), testable
 //! alone; `attempt` stacks them, and [`deliver`] turns an attempt into a relayable answer or
 //! one [`SyncFailure`].
 

@@ -205,14 +205,28 @@ impl RedisStore {
                 next: None,
             }),
             other => {
-                let mut parts = array(other)?.into_iter();
-                let entry = parts
-                    .nth(1)
-                    .ok_or_else(|| corrupt("completion reply without the next event"))?;
-                let (_, next) = claimed_from(entry, lease_until.unwrap_or(now_ms))?;
+                // The script ran: the result is recorded whatever follows. A handed-over event
+                // that does not decode is left to its lease, which a claim picks up and reports.
+                let next = array(other)
+                    .and_then(|parts| {
+                        let entry = parts
+                            .into_iter()
+                            .nth(1)
+                            .ok_or_else(|| corrupt("completion reply without the next event"))?;
+                        claimed_from(entry, lease_until.unwrap_or(now_ms))
+                    })
+                    .map_err(|e| {
+                        tracing::warn!(
+                            event_id,
+                            error = %e,
+                            "the next event of an ordering key could not be read; its lease will expire and a claim will hand it out"
+                        )
+                    })
+                    .ok()
+                    .map(|(_, next)| next);
                 Ok(Completion {
                     recorded: true,
-                    next: Some(next),
+                    next,
                 })
             }
         }
