@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use hookyard::queue::{NewEvent, SignatureScheme, Store};
+use hookyard::queue::{Event, NewEvent, SignatureScheme, Store};
 use hookyard::receive::{Receiver, ReceiverConfig};
 use hookyard::signing::Secret;
 
@@ -132,7 +132,7 @@ async fn run(
     std::fs::write(&path, yaml).expect("write config");
     let settings = hookyard::config::load(&path).expect("valid config");
 
-    let store: Arc<dyn Store> = hookyard::dispatcher::open_store(&settings.store)
+    let store: Arc<dyn Store> = hookyard::queue::open(&settings.store)
         .await
         .expect("store opens");
     let now = hookyard::clock::now_ms();
@@ -141,14 +141,16 @@ async fn run(
         let (store, target) = (store.clone(), target.clone());
         async move {
             let event = NewEvent {
-                id: format!("evt_bench{i:09}"),
-                event_type: "o".into(),
+                event: Event {
+                    id: format!("evt_bench{i:09}"),
+                    event_type: "o".into(),
+                    body: bytes::Bytes::from(format!(r#"{{"n":{i}}}"#)),
+                    content_type: Some("application/json".into()),
+                    trace_id: format!("{i:032x}"),
+                    idempotency_key: None,
+                },
                 queue: "default".into(),
                 target,
-                body: bytes::Bytes::from(format!(r#"{{"n":{i}}}"#)),
-                content_type: Some("application/json".into()),
-                trace_id: format!("{i:032x}"),
-                idempotency_key: None,
                 signature: SignatureScheme::StandardWebhooks,
                 timeout_ms: 10_000,
                 retry_delays_ms: vec![100; 10],

@@ -36,11 +36,11 @@ async fn measure() {
     };
     let mut samples = Vec::new();
     for i in 0..rounds {
-        let before = server.dispatcher.snapshot().settings.content_hash.clone();
+        let before = server.context.snapshot().settings.content_hash.clone();
         let started = Instant::now();
         std::fs::write(&path, config(1001 + i)).expect("rewrite config");
         loop {
-            if server.dispatcher.snapshot().settings.content_hash != before {
+            if server.context.snapshot().settings.content_hash != before {
                 break;
             }
             if started.elapsed() > Duration::from_secs(5) {

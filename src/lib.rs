@@ -2,13 +2,15 @@
 //!
 //! Data flows one way: [`ingress`] -> [`routing`] -> [`sync`] | [`queue`] -> [`delivery`].
 //! [`Dispatcher`] is the library's front door: build it from a config with
-//! [`Dispatcher::from_config`] and hand it events with [`Dispatcher::dispatch`].
+//! [`Dispatcher::from_config`] and hand it [`Event`]s with [`Dispatcher::dispatch`]. The state
+//! the running tasks share (rules and hosts in force, the store) is one [`Context`].
 
 pub mod admin;
 pub mod circuit;
 pub mod cli;
 pub mod clock;
 pub mod config;
+pub mod context;
 pub mod delivery;
 pub mod dispatcher;
 pub mod event;
@@ -30,4 +32,6 @@ pub mod server;
 pub mod signing;
 pub mod sync;
 
-pub use dispatcher::{Dispatcher, Event, Outcome};
+pub use context::Context;
+pub use dispatcher::{Dispatcher, Outcome};
+pub use event::Event;

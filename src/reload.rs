@@ -11,7 +11,7 @@ use serde::Serialize;
 
 use crate::clock::now_ms;
 use crate::config::{self, ConfigError};
-use crate::dispatcher::{Dispatcher, ReloadReport};
+use crate::context::{Context, ReloadReport};
 
 /// The outcome of the most recent reload, for the admin API.
 #[derive(Debug, Clone, Serialize)]
@@ -29,10 +29,10 @@ pub struct ReloadStatus {
     pub needs_restart: Vec<&'static str>,
 }
 
-/// Reloads the config file into a dispatcher.
+/// Reloads the config file into the running [`Context`].
 #[derive(Debug)]
 pub struct Reloader {
-    dispatcher: Arc<Dispatcher>,
+    ctx: Arc<Context>,
     path: PathBuf,
     last: Mutex<ReloadStatus>,
     /// Serializes reloads so two triggers at once cannot interleave load and swap.
@@ -40,10 +40,10 @@ pub struct Reloader {
 }
 
 impl Reloader {
-    /// A reloader for `dispatcher`, reading `path`.
-    pub fn new(dispatcher: Arc<Dispatcher>, path: PathBuf) -> Arc<Self> {
+    /// A reloader for `ctx`, reading `path`.
+    pub fn new(ctx: Arc<Context>, path: PathBuf) -> Arc<Self> {
         Arc::new(Self {
-            dispatcher,
+            ctx,
             path,
             last: Mutex::new(ReloadStatus {
                 result: "ok",
@@ -92,9 +92,9 @@ impl Reloader {
                 if settings.admin_is_open_remotely() {
                     warn_open_admin(&settings);
                 }
-                let report = self.dispatcher.reload(settings);
+                let report = self.ctx.reload(settings);
                 // New rules, hosts and queues get their series at zero now, not at first use.
-                crate::metric_series::register_all(&self.dispatcher.snapshot().settings);
+                crate::metric_series::register_all(&self.ctx.snapshot().settings);
                 status.needs_restart = report.needs_restart.clone();
                 if report.needs_restart.is_empty() {
                     tracing::info!(trigger, rules = report.rules, hash = %report.content_hash, "config reloaded");

@@ -17,11 +17,13 @@ use tokio::task::JoinHandle;
 use crate::admin::Admin;
 use crate::clock::now_ms;
 use crate::config::Settings;
-use crate::dispatcher::{Dispatcher, StartError};
+use crate::context::Context;
+use crate::dispatcher::Dispatcher;
 use crate::httpserver::fd_limit::ADMIN_MAX_CONNECTIONS;
 use crate::httpserver::BodyBudget;
 use crate::ingress::Ingress;
 use crate::metrics::EdgeRefusal;
+use crate::queue::StoreError;
 use crate::reload::Reloader;
 
 /// How often expired dead letters, delivered history and idempotency keys are purged.
@@ -30,8 +32,8 @@ const PURGE_EVERY: Duration = Duration::from_secs(60);
 /// Why the sidecar could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
-    #[error(transparent)]
-    Start(#[from] StartError),
+    #[error("cannot open store: {0}")]
+    Store(#[from] StoreError),
     #[error("cannot listen on {addr} ({what}): {source}")]
     Bind {
         what: &'static str,
@@ -46,7 +48,8 @@ pub struct RunningServer {
     pub ingress_addr: SocketAddr,
     /// The admin API's bound address.
     pub admin_addr: SocketAddr,
-    pub dispatcher: Arc<Dispatcher>,
+    /// The state the running tasks share (settings in force, hosts, store).
+    pub context: Arc<Context>,
     pub reloader: Arc<Reloader>,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
@@ -187,11 +190,13 @@ pub async fn start(config_path: PathBuf, settings: Settings) -> Result<RunningSe
         configured_max_connections = settings.edge.max_connections,
         "file descriptors: ingress connections are capped below the limit, the rest is kept for upstream connections, the store and the admin port"
     );
-    let dispatcher = Dispatcher::from_config(settings).await?;
+    let store = crate::queue::open(&settings.store).await?;
+    let ctx = Context::new(settings, store);
+    let dispatcher = Dispatcher::new(ctx.clone());
     // Every series the rules can produce exists, at zero, from the first scrape.
-    crate::metric_series::register_all(&dispatcher.snapshot().settings);
+    crate::metric_series::register_all(&ctx.snapshot().settings);
     let budget = BodyBudget::new();
-    let reloader = Reloader::new(dispatcher.clone(), config_path);
+    let reloader = Reloader::new(ctx.clone(), config_path);
     let (shutdown, shutdown_rx) = watch::channel(false);
 
     let stop = |rx: &watch::Receiver<bool>| {
@@ -200,31 +205,23 @@ pub async fn start(config_path: PathBuf, settings: Settings) -> Result<RunningSe
             let _ = rx.wait_for(|stop| *stop).await;
         }
     };
-    let sync_drain = max_sync_timeout(&dispatcher) + Duration::from_millis(500);
+    let sync_drain = max_sync_timeout(&ctx) + Duration::from_millis(500);
     let tasks = vec![
         tokio::spawn(crate::httpserver::serve(
             admin_listener,
-            Admin::new(
-                dispatcher.clone(),
-                reloader.clone(),
-                metrics,
-                budget.clone(),
-            ),
+            Admin::new(ctx.clone(), reloader.clone(), metrics, budget.clone()),
             stop(&shutdown_rx),
             Duration::from_secs(2),
             ADMIN_MAX_CONNECTIONS,
         )),
-        tokio::spawn(crate::delivery::run(
-            dispatcher.clone(),
-            shutdown_rx.clone(),
-        )),
-        tokio::spawn(purge(dispatcher.clone(), shutdown_rx.clone())),
+        tokio::spawn(crate::delivery::run(ctx.clone(), shutdown_rx.clone())),
+        tokio::spawn(purge(ctx.clone(), shutdown_rx.clone())),
         // The watch is registered before `start` returns, so no change after it is missed.
         tokio::spawn(watch_config(
             reloader.clone(),
             crate::config::watch::watch(
                 reloader.path(),
-                Some(dispatcher.snapshot().settings.content_hash.clone()),
+                Some(ctx.snapshot().settings.content_hash.clone()),
             ),
             shutdown_rx.clone(),
         )),
@@ -252,7 +249,7 @@ pub async fn start(config_path: PathBuf, settings: Settings) -> Result<RunningSe
     }
     let mut tasks = tasks;
     let ingress_cap = descriptors.ingress_cap;
-    let limits_from = dispatcher.clone();
+    let limits_from = ctx.clone();
     let balancer = Balancer {
         lanes,
         max_connections: Box::new(move || {
@@ -266,7 +263,7 @@ pub async fn start(config_path: PathBuf, settings: Settings) -> Result<RunningSe
     Ok(RunningServer {
         ingress_addr,
         admin_addr,
-        dispatcher,
+        context: ctx,
         reloader,
         shutdown,
         tasks,
@@ -274,9 +271,8 @@ pub async fn start(config_path: PathBuf, settings: Settings) -> Result<RunningSe
     })
 }
 
-fn max_sync_timeout(dispatcher: &Dispatcher) -> Duration {
-    dispatcher
-        .snapshot()
+fn max_sync_timeout(ctx: &Context) -> Duration {
+    ctx.snapshot()
         .settings
         .rules
         .rules()
@@ -317,13 +313,13 @@ async fn watch_config(
     }
 }
 
-async fn purge(dispatcher: Arc<Dispatcher>, mut shutdown: watch::Receiver<bool>) {
+async fn purge(ctx: Arc<Context>, mut shutdown: watch::Receiver<bool>) {
     loop {
         tokio::select! {
             _ = tokio::time::sleep(PURGE_EVERY) => {}
             _ = shutdown.changed() => return,
         }
-        let settings = dispatcher.snapshot().settings.clone();
+        let settings = ctx.snapshot().settings.clone();
         // One purge horizon for all queues: the longest retention, so no queue loses dead
         // letters earlier than it asked.
         let retention = settings
@@ -335,7 +331,7 @@ async fn purge(dispatcher: Arc<Dispatcher>, mut shutdown: watch::Receiver<bool>)
             .max()
             .unwrap_or_default();
         let now = now_ms();
-        match dispatcher
+        match ctx
             .store()
             .purge(now - retention.as_millis() as i64, now)
             .await
@@ -364,7 +360,7 @@ impl RunningServer {
         for task in self.tasks {
             let _ = task.await;
         }
-        if let Err(e) = self.dispatcher.store().close().await {
+        if let Err(e) = self.context.store().close().await {
             tracing::warn!(error = %e, "closing the store failed");
         }
         tracing::info!("hookyard stopped");

@@ -329,17 +329,23 @@ mod sqlite {
             .claim_due("q", T0 + 100, 10, cases::LEASE)
             .await
             .unwrap();
-        got.sort_by(|a, b| a.id.cmp(&b.id));
-        let ids: Vec<&str> = got.iter().map(|c| c.id.as_str()).collect();
+        got.sort_by(|a, b| a.event.id.cmp(&b.event.id));
+        let ids: Vec<&str> = got.iter().map(|c| c.event.id.as_str()).collect();
         assert_eq!(ids, ["evt_expired", "evt_pending", "evt_retry"]);
         for c in &got {
-            assert_eq!(&c.body[..], b"\x00\xffbody");
-            assert_eq!(c.event_type, "user.updated");
+            assert_eq!(&c.event.body[..], b"\x00\xffbody");
+            assert_eq!(c.event.event_type, "user.updated");
             assert_eq!(c.retry_delays_ms, [20, 40]);
-            assert_eq!(c.content_type.as_deref(), Some("application/json"));
-            assert_eq!(c.trace_id, format!("trace-{}", c.id));
+            assert_eq!(c.event.content_type.as_deref(), Some("application/json"));
+            assert_eq!(c.event.trace_id, format!("trace-{}", c.event.id));
         }
-        assert_eq!(got.iter().find(|c| c.id == "evt_retry").unwrap().attempt, 2);
+        assert_eq!(
+            got.iter()
+                .find(|c| c.event.id == "evt_retry")
+                .unwrap()
+                .attempt,
+            2
+        );
         // The v1 lease still holds: its token completes it, and nobody else could claim it.
         let done = store
             .complete(
@@ -359,7 +365,7 @@ mod sqlite {
             let a = cases::attempt(c.attempt, T0 + 100, Some(200), None);
             assert!(store
                 .complete(
-                    &c.id,
+                    &c.event.id,
                     &c.lease_token,
                     Some(a),
                     Disposition::Delivered,
@@ -516,7 +522,7 @@ mod sqlite {
     async fn enqueue_kib_events(store: &SqliteStore, prefix: &str, n: usize) {
         for i in 0..n {
             let mut ev = cases::event(&format!("evt_{prefix}_{i}"), "t", "q", cases::T0);
-            ev.body = bytes::Bytes::from(vec![b'x'; 1024]);
+            ev.event.body = bytes::Bytes::from(vec![b'x'; 1024]);
             assert_eq!(
                 store.enqueue(ev, None, u64::MAX).await.unwrap(),
                 EnqueueOutcome::Accepted
@@ -599,7 +605,7 @@ mod sqlite {
                 let store = Arc::clone(&store);
                 let id = format!("evt_{round:02}_{i:02}");
                 let mut ev = cases::event(&id, "t", "q", cases::T0);
-                ev.body = bytes::Bytes::from(vec![b'x'; 16 * 1024]);
+                ev.event.body = bytes::Bytes::from(vec![b'x'; 16 * 1024]);
                 handles.push(tokio::spawn(async move {
                     (id, store.enqueue(ev, None, u64::MAX).await)
                 }));
@@ -625,7 +631,7 @@ mod sqlite {
         for c in claimed {
             let d = hookyard::queue::Disposition::Delivered;
             assert!(store
-                .complete(&c.id, &c.lease_token, None, d, cases::T0)
+                .complete(&c.event.id, &c.lease_token, None, d, cases::T0)
                 .await
                 .unwrap());
         }
@@ -660,7 +666,7 @@ mod sqlite {
                 let mut ev = cases::event(&id, "t", "q", cases::T0);
                 if i == 10 {
                     // Passes the soft check, cannot fit under the hard cap.
-                    ev.body = bytes::Bytes::from(vec![b'x'; 300 * 1024]);
+                    ev.event.body = bytes::Bytes::from(vec![b'x'; 300 * 1024]);
                 }
                 handles.push(tokio::spawn(async move {
                     (id, store.enqueue(ev, None, 1_000).await)
@@ -690,7 +696,7 @@ mod sqlite {
             for c in claimed {
                 let d = hookyard::queue::Disposition::Delivered;
                 assert!(store
-                    .complete(&c.id, &c.lease_token, None, d, cases::T0)
+                    .complete(&c.event.id, &c.lease_token, None, d, cases::T0)
                     .await
                     .unwrap());
             }
@@ -835,12 +841,12 @@ mod redis {
         let got_a = a.claim_due("q", cases::T0, 1, cases::LEASE).await.unwrap();
         let got_b = b.claim_due("q", cases::T0, 10, cases::LEASE).await.unwrap();
         assert_eq!((got_a.len(), got_b.len()), (1, 1));
-        assert_ne!(got_a[0].id, got_b[0].id);
+        assert_ne!(got_a[0].event.id, got_b[0].event.id);
         // Completing through the other instance works: the lease is the token, not the
         // connection.
         assert!(b
             .complete(
-                &got_a[0].id,
+                &got_a[0].event.id,
                 &got_a[0].lease_token,
                 None,
                 Disposition::Delivered,
@@ -895,7 +901,7 @@ mod redis {
             .await
             .unwrap();
         assert_eq!(taken.len(), 1);
-        assert_eq!(taken[0].id, "evt_1");
+        assert_eq!(taken[0].event.id, "evt_1");
         assert_eq!(taken[0].attempt, 1);
         assert!(!crashed
             .complete(
@@ -951,13 +957,16 @@ mod redis {
             .claim_due("q", cases::T0, 10, cases::LEASE)
             .await
             .unwrap();
-        let ids: Vec<&str> = next.iter().map(|c| c.id.as_str()).collect();
+        let ids: Vec<&str> = next.iter().map(|c| c.event.id.as_str()).collect();
         assert_eq!(ids.len(), 1, "{ids:?}");
-        assert_ne!(ids[0], leased[0].id, "a leased event was handed out again");
+        assert_ne!(
+            ids[0], leased[0].event.id,
+            "a leased event was handed out again"
+        );
         for c in leased.iter().chain(&next) {
             assert!(store
                 .complete(
-                    &c.id,
+                    &c.event.id,
                     &c.lease_token,
                     None,
                     Disposition::Delivered,

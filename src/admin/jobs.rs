@@ -15,7 +15,7 @@ use std::time::Duration;
 use serde::Serialize;
 
 use crate::clock::{now_ms, rfc3339};
-use crate::dispatcher::Dispatcher;
+use crate::context::Context;
 use crate::queue::{DlqFilter, EventState, StoreError};
 
 /// Ids per store call (one `list_dead_letters` page, one `replay`).
@@ -128,7 +128,7 @@ impl Jobs {
     /// Starts a replay in the background and returns its id.
     pub fn start_replay(
         self: &Arc<Self>,
-        dispatcher: Arc<Dispatcher>,
+        ctx: Arc<Context>,
         selection: Selection,
         dry_run: bool,
     ) -> Result<String, TooManyJobs> {
@@ -161,7 +161,7 @@ impl Jobs {
             let run = Run {
                 jobs: &jobs,
                 id: &job_id,
-                dispatcher: &dispatcher,
+                ctx: &ctx,
                 dry_run,
                 started_ms: now,
             };
@@ -209,7 +209,7 @@ fn evict(jobs: &mut VecDeque<ReplayJob>, now: i64) {
 struct Run<'a> {
     jobs: &'a Jobs,
     id: &'a str,
-    dispatcher: &'a Dispatcher,
+    ctx: &'a Context,
     dry_run: bool,
     started_ms: i64,
 }
@@ -249,7 +249,7 @@ impl Run<'_> {
                 j.counts.would_replay = Some(0);
             }
         });
-        let store = self.dispatcher.store();
+        let store = self.ctx.store();
         for batch in ids.chunks(BATCH) {
             let in_dlq: Vec<String> = if self.dry_run {
                 let mut found = Vec::new();
@@ -265,7 +265,7 @@ impl Run<'_> {
                 let replayed = self
                     .store_call(|| store.replay(batch.to_vec(), now_ms()))
                     .await?;
-                self.dispatcher.enqueued.notify_waiters();
+                self.ctx.wakeup().notify();
                 replayed
             };
             let missing: Vec<String> = batch
@@ -294,7 +294,7 @@ impl Run<'_> {
         // again is not replayed twice, and both passes below see the same set.
         let bound = self.started_ms + 1;
         filter.until_ms = Some(filter.until_ms.map_or(bound, |u| u.min(bound)));
-        let store = self.dispatcher.store();
+        let store = self.ctx.store();
         // Pass 1 counts, so progress has a total.
         let mut cursor = None;
         loop {
@@ -335,7 +335,7 @@ impl Run<'_> {
                     .store_call(|| store.replay(ids.clone(), now_ms()))
                     .await?
                     .len() as u64;
-                self.dispatcher.enqueued.notify_waiters();
+                self.ctx.wakeup().notify();
                 self.jobs.update(self.id, |j| {
                     j.progress.replayed += replayed;
                     j.progress.skipped += listed - replayed;

@@ -18,7 +18,7 @@ use serde_json::{json, Value};
 use tokio::time::Instant;
 
 use crate::clock::{now_ms, parse_rfc3339};
-use crate::dispatcher::Dispatcher;
+use crate::context::Context;
 use crate::httpserver::{json, BodyBudget, Handler};
 use crate::queue::DlqFilter;
 use crate::reload::Reloader;
@@ -36,7 +36,7 @@ const MAX_PAGE: usize = 1000;
 
 /// The admin request handler.
 pub struct Admin {
-    dispatcher: Arc<Dispatcher>,
+    ctx: Arc<Context>,
     reloader: Arc<Reloader>,
     metrics: PrometheusHandle,
     /// The ingress body budget, read at scrape time.
@@ -46,15 +46,15 @@ pub struct Admin {
 }
 
 impl Admin {
-    /// An admin API over `dispatcher`.
+    /// An admin API over the running `ctx`.
     pub fn new(
-        dispatcher: Arc<Dispatcher>,
+        ctx: Arc<Context>,
         reloader: Arc<Reloader>,
         metrics: PrometheusHandle,
         body_budget: Arc<BodyBudget>,
     ) -> Arc<Self> {
         Arc::new(Self {
-            dispatcher,
+            ctx,
             reloader,
             metrics,
             body_budget,
@@ -106,41 +106,18 @@ fn token_matches(given: &[u8], expected: &[u8]) -> bool {
     mac(given).verify_slice(&expected_tag).is_ok()
 }
 
+/// The query string's pairs, decoded as a form (`+` is a space, `%XX` a byte); for a key
+/// given twice the last wins.
 fn query(request: &Request<Incoming>) -> HashMap<String, String> {
     request
         .uri()
         .query()
         .map(|q| {
-            q.split('&')
-                .filter_map(|kv| kv.split_once('='))
-                .map(|(k, v)| (percent_decode(k), percent_decode(v)))
+            url::form_urlencoded::parse(q.as_bytes())
+                .into_owned()
                 .collect()
         })
         .unwrap_or_default()
-}
-
-fn percent_decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'+' => out.push(b' '),
-            b'%' if i + 2 < bytes.len() => match std::str::from_utf8(&bytes[i + 1..i + 3])
-                .ok()
-                .and_then(|h| u8::from_str_radix(h, 16).ok())
-            {
-                Some(b) => {
-                    out.push(b);
-                    i += 2;
-                }
-                None => out.push(b'%'),
-            },
-            b => out.push(b),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// A time in a query: RFC 3339 or unix milliseconds.
@@ -188,7 +165,7 @@ struct BulkReplay {
 
 impl Handler for Admin {
     fn request_timeout(&self) -> Duration {
-        self.dispatcher.snapshot().settings.edge.request_timeout
+        self.ctx.snapshot().settings.edge.request_timeout
     }
 
     async fn handle(
@@ -196,7 +173,7 @@ impl Handler for Admin {
         request: Request<Incoming>,
         deadline: Instant,
     ) -> Response<Full<Bytes>> {
-        let settings = self.dispatcher.snapshot().settings.clone();
+        let settings = self.ctx.snapshot().settings.clone();
         let open = match request.uri().path() {
             // A kubelet's probes cannot send a token; they say nothing a caller could abuse.
             "/healthz" | "/readyz" => true,
@@ -323,7 +300,7 @@ impl Admin {
         match endpoint {
             Endpoint::Metrics => self.metrics().await,
             Endpoint::Healthz => ok(json!({"status": "ok"})),
-            Endpoint::Readyz => match self.dispatcher.store().ping().await {
+            Endpoint::Readyz => match self.ctx.store().ping().await {
                 Ok(()) => ok(json!({"status": "ready"})),
                 Err(e) => json(
                     StatusCode::SERVICE_UNAVAILABLE,
@@ -338,7 +315,7 @@ impl Admin {
                     &json!({"result": "error", "error": e.summary(), "problems": e.problems}),
                 ),
             },
-            Endpoint::Event => match self.dispatcher.store().event(id).await {
+            Endpoint::Event => match self.ctx.store().event(id).await {
                 Ok(Some(record)) => ok(json!(record)),
                 Ok(None) => not_found(format!("no event {id}")),
                 Err(e) => store_error(e),
@@ -347,17 +324,12 @@ impl Admin {
             Endpoint::BulkReplay => self.bulk_replay(request, deadline).await,
             Endpoint::ReplayOne => {
                 let id = id.to_string();
-                match self
-                    .dispatcher
-                    .store()
-                    .replay(vec![id.clone()], now_ms())
-                    .await
-                {
+                match self.ctx.store().replay(vec![id.clone()], now_ms()).await {
                     Ok(ids) if ids.is_empty() => {
                         not_found(format!("{id} is not in the dead-letter queue"))
                     }
                     Ok(ids) => {
-                        self.dispatcher.enqueued.notify_waiters();
+                        self.ctx.wakeup().notify();
                         ok(json!({"replayed": ids}))
                     }
                     Err(e) => store_error(e),
@@ -372,23 +344,23 @@ impl Admin {
             },
             Endpoint::Fallbacks => self.fallbacks(&request).await,
             Endpoint::Circuits => self.circuits(),
-            Endpoint::EnableTargets => ok(json!({"enabled": self.dispatcher.enable_all()})),
+            Endpoint::EnableTargets => ok(json!({"enabled": self.ctx.disabled().enable_all()})),
         }
     }
 
     async fn metrics(&self) -> Response<Full<Bytes>> {
         // Queue gauges are read from the store at scrape time, not polled in the background.
-        let settings = self.dispatcher.snapshot().settings.clone();
+        let settings = self.ctx.snapshot().settings.clone();
         let queues = crate::metric_series::configured_queues(&settings);
         crate::metrics::collect_process();
         crate::metrics::body_bytes_buffered(self.body_budget.held());
         let now = now_ms();
         for q in &queues {
-            if let Ok(stats) = self.dispatcher.store().stats(q, now).await {
+            if let Ok(stats) = self.ctx.store().stats(q, now).await {
                 crate::metrics::queue_stats(q, &stats);
             }
         }
-        for host in self.dispatcher.hosts().values() {
+        for host in self.ctx.hosts().values() {
             crate::metrics::host_gauges(
                 &host.key,
                 host.gate.in_flight(),
@@ -408,7 +380,7 @@ impl Admin {
     }
 
     fn config(&self) -> Response<Full<Bytes>> {
-        let snapshot = self.dispatcher.snapshot();
+        let snapshot = self.ctx.snapshot();
         let s = &snapshot.settings;
         ok(json!({
             "path": s.path,
@@ -437,7 +409,7 @@ impl Admin {
             (Err(e), _) | (_, Err(e)) => return bad_request(e),
         };
         match self
-            .dispatcher
+            .ctx
             .store()
             .list_dead_letters(filter, q.get("cursor").cloned(), limit)
             .await
@@ -515,10 +487,7 @@ impl Admin {
             }
             Selection::Filter(filter)
         };
-        match self
-            .jobs
-            .start_replay(self.dispatcher.clone(), selection, dry_run)
-        {
+        match self.jobs.start_replay(self.ctx.clone(), selection, dry_run) {
             Ok(id) => {
                 let location = format!("/v1/jobs/{id}");
                 let mut r = json(
@@ -554,14 +523,14 @@ impl Admin {
             Ok(l) => l,
             Err(e) => return bad_request(e),
         };
-        match self.dispatcher.store().fallbacks(since, limit).await {
+        match self.ctx.store().fallbacks(since, limit).await {
             Ok(items) => ok(json!({"items": items})),
             Err(e) => store_error(e),
         }
     }
 
     fn circuits(&self) -> Response<Full<Bytes>> {
-        let hosts = self.dispatcher.hosts();
+        let hosts = self.ctx.hosts();
         let mut out: Vec<Value> = hosts
             .values()
             .map(|h| {
@@ -577,7 +546,7 @@ impl Admin {
             })
             .collect();
         out.sort_by(|a, b| a["host"].as_str().cmp(&b["host"].as_str()));
-        ok(json!({"hosts": out, "disabled_targets": self.dispatcher.disabled()}))
+        ok(json!({"hosts": out, "disabled_targets": self.ctx.disabled().list()}))
     }
 }
 

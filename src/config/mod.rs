@@ -25,6 +25,7 @@ use crate::routing::RuleTable;
 use crate::secret::Redacted;
 use crate::signing::Signer;
 
+pub use crate::queue::StoreSettings;
 pub use error::{ConfigError, Problem};
 
 /// The Standard Webhooks example schedule: retries after 5s, 5m, 30m, 2h, 5h, 10h, 14h, 20h
@@ -127,28 +128,6 @@ impl TlsTrust {
             fingerprint: hex::encode(sha2::Digest::finalize(hasher)),
         })
     }
-}
-
-/// Where the async queue lives.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-#[serde(tag = "kind", rename_all = "lowercase")]
-pub enum StoreSettings {
-    Sqlite {
-        path: PathBuf,
-        fsync: bool,
-        max_size_bytes: Option<u64>,
-    },
-    Redis {
-        /// May carry a password; shown as `redis://***@host:port`.
-        url: Redacted,
-        key_prefix: String,
-        /// Idle time after which another instance takes over a leased event.
-        claim_idle_ms: u64,
-        /// Replicas that must acknowledge each enqueue (`WAIT`); 0 = none.
-        wait_replicas: u32,
-        /// Bound on that `WAIT`.
-        wait_timeout_ms: u64,
-    },
 }
 
 /// Connection and breaker policy of one host.

@@ -21,7 +21,7 @@ use tokio::task::JoinSet;
 pub use classify::{classify, retry_delay, Verdict};
 
 use crate::clock::now_ms;
-use crate::dispatcher::{lease_for, Dispatcher};
+use crate::context::Context;
 use crate::queue::{AttemptRecord, ClaimedEvent, Completion, Disposition};
 use crate::routing::{DeliveryMode, Target};
 use crate::secret::Redacted;
@@ -37,20 +37,16 @@ const STORE_ERROR_BACKOFF: Duration = Duration::from_millis(250);
 
 /// Runs the workers of every queue until `shutdown` turns true; then lets deliveries in flight
 /// finish (they are bounded by their own deadline) and returns.
-pub async fn run(dispatcher: Arc<Dispatcher>, shutdown: watch::Receiver<bool>) {
+pub async fn run(ctx: Arc<Context>, shutdown: watch::Receiver<bool>) {
     let mut queues: HashSet<Arc<str>> = HashSet::new();
     let mut set = JoinSet::new();
-    if let Some(closes) = dispatcher.take_breaker_closes() {
-        set.spawn(undefer_on_close(
-            dispatcher.clone(),
-            closes,
-            shutdown.clone(),
-        ));
+    if let Some(closes) = ctx.take_breaker_closes() {
+        set.spawn(undefer_on_close(ctx.clone(), closes, shutdown.clone()));
     }
     let mut shutdown_rx = shutdown.clone();
     loop {
         // Queues can appear with a reload: start a claimer for each new one.
-        let settings = dispatcher.snapshot().settings.clone();
+        let settings = ctx.snapshot().settings.clone();
         let wanted = settings
             .rules
             .rules()
@@ -60,7 +56,7 @@ pub async fn run(dispatcher: Arc<Dispatcher>, shutdown: watch::Receiver<bool>) {
             .chain(std::iter::once(Arc::<str>::from("default")));
         for queue in wanted {
             if queues.insert(queue.clone()) {
-                set.spawn(run_queue(dispatcher.clone(), queue, shutdown.clone()));
+                set.spawn(run_queue(ctx.clone(), queue, shutdown.clone()));
             }
         }
         tokio::select! {
@@ -71,13 +67,9 @@ pub async fn run(dispatcher: Arc<Dispatcher>, shutdown: watch::Receiver<bool>) {
     while set.join_next().await.is_some() {}
 }
 
-async fn run_queue(
-    dispatcher: Arc<Dispatcher>,
-    queue: Arc<str>,
-    mut shutdown: watch::Receiver<bool>,
-) {
-    let concurrency = |d: &Dispatcher| d.snapshot().settings.queues.for_queue(&queue).concurrency;
-    let mut workers = Workers::new(concurrency(&dispatcher) as usize);
+async fn run_queue(ctx: Arc<Context>, queue: Arc<str>, mut shutdown: watch::Receiver<bool>) {
+    let concurrency = |d: &Context| d.snapshot().settings.queues.for_queue(&queue).concurrency;
+    let mut workers = Workers::new(concurrency(&ctx) as usize);
     let slots = workers.slots.clone();
     let mut deliveries: JoinSet<Option<i64>> = JoinSet::new();
     let mut streak = DeferralStreak::new(workers.capacity);
@@ -87,7 +79,7 @@ async fn run_queue(
             streak.record(result);
         }
         // A reload may have changed the queue's concurrency: workers are added or retired here.
-        if workers.resize(concurrency(&dispatcher) as usize) {
+        if workers.resize(concurrency(&ctx) as usize) {
             streak = DeferralStreak::new(workers.capacity);
         }
         if streak.saturated() {
@@ -100,7 +92,7 @@ async fn run_queue(
                 // A breaker that closes makes its deferred events due now and wakes us.
                 tokio::select! {
                     _ = tokio::time::sleep(pause) => {}
-                    _ = dispatcher.enqueued.notified() => {}
+                    _ = ctx.wakeup().notified() => {}
                     _ = shutdown.changed() => {}
                 }
                 continue;
@@ -114,15 +106,15 @@ async fn run_queue(
             }
             continue;
         }
-        let settings = dispatcher.snapshot().settings.clone();
+        let settings = ctx.snapshot().settings.clone();
         let lease = lease_for(max_timeout(&settings));
         // Taken before looking at the store: an enqueue's wake-up between the claim below and
         // the wait that follows it is kept instead of lost (a `Notified` receives every
         // `notify_waiters` from its creation on), so the event does not wait for `MAX_IDLE`.
-        let enqueued = dispatcher.enqueued.notified();
+        let enqueued = ctx.wakeup().notified();
         tokio::pin!(enqueued);
         let now = now_ms();
-        let claimed = match dispatcher
+        let claimed = match ctx
             .store()
             .claim_due(&queue, now, free, lease.as_millis() as u64)
             .await
@@ -144,7 +136,7 @@ async fn run_queue(
             let Ok(permit) = slots.clone().acquire_owned().await else {
                 break;
             };
-            let (dispatcher, queue) = (dispatcher.clone(), queue.clone());
+            let (ctx, queue) = (ctx.clone(), queue.clone());
             let (slots, shutdown) = (slots.clone(), shutdown.clone());
             deliveries.spawn(async move {
                 let mut next = Some((event, permit));
@@ -154,8 +146,7 @@ async fn run_queue(
                 // until the key has none waiting or shutdown begins.
                 while let Some((event, permit)) = next.take() {
                     let take_next = (!*shutdown.borrow()).then_some(lease);
-                    let (until, following) =
-                        deliver(&dispatcher, &queue, event, permit, take_next).await;
+                    let (until, following) = deliver(&ctx, &queue, event, permit, take_next).await;
                     deferred_until = until;
                     if let Some(following) = following {
                         // The semaphore is never closed, so acquire cannot fail.
@@ -171,7 +162,7 @@ async fn run_queue(
         if !drained {
             continue;
         }
-        let wait = match dispatcher.store().next_due_at(&queue).await {
+        let wait = match ctx.store().next_due_at(&queue).await {
             Ok(Some(due)) => Duration::from_millis((due - now_ms()).max(0) as u64).min(MAX_IDLE),
             Ok(None) => MAX_IDLE,
             Err(_) => STORE_ERROR_BACKOFF,
@@ -295,6 +286,12 @@ impl DeferralStreak {
     }
 }
 
+/// How long a worker may hold an event before another may take it: the attempt's deadline
+/// plus a margin for signing and bookkeeping.
+pub fn lease_for(timeout: Duration) -> Duration {
+    timeout + Duration::from_secs(5)
+}
+
 fn max_timeout(settings: &crate::config::Settings) -> Duration {
     settings
         .rules
@@ -314,13 +311,13 @@ fn max_timeout(settings: &crate::config::Settings) -> Duration {
 /// its result is written: the event stays leased until that write lands, so it cannot be
 /// claimed twice, and the next claim no longer waits behind this write in the store.
 pub async fn deliver(
-    dispatcher: &Dispatcher,
+    ctx: &Context,
     queue: &Arc<str>,
-    event: ClaimedEvent,
+    claimed: ClaimedEvent,
     slot: OwnedSemaphorePermit,
     take_next: Option<Duration>,
 ) -> (Option<i64>, Option<ClaimedEvent>) {
-    let (attempt, disposition, deferral) = attempt(dispatcher, &event).await;
+    let (attempt, disposition, deferral) = attempt(ctx, &claimed).await;
     drop(slot);
     let deferred_until = match disposition {
         Disposition::Defer { due_at_ms, .. } => Some(due_at_ms),
@@ -331,15 +328,15 @@ pub async fn deliver(
         Disposition::DeadLetter { .. } => crate::metrics::delivery_final(queue, "dead_lettered"),
         _ => {}
     }
-    let store = dispatcher.store();
+    let store = ctx.store();
     let now = now_ms();
     let done = match take_next {
         // Only an ordered event can have a next one to hand over.
-        Some(lease) if event.ordering.is_some() => {
+        Some(lease) if claimed.ordering.is_some() => {
             store
                 .complete_and_take_next(
-                    &event.id,
-                    &event.lease_token,
+                    &claimed.event.id,
+                    &claimed.lease_token,
                     attempt,
                     disposition,
                     now,
@@ -348,7 +345,13 @@ pub async fn deliver(
                 .await
         }
         _ => store
-            .complete(&event.id, &event.lease_token, attempt, disposition, now)
+            .complete(
+                &claimed.event.id,
+                &claimed.lease_token,
+                attempt,
+                disposition,
+                now,
+            )
             .await
             .map(|recorded| Completion {
                 recorded,
@@ -359,30 +362,30 @@ pub async fn deliver(
     let next = match done {
         Ok(c) => c.next,
         Err(e) => {
-            tracing::error!(event_id = %event.id, error = %e, "could not record delivery result; the lease will expire and the event will be retried");
+            tracing::error!(event_id = %claimed.event.id, error = %e, "could not record delivery result; the lease will expire and the event will be retried");
             None
         }
     };
     if let Some(d) = deferral {
         // The breaker closed while this deferral was being written: the close's undefer may
-        // have run before the write landed and missed this event. Make it due now.
+        // have run before the write landed and missed this claimed. Make it due now.
         if d.host.breaker.closes() != d.closes_seen {
-            undefer(dispatcher, &d.host.key).await;
+            undefer(ctx, &d.host.key).await;
         }
     }
     (deferred_until, next)
 }
 
 /// An event deferred by an open breaker: which host, and how many times that breaker had
-/// closed when it refused the event.
+/// closed when it refused the claimed.
 struct BreakerDeferral {
     host: Arc<crate::sync::Host>,
     closes_seen: u64,
 }
 
 /// Makes the events `host`'s breaker deferred due now and wakes the claimers.
-pub async fn undefer(dispatcher: &Dispatcher, host: &str) {
-    match dispatcher.store().undefer(host, now_ms()).await {
+pub async fn undefer(ctx: &Context, host: &str) {
+    match ctx.store().undefer(host, now_ms()).await {
         Ok(n) => {
             if n > 0 {
                 tracing::info!(
@@ -391,7 +394,7 @@ pub async fn undefer(dispatcher: &Dispatcher, host: &str) {
                     "circuit closed: deferred events are due now"
                 );
             }
-            dispatcher.enqueued.notify_waiters();
+            ctx.wakeup().notify();
         }
         // They stay due at the next probe time they were given; nothing is lost.
         Err(e) => tracing::warn!(host, error = %e, "could not make breaker-deferred events due"),
@@ -401,17 +404,17 @@ pub async fn undefer(dispatcher: &Dispatcher, host: &str) {
 /// Makes every breaker-deferred event due (at startup, when no breaker that deferred one is
 /// alive), then makes the events of each breaker that closes due as it closes, until shutdown.
 pub async fn undefer_on_close(
-    dispatcher: Arc<Dispatcher>,
+    ctx: Arc<Context>,
     mut closes: tokio::sync::mpsc::UnboundedReceiver<Arc<str>>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    match dispatcher.store().undefer_all(now_ms()).await {
+    match ctx.store().undefer_all(now_ms()).await {
         Ok(n) if n > 0 => {
             tracing::info!(
                 events = n,
                 "events deferred by breakers of a previous run are due now"
             );
-            dispatcher.enqueued.notify_waiters();
+            ctx.wakeup().notify();
         }
         Ok(_) => {}
         Err(e) => tracing::warn!(error = %e, "could not make breaker-deferred events due"),
@@ -419,7 +422,7 @@ pub async fn undefer_on_close(
     loop {
         tokio::select! {
             host = closes.recv() => match host {
-                Some(host) => undefer(&dispatcher, &host).await,
+                Some(host) => undefer(&ctx, &host).await,
                 None => return,
             },
             _ = shutdown.changed() => return,
@@ -428,10 +431,10 @@ pub async fn undefer_on_close(
 }
 
 async fn attempt(
-    dispatcher: &Dispatcher,
-    event: &ClaimedEvent,
+    ctx: &Context,
+    claimed: &ClaimedEvent,
 ) -> (Option<AttemptRecord>, Disposition, Option<BreakerDeferral>) {
-    if dispatcher.is_disabled(&event.target) {
+    if ctx.disabled().contains(&claimed.target) {
         return (
             None,
             Disposition::DeadLetter {
@@ -442,10 +445,10 @@ async fn attempt(
     }
     // The stored URL is the one the rule had when the event was accepted, credentials
     // included; `Target::parse` splits them off into the Authorization header again.
-    let target = match Target::parse(Redacted::url(event.target.as_str())) {
+    let target = match Target::parse(Redacted::url(claimed.target.as_str())) {
         Ok(t) => t,
         Err(e) => {
-            tracing::error!(event_id = %event.id, error = %e, "stored target is not a usable URL");
+            tracing::error!(event_id = %claimed.event.id, error = %e, "stored target is not a usable URL");
             return (
                 None,
                 Disposition::DeadLetter {
@@ -455,33 +458,28 @@ async fn attempt(
             );
         }
     };
-    let host = dispatcher.host(&target.host);
+    let host = ctx.host(&target.host);
     let closes_seen = host.breaker.closes();
-    let settings = dispatcher.snapshot().settings.clone();
+    let settings = ctx.snapshot().settings.clone();
     let started_at_ms = now_ms();
     // Only the status decides an async attempt: the body is discarded, so a 2xx with a body
     // past the response cap is a delivery, not a failure to retry.
     let attempted = host
         .attempt(
             DeliveryMode::Async,
-            Duration::from_millis(event.timeout_ms),
+            Duration::from_millis(claimed.timeout_ms),
             ResponseBody::Discard,
             || {
                 let envelope = Envelope {
-                    event_id: event.id.clone(),
-                    event_type: event.event_type.clone(),
-                    body: event.body.clone(),
-                    content_type: event.content_type.clone(),
-                    trace_id: event.trace_id.clone(),
-                    idempotency_key: event.idempotency_key.clone(),
-                    signature: event.signature,
-                    ordering: event.ordering.clone(),
+                    event: &claimed.event,
+                    signature: claimed.signature,
+                    ordering: claimed.ordering.as_ref(),
                 };
                 request::build(
                     &target,
                     &envelope,
                     DeliveryMode::Async,
-                    event.attempt,
+                    claimed.attempt,
                     &settings.signer,
                     started_at_ms / 1000,
                 )
@@ -524,9 +522,9 @@ async fn attempt(
     };
     let verdict = classify(&result);
     tracing::info!(
-        event_id = %event.id,
-        trace_id = %event.trace_id,
-        attempt = event.attempt,
+        event_id = %claimed.event.id,
+        trace_id = %claimed.event.trace_id,
+        attempt = claimed.attempt,
         host = %host.key,
         // Absent fields are left out of the line rather than shown as -1 or "".
         status = status.map(i64::from),
@@ -535,7 +533,7 @@ async fn attempt(
         "delivery attempt"
     );
     let record = AttemptRecord {
-        attempt: event.attempt,
+        attempt: claimed.attempt,
         started_at_ms,
         latency_ms: latency.as_millis() as u64,
         status,
@@ -550,16 +548,17 @@ async fn attempt(
             reason: "redirect".into(),
         },
         Verdict::Gone => {
-            dispatcher.disable(&event.target);
+            ctx.disabled().disable(&claimed.target);
             Disposition::DeadLetter {
                 reason: "gone".into(),
             }
         }
         Verdict::Retryable { retry_after } => {
-            let index = event.attempt as usize - 1;
-            match event.retry_delays_ms.get(index) {
+            let index = claimed.attempt as usize - 1;
+            match claimed.retry_delays_ms.get(index) {
                 Some(&base) => {
-                    let delay = retry_delay(base, event.jitter, retry_after, rand::random::<f64>());
+                    let delay =
+                        retry_delay(base, claimed.jitter, retry_after, rand::random::<f64>());
                     Disposition::Retry {
                         due_at_ms: now_ms() + delay.as_millis() as i64,
                     }

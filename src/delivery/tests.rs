@@ -7,7 +7,9 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use tokio::sync::{watch, Notify};
 
-use crate::dispatcher::{Dispatcher, Event, Outcome};
+use crate::context::Context;
+use crate::dispatcher::{Dispatcher, Outcome};
+use crate::event::Event;
 use crate::queue::*;
 use crate::receive::{Receiver, ReceiverConfig};
 
@@ -132,28 +134,27 @@ async fn an_event_enqueued_while_an_idle_worker_decides_to_wait_wakes_it() {
     );
     let path = dir.path().join("config.yaml");
     let settings = crate::config::load_from_bytes(&path, yaml.as_bytes()).unwrap();
-    let inner = crate::dispatcher::open_store(&settings.store)
-        .await
-        .unwrap();
+    let inner = crate::queue::open(&settings.store).await.unwrap();
     let store = Arc::new(PausedAfterNextDue {
         inner,
         armed: AtomicBool::new(true),
         reached: Notify::new(),
         release: Notify::new(),
     });
-    let dispatcher = Dispatcher::new(settings, store.clone());
+    let ctx = Context::new(settings, store.clone());
+    let dispatcher = Dispatcher::new(ctx.clone());
     let (stop, stopped) = watch::channel(false);
-    let workers = tokio::spawn(super::run(dispatcher.clone(), stopped));
+    let workers = tokio::spawn(super::run(ctx, stopped));
 
     // The worker found nothing to claim, read "nothing due", and is about to wait.
     store.reached.notified().await;
-    let event = Event {
-        event_type: "a".into(),
-        body: Bytes::from_static(b"{}"),
-        content_type: None,
-        trace_id: "t".into(),
-        idempotency_key: None,
-    };
+    let event = Event::new(
+        "a".into(),
+        Bytes::from_static(b"{}"),
+        None,
+        "t".into(),
+        None,
+    );
     assert!(matches!(
         dispatcher.dispatch(event).await,
         Outcome::Accepted { .. }

@@ -17,7 +17,8 @@ use hyper::body::Incoming;
 use serde_json::json;
 use tokio::time::Instant;
 
-use crate::dispatcher::{Dispatcher, Event, Outcome};
+use crate::dispatcher::{Dispatcher, Outcome};
+use crate::event::Event;
 use crate::headers::{
     IDEMPOTENCY_KEY, X_DISPATCH_MODE, X_DOWNSTREAM_LATENCY, X_EVENT_ID, X_TRACE_ID,
 };
@@ -50,7 +51,12 @@ impl Ingress {
 
 impl Handler for Ingress {
     fn request_timeout(&self) -> Duration {
-        self.dispatcher.snapshot().settings.edge.request_timeout
+        self.dispatcher
+            .context()
+            .snapshot()
+            .settings
+            .edge
+            .request_timeout
     }
 
     async fn handle(
@@ -138,7 +144,7 @@ impl Ingress {
             }
         };
         // One snapshot per request: the body limit and the route come from the same rules.
-        let snapshot = self.dispatcher.snapshot();
+        let snapshot = self.dispatcher.context().snapshot();
         let limit = snapshot.settings.max_body_bytes;
         let too_large = || {
             error(
@@ -208,13 +214,13 @@ impl Ingress {
                 )
             }
         };
-        let event = Event {
+        let event = Event::new(
             event_type,
             body,
             content_type,
-            trace_id: trace_id.to_string(),
+            trace_id.to_string(),
             idempotency_key,
-        };
+        );
         let response = respond(
             self.dispatcher
                 .dispatch_under(&snapshot, event, &parts.headers)

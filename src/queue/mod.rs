@@ -2,7 +2,10 @@
 //! every delivery goes through (enqueue, idempotency lookup, claim, next due time, delivery
 //! result, undefer, release, readiness, close), and [`Ledger`], history and operator queries
 //! (an event and its attempts, dead letters and their replay, fallback records, purge,
-//! gauges). [`Store`] is both, and is what the rest of hookyard holds (`Arc<dyn Store>`).
+//! gauges). [`Store`] is both, and is what the rest of hookyard holds (`Arc<dyn Store>`):
+//! [`open`] makes the one [`StoreSettings`] names, and [`Wakeup`] tells idle delivery workers
+//! that an event became due. An event travels as the one [`Event`] type: [`NewEvent`] is it
+//! with its delivery plan, [`ClaimedEvent`] with its lease.
 //!
 //! The async half of hookyard never keeps its backlog in memory: an event lives in the store
 //! from the moment it is accepted until it is delivered or dead-lettered. Every backend
@@ -29,16 +32,20 @@
 //!   for it;
 //! - times are passed in by the caller (`now_ms`), so tests drive the clock.
 
+mod open;
 pub mod redis;
 pub mod sqlite;
+mod wakeup;
 
 use std::future::Future;
 use std::pin::Pin;
 
-use bytes::Bytes;
 use serde::Serialize;
 
+pub use crate::event::{Event, FallbackReason, KeySequence};
 pub use crate::signing::SignatureScheme;
+pub use open::{open, StoreSettings};
+pub use wakeup::Wakeup;
 
 /// Leases of one event that may run out in a row, with no result reported in between, before
 /// the claim that finds the last one expired dead-letters the event. A crashed instance or a
@@ -79,45 +86,6 @@ pub enum StoreError {
     Closed,
 }
 
-/// Why a sync delivery fell back to the async path.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum FallbackReason {
-    Timeout,
-    #[serde(rename = "upstream_5xx")]
-    Upstream5xx,
-    CircuitOpen,
-    Shed,
-    Connect,
-}
-
-impl FallbackReason {
-    /// All reasons, for metrics pre-registration and parsing.
-    pub const ALL: [FallbackReason; 5] = [
-        Self::Timeout,
-        Self::Upstream5xx,
-        Self::CircuitOpen,
-        Self::Shed,
-        Self::Connect,
-    ];
-
-    /// The wire name (`"timeout"`, `"upstream_5xx"`, ...), as in the 202 body and metrics.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Timeout => "timeout",
-            Self::Upstream5xx => "upstream_5xx",
-            Self::CircuitOpen => "circuit_open",
-            Self::Shed => "shed",
-            Self::Connect => "connect",
-        }
-    }
-
-    /// Inverse of [`FallbackReason::as_str`].
-    pub fn parse(s: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|r| r.as_str() == s)
-    }
-}
-
 /// Everything needed to deliver an event later, captured when it is accepted.
 ///
 /// The target, signing scheme and retry schedule are stored with the event rather than looked
@@ -125,17 +93,10 @@ impl FallbackReason {
 /// rules are reloaded meanwhile.
 #[derive(Debug, Clone)]
 pub struct NewEvent {
-    /// `evt_<ulid>`; stable across retries, fallback and replay (receivers dedupe on it).
-    pub id: String,
-    pub event_type: String,
+    pub event: Event,
     pub queue: String,
     /// Absolute http(s) URL.
     pub target: String,
-    pub body: Bytes,
-    pub content_type: Option<String>,
-    pub trace_id: String,
-    /// The caller's key, if it sent one; deliveries send the event id otherwise.
-    pub idempotency_key: Option<String>,
     pub signature: SignatureScheme,
     /// Per-attempt deadline.
     pub timeout_ms: u64,
@@ -151,14 +112,6 @@ pub struct NewEvent {
     /// The rule's ordering key for this event: events of one key (within the queue) are
     /// delivered one at a time in accept order. The store assigns its sequence number.
     pub ordering_key: Option<String>,
-}
-
-/// An event's place in its ordering key: the key, and its 1-based sequence within it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct KeySequence {
-    pub key: String,
-    /// 1, 2, 3… in accept order per queue and key; stable across retries and replay.
-    pub sequence: u64,
 }
 
 /// An idempotency claim stored atomically with the event.
@@ -185,14 +138,9 @@ pub enum EnqueueOutcome {
 /// An event handed to a worker under a lease.
 #[derive(Debug, Clone)]
 pub struct ClaimedEvent {
-    pub id: String,
-    pub event_type: String,
+    pub event: Event,
     pub queue: String,
     pub target: String,
-    pub body: Bytes,
-    pub content_type: Option<String>,
-    pub trace_id: String,
-    pub idempotency_key: Option<String>,
     pub signature: SignatureScheme,
     pub timeout_ms: u64,
     pub retry_delays_ms: Vec<u64>,

@@ -21,7 +21,7 @@ pub use host::{Host, HostMap};
 pub use request::Envelope;
 
 use crate::clock::now_ms;
-use crate::queue::FallbackReason;
+use crate::event::FallbackReason;
 use crate::routing::{DeliveryMode, Rule};
 use crate::signing::Signer;
 
@@ -73,7 +73,7 @@ impl SyncFailure {
 pub async fn deliver(
     host: &Host,
     rule: &Rule,
-    envelope: &Envelope,
+    envelope: &Envelope<'_>,
     signer: &Signer,
 ) -> Result<UpstreamResponse, SyncFailure> {
     let attempted = host
@@ -99,8 +99,8 @@ pub async fn deliver(
         })?;
     let Attempted { result, latency } = attempted;
     tracing::debug!(
-        event_id = %envelope.event_id,
-        trace_id = %envelope.trace_id,
+        event_id = %envelope.event.id,
+        trace_id = %envelope.event.trace_id,
         attempt = 1,
         host = %host.key,
         outcome = match &result {

@@ -5,40 +5,34 @@ use http::header::{HeaderName, HeaderValue, CONTENT_TYPE};
 use http::{Method, Request};
 use http_body_util::Full;
 
+use crate::event::{Event, KeySequence};
 use crate::headers::{
     IDEMPOTENCY_KEY, TRACEPARENT, X_CALLBACK_MODE, X_DELIVERY_ATTEMPT, X_EVENT_TYPE,
     X_ORDERING_KEY, X_SEQUENCE, X_TRACE_ID,
 };
-use crate::queue::KeySequence;
 use crate::routing::{DeliveryMode, Target};
 use crate::signing::{SignatureScheme, Signer};
 
-/// What is delivered, independent of how (sync or async) and which attempt.
-#[derive(Debug, Clone)]
-pub struct Envelope {
-    /// `webhook-id`: stable across retries, fallback and replay.
-    pub event_id: String,
-    pub event_type: String,
-    pub body: Bytes,
-    pub content_type: Option<String>,
-    pub trace_id: String,
-    /// The caller's key, else the event id is sent.
-    pub idempotency_key: Option<String>,
+/// What one attempt sends: the event, how it is signed, and (async deliveries of a rule with
+/// `ordering_key`) its place in its key, sent as `X-Ordering-Key`/`X-Sequence`. A view, so
+/// the sync relay and async delivery build requests from the event they hold without copying it.
+#[derive(Debug, Clone, Copy)]
+pub struct Envelope<'a> {
+    pub event: &'a Event,
     pub signature: SignatureScheme,
-    /// Async deliveries of a rule with `ordering_key`: sent as `X-Ordering-Key`/`X-Sequence`.
-    pub ordering: Option<KeySequence>,
+    pub ordering: Option<&'a KeySequence>,
 }
 
 /// Builds the signed request for one attempt. `timestamp_secs` is the attempt's time.
 pub fn build(
     target: &Target,
-    envelope: &Envelope,
+    envelope: &Envelope<'_>,
     mode: DeliveryMode,
     attempt: u32,
     signer: &Signer,
     timestamp_secs: i64,
 ) -> Request<Full<Bytes>> {
-    let mut request = Request::new(Full::new(envelope.body.clone()));
+    let mut request = Request::new(Full::new(envelope.event.body.clone()));
     *request.method_mut() = Method::POST;
     *request.uri_mut() = target.uri.clone();
     let headers = request.headers_mut();
@@ -52,15 +46,15 @@ pub fn build(
     let signed = signer
         .headers(
             envelope.signature,
-            &envelope.event_id,
+            &envelope.event.id,
             timestamp_secs,
-            &envelope.body,
+            &envelope.event.body,
         )
         .expect("event ids are evt_<ULID>, always a valid header value");
     let [(id_name, id_value), timestamp, signature] = signed;
     // Without a caller's key the event id is the idempotency key: the `webhook-id` value is
     // shared (a reference count) instead of validated and copied a second time.
-    let idempotency_key = match envelope.idempotency_key.as_deref() {
+    let idempotency_key = match envelope.event.idempotency_key.as_deref() {
         Some(key) => HeaderValue::from_str(key).ok(),
         None => Some(id_value.clone()),
     };
@@ -72,6 +66,7 @@ pub fn build(
         headers.insert(IDEMPOTENCY_KEY, key);
     }
     if let Some(ct) = envelope
+        .event
         .content_type
         .as_deref()
         .and_then(|c| HeaderValue::from_str(c).ok())
@@ -85,15 +80,15 @@ pub fn build(
             headers.insert(name, v);
         }
     };
-    put(X_TRACE_ID, &envelope.trace_id);
-    put(X_EVENT_TYPE, &envelope.event_type);
+    put(X_TRACE_ID, &envelope.event.trace_id);
+    put(X_EVENT_TYPE, &envelope.event.event_type);
     // A child span per attempt, so a tracing backend shows each try under the caller's trace.
-    if let Some(value) = traceparent(&envelope.trace_id) {
+    if let Some(value) = traceparent(&envelope.event.trace_id) {
         headers.insert(TRACEPARENT, value);
     }
     headers.insert(X_CALLBACK_MODE, HeaderValue::from_static(mode.as_str()));
     headers.insert(X_DELIVERY_ATTEMPT, attempt_value(attempt));
-    if let Some(ordering) = &envelope.ordering {
+    if let Some(ordering) = envelope.ordering {
         // Keys were checked at ingress to be printable ASCII, so this cannot fail either.
         if let Ok(key) = HeaderValue::from_str(&ordering.key) {
             headers.insert(X_ORDERING_KEY, key);
@@ -143,20 +138,26 @@ mod tests {
     use super::*;
     use crate::signing::Secret;
 
-    fn envelope(trace_id: &str, idempotency_key: Option<&str>) -> Envelope {
-        Envelope {
-            event_id: "evt_01J0000000000000000000000".into(),
+    fn event(trace_id: &str, idempotency_key: Option<&str>) -> Event {
+        Event {
+            id: "evt_01J0000000000000000000000".into(),
             event_type: "pay.authorize".into(),
             body: Bytes::from_static(b"{}"),
             content_type: None,
             trace_id: trace_id.into(),
             idempotency_key: idempotency_key.map(str::to_string),
+        }
+    }
+
+    fn envelope(event: &Event) -> Envelope<'_> {
+        Envelope {
+            event,
             signature: SignatureScheme::StandardWebhooks,
             ordering: None,
         }
     }
 
-    fn build_to(url: &str, envelope: &Envelope, attempt: u32) -> Request<Full<Bytes>> {
+    fn build_to(url: &str, envelope: &Envelope<'_>, attempt: u32) -> Request<Full<Bytes>> {
         let secret = Secret::parse("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw").unwrap();
         let signer = Signer::new(vec![secret]).unwrap();
         let target = Target::parse(crate::secret::Redacted::url(url)).unwrap();
@@ -170,7 +171,7 @@ mod tests {
         )
     }
 
-    fn build_attempt(envelope: &Envelope, attempt: u32) -> Request<Full<Bytes>> {
+    fn build_attempt(envelope: &Envelope<'_>, attempt: u32) -> Request<Full<Bytes>> {
         build_to("http://127.0.0.1:9/hook", envelope, attempt)
     }
 
@@ -178,7 +179,7 @@ mod tests {
     fn userinfo_in_the_target_is_sent_as_basic_auth_never_in_the_request_line() {
         let request = build_to(
             "http://hook:s3cret@127.0.0.1:9/hook?token=t",
-            &envelope("t", None),
+            &envelope(&event("t", None)),
             1,
         );
         assert_eq!(request.uri().to_string(), "http://127.0.0.1:9/hook?token=t");
@@ -186,23 +187,23 @@ mod tests {
             request.headers()[http::header::AUTHORIZATION],
             "Basic aG9vazpzM2NyZXQ="
         );
-        let plain = build_attempt(&envelope("t", None), 1);
+        let plain = build_attempt(&envelope(&event("t", None)), 1);
         assert!(!plain.headers().contains_key(http::header::AUTHORIZATION));
     }
 
     fn request_with_trace_id(trace_id: &str) -> Request<Full<Bytes>> {
-        build_attempt(&envelope(trace_id, None), 1)
+        build_attempt(&envelope(&event(trace_id, None)), 1)
     }
 
     #[test]
     fn the_idempotency_key_is_the_callers_else_the_event_id() {
-        let own = build_attempt(&envelope("t", None), 1);
+        let own = build_attempt(&envelope(&event("t", None)), 1);
         assert_eq!(
             own.headers()[IDEMPOTENCY_KEY],
             "evt_01J0000000000000000000000"
         );
         assert_eq!(own.headers()["webhook-id"], "evt_01J0000000000000000000000");
-        let callers = build_attempt(&envelope("t", Some("order-42")), 1);
+        let callers = build_attempt(&envelope(&event("t", Some("order-42"))), 1);
         assert_eq!(callers.headers()[IDEMPOTENCY_KEY], "order-42");
         assert_eq!(
             callers.headers()["webhook-id"],
@@ -213,7 +214,7 @@ mod tests {
     #[test]
     fn the_delivery_attempt_header_counts_past_the_shared_constants() {
         for attempt in [1, 2, 9, 10, 11, 123, u32::MAX] {
-            let request = build_attempt(&envelope("t", None), attempt);
+            let request = build_attempt(&envelope(&event("t", None)), attempt);
             assert_eq!(
                 request.headers()[X_DELIVERY_ATTEMPT],
                 attempt.to_string().as_str(),

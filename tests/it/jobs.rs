@@ -28,7 +28,7 @@ async fn sidecar_with_dead_letters(n: usize) -> (Sidecar, hookyard::receive::Rec
         .collect()
         .await;
     assert!(statuses.iter().all(|s| *s == 202));
-    let store = hy.server().dispatcher.store().clone();
+    let store = hy.server().context.store().clone();
     eventually(Duration::from_secs(60), "all dead-lettered", async || {
         store
             .stats("bulk", hookyard::clock::now_ms())
@@ -43,7 +43,7 @@ async fn sidecar_with_dead_letters(n: usize) -> (Sidecar, hookyard::receive::Rec
 
 async fn dead_letters(hy: &Sidecar) -> u64 {
     hy.server()
-        .dispatcher
+        .context
         .store()
         .stats("bulk", hookyard::clock::now_ms())
         .await

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use hookyard::queue::{
-    AttemptRecord, ClaimedEvent, Disposition, DlqFilter, EnqueueOutcome, EventState,
+    AttemptRecord, ClaimedEvent, Disposition, DlqFilter, EnqueueOutcome, Event, EventState,
     FallbackReason, IdempotencyClaim, KeySequence, NewEvent, QueueStats, Reconciliation,
     SignatureScheme, Store, StoreError, UnixMillis, LEASE_EXPIRED_REASON, MAX_LEASE_EXPIRIES,
 };
@@ -32,14 +32,16 @@ pub fn body_of(id: &str) -> Bytes {
 /// An event received at `at` and due at once.
 pub fn event(id: &str, event_type: &str, queue: &str, at: UnixMillis) -> NewEvent {
     NewEvent {
-        id: id.to_owned(),
-        event_type: event_type.to_owned(),
+        event: Event {
+            id: id.to_owned(),
+            event_type: event_type.to_owned(),
+            body: body_of(id),
+            content_type: Some("application/json".to_owned()),
+            trace_id: format!("trace-{id}"),
+            idempotency_key: None,
+        },
         queue: queue.to_owned(),
         target: format!("http://127.0.0.1:9000/hooks/{event_type}"),
-        body: body_of(id),
-        content_type: Some("application/json".to_owned()),
-        trace_id: format!("trace-{id}"),
-        idempotency_key: None,
         signature: SignatureScheme::StandardWebhooks,
         timeout_ms: 1500,
         retry_delays_ms: vec![500, 1000, 2000],
@@ -63,7 +65,7 @@ pub fn attempt(n: u32, at: UnixMillis, status: Option<u16>, error: Option<&str>)
 }
 
 async fn enqueue_ok(store: &dyn Store, ev: NewEvent) {
-    let id = ev.id.clone();
+    let id = ev.event.id.clone();
     let outcome = store.enqueue(ev, None, NO_LIMIT).await.unwrap();
     assert_eq!(outcome, EnqueueOutcome::Accepted, "enqueue {id}");
 }
@@ -83,19 +85,19 @@ async fn claim_one(store: &dyn Store, queue: &str, now: UnixMillis) -> ClaimedEv
 }
 
 fn ids(events: &[ClaimedEvent]) -> Vec<&str> {
-    events.iter().map(|e| e.id.as_str()).collect()
+    events.iter().map(|e| e.event.id.as_str()).collect()
 }
 
 /// Enqueues `ev`, claims it at `at` and dead-letters it at `at` after one failed attempt.
 async fn dead_letter(store: &dyn Store, ev: NewEvent, at: UnixMillis) {
     let queue = ev.queue.clone();
-    let id = ev.id.clone();
+    let id = ev.event.id.clone();
     enqueue_ok(store, ev).await;
     let c = claim_one(store, &queue, at).await;
-    assert_eq!(c.id, id);
+    assert_eq!(c.event.id, id);
     let done = store
         .complete(
-            &c.id,
+            &c.event.id,
             &c.lease_token,
             Some(attempt(c.attempt, at, Some(400), None)),
             Disposition::DeadLetter {
@@ -117,19 +119,19 @@ fn dlq_ids(page: &hookyard::queue::Page<hookyard::queue::DeadLetter>) -> Vec<&st
 /// The happy path: everything the worker needs comes back intact, and delivery is final.
 pub async fn enqueue_claim_complete_delivered(store: &dyn Store) {
     let mut ev = event("evt_1", "user.created", "default", T0);
-    ev.idempotency_key = Some("caller-key".into());
+    ev.event.idempotency_key = Some("caller-key".into());
     ev.signature = SignatureScheme::LegacyHmacSha256;
     enqueue_ok(store, ev.clone()).await;
 
     let c = claim_one(store, "default", T0).await;
-    assert_eq!(c.id, "evt_1");
-    assert_eq!(c.event_type, "user.created");
+    assert_eq!(c.event.id, "evt_1");
+    assert_eq!(c.event.event_type, "user.created");
     assert_eq!(c.queue, "default");
     assert_eq!(c.target, ev.target);
-    assert_eq!(c.body, ev.body);
-    assert_eq!(c.content_type.as_deref(), Some("application/json"));
-    assert_eq!(c.trace_id, "trace-evt_1");
-    assert_eq!(c.idempotency_key.as_deref(), Some("caller-key"));
+    assert_eq!(c.event.body, ev.event.body);
+    assert_eq!(c.event.content_type.as_deref(), Some("application/json"));
+    assert_eq!(c.event.trace_id, "trace-evt_1");
+    assert_eq!(c.event.idempotency_key.as_deref(), Some("caller-key"));
     assert_eq!(c.signature, SignatureScheme::LegacyHmacSha256);
     assert_eq!(c.timeout_ms, 1500);
     assert_eq!(c.retry_delays_ms, vec![500, 1000, 2000]);
@@ -188,7 +190,7 @@ pub async fn due_time_is_exact_to_the_millisecond(store: &dyn Store) {
     assert!(claim(store, "default", T0 + 99).await.is_empty());
     assert_eq!(store.next_due_at("default").await.unwrap(), Some(T0 + 100));
     let c = claim_one(store, "default", T0 + 100).await;
-    assert_eq!(c.id, "evt_early");
+    assert_eq!(c.event.id, "evt_early");
     assert!(claim(store, "default", T0 + 249).await.is_empty());
     assert_eq!(ids(&claim(store, "default", T0 + 250).await), ["evt_late"]);
 
@@ -275,7 +277,7 @@ pub async fn leases_that_keep_running_out_dead_letter_the_event(store: &dyn Stor
         let mut got_ids = ids(&got);
         got_ids.sort();
         assert_eq!(got_ids, ["evt_flaky", "evt_poison"], "claim {i}");
-        let flaky = got.iter().find(|c| c.id == "evt_flaky").unwrap();
+        let flaky = got.iter().find(|c| c.event.id == "evt_flaky").unwrap();
         flaky_token = flaky.lease_token.clone();
     }
     // evt_flaky reports a result (a retry due at once): its count starts again.
@@ -395,7 +397,7 @@ pub async fn retry_reschedules_and_counts_attempts(store: &dyn Store) {
         let due = now + delay;
         assert!(store
             .complete(
-                &c.id,
+                &c.event.id,
                 &c.lease_token,
                 Some(attempt(n, now, Some(503), None)),
                 Disposition::Retry { due_at_ms: due },
@@ -409,7 +411,13 @@ pub async fn retry_reschedules_and_counts_attempts(store: &dyn Store) {
         assert!(claim(store, "default", due - 1).await.is_empty());
         // The old token is dead once the event is back in the queue.
         assert!(!store
-            .complete(&c.id, &c.lease_token, None, Disposition::Delivered, due)
+            .complete(
+                &c.event.id,
+                &c.lease_token,
+                None,
+                Disposition::Delivered,
+                due
+            )
             .await
             .unwrap());
         now = due;
@@ -418,7 +426,7 @@ pub async fn retry_reschedules_and_counts_attempts(store: &dyn Store) {
     assert_eq!(c.attempt, 3);
     assert!(store
         .complete(
-            &c.id,
+            &c.event.id,
             &c.lease_token,
             Some(attempt(3, now, None, Some("timeout"))),
             Disposition::Delivered,
@@ -438,7 +446,7 @@ pub async fn defer_does_not_count_an_attempt(store: &dyn Store) {
     assert_eq!(c.attempt, 1);
     assert!(store
         .complete(
-            &c.id,
+            &c.event.id,
             &c.lease_token,
             // Even if a worker passes a record, a deferral is not an attempt.
             Some(attempt(1, T0, None, Some("circuit_open"))),
@@ -465,7 +473,7 @@ async fn defer_all(store: &dyn Store, now: UnixMillis, until: UnixMillis, host: 
     for c in claim(store, "default", now).await {
         assert!(store
             .complete(
-                &c.id,
+                &c.event.id,
                 &c.lease_token,
                 None,
                 Disposition::Defer {
@@ -480,7 +488,7 @@ async fn defer_all(store: &dyn Store, now: UnixMillis, until: UnixMillis, host: 
 }
 
 fn sorted_ids(claimed: &[ClaimedEvent]) -> Vec<&str> {
-    let mut ids: Vec<&str> = claimed.iter().map(|c| c.id.as_str()).collect();
+    let mut ids: Vec<&str> = claimed.iter().map(|c| c.event.id.as_str()).collect();
     ids.sort_unstable();
     ids
 }
@@ -523,7 +531,7 @@ pub async fn breaker_deferrals_are_due_at_once_when_that_breaker_closes(store: &
     for c in due {
         store
             .complete(
-                &c.id,
+                &c.event.id,
                 &c.lease_token,
                 None,
                 Disposition::Defer {
@@ -544,7 +552,7 @@ pub async fn breaker_deferrals_are_due_at_once_when_that_breaker_closes(store: &
     let c = claim_one(store, "default", T0 + 300).await;
     store
         .complete(
-            &c.id,
+            &c.event.id,
             &c.lease_token,
             Some(attempt(1, T0 + 300, Some(503), None)),
             Disposition::Retry {
@@ -572,7 +580,7 @@ pub async fn undefer_all_makes_every_breaker_deferral_due(store: &dyn Store) {
     for c in claim(store, "q2", T0).await {
         store
             .complete(
-                &c.id,
+                &c.event.id,
                 &c.lease_token,
                 None,
                 Disposition::Defer {
@@ -705,7 +713,7 @@ pub async fn replay_starts_fresh_round_with_same_id(store: &dyn Store) {
     let c = claim_one(store, "default", T0).await;
     assert!(store
         .complete(
-            &c.id,
+            &c.event.id,
             &c.lease_token,
             Some(attempt(1, T0, Some(500), None)),
             Disposition::Retry { due_at_ms: T0 + 10 },
@@ -717,7 +725,7 @@ pub async fn replay_starts_fresh_round_with_same_id(store: &dyn Store) {
     assert_eq!(c.attempt, 2);
     assert!(store
         .complete(
-            &c.id,
+            &c.event.id,
             &c.lease_token,
             Some(attempt(2, T0 + 10, Some(500), None)),
             Disposition::DeadLetter {
@@ -768,11 +776,11 @@ pub async fn replay_starts_fresh_round_with_same_id(store: &dyn Store) {
 
     assert!(claim(store, "default", T0 + 99).await.is_empty());
     let c = claim_one(store, "default", T0 + 100).await;
-    assert_eq!(c.id, "evt_1");
+    assert_eq!(c.event.id, "evt_1");
     assert_eq!(c.attempt, 1, "a replay starts a fresh attempt count");
     assert!(store
         .complete(
-            &c.id,
+            &c.event.id,
             &c.lease_token,
             Some(attempt(1, T0 + 100, Some(200), None)),
             Disposition::Delivered,
@@ -967,7 +975,7 @@ pub async fn queue_full_at_max_depth_stores_nothing(store: &dyn Store) {
     // ...a retry keeps it in the queue...
     assert!(store
         .complete(
-            &c.id,
+            &c.event.id,
             &c.lease_token,
             Some(attempt(1, T0, Some(503), None)),
             Disposition::Retry { due_at_ms: T0 + 1 },
@@ -982,7 +990,13 @@ pub async fn queue_full_at_max_depth_stores_nothing(store: &dyn Store) {
     // ...and delivery frees the slot.
     let c = claim_one(store, "small", T0 + 1).await;
     assert!(store
-        .complete(&c.id, &c.lease_token, None, Disposition::Delivered, T0 + 2)
+        .complete(
+            &c.event.id,
+            &c.lease_token,
+            None,
+            Disposition::Delivered,
+            T0 + 2
+        )
         .await
         .unwrap());
     assert_eq!(
@@ -1056,7 +1070,7 @@ pub async fn fallback_recorded_and_reconciled(store: &dyn Store) {
 
     let claimed = claim(store, "default", T0 + 10).await;
     for c in &claimed {
-        let disposition = match c.id.as_str() {
+        let disposition = match c.event.id.as_str() {
             "evt_f1" => Disposition::Delivered,
             "evt_f2" => Disposition::DeadLetter {
                 reason: "permanent_4xx".into(),
@@ -1066,7 +1080,7 @@ pub async fn fallback_recorded_and_reconciled(store: &dyn Store) {
             },
         };
         assert!(store
-            .complete(&c.id, &c.lease_token, None, disposition, T0 + 50)
+            .complete(&c.event.id, &c.lease_token, None, disposition, T0 + 50)
             .await
             .unwrap());
     }
@@ -1120,7 +1134,7 @@ pub async fn event_history_lists_attempts(store: &dyn Store) {
     let c = claim_one(store, "default", T0).await;
     assert!(store
         .complete(
-            &c.id,
+            &c.event.id,
             &c.lease_token,
             Some(AttemptRecord {
                 attempt: 1,
@@ -1139,7 +1153,7 @@ pub async fn event_history_lists_attempts(store: &dyn Store) {
     let c = claim_one(store, "default", T0 + 2000).await;
     assert!(store
         .complete(
-            &c.id,
+            &c.event.id,
             &c.lease_token,
             Some(AttemptRecord {
                 attempt: 2,
@@ -1189,7 +1203,7 @@ pub async fn purge_removes_finished_and_expired(store: &dyn Store) {
     let c = claim_one(store, "q", T0).await;
     assert!(store
         .complete(
-            &c.id,
+            &c.event.id,
             &c.lease_token,
             Some(attempt(1, T0, Some(200), None)),
             Disposition::Delivered,
@@ -1275,7 +1289,7 @@ pub async fn stats_gauges(store: &dyn Store) {
     let dead = &claimed[1];
     assert!(store
         .complete(
-            &dead.id,
+            &dead.event.id,
             &dead.lease_token,
             None,
             Disposition::DeadLetter {
@@ -1311,28 +1325,33 @@ pub async fn release_returns_leases(store: &dyn Store) {
     store
         .release(
             vec![
-                (claimed[0].id.clone(), claimed[0].lease_token.clone()),
-                (claimed[1].id.clone(), "not-the-token".into()),
+                (claimed[0].event.id.clone(), claimed[0].lease_token.clone()),
+                (claimed[1].event.id.clone(), "not-the-token".into()),
                 ("evt_unknown".into(), "x".into()),
             ],
             T0 + 5,
         )
         .await
         .unwrap();
-    let rec = store.event(&claimed[0].id).await.unwrap().unwrap();
+    let rec = store.event(&claimed[0].event.id).await.unwrap().unwrap();
     assert_eq!(rec.state, EventState::Pending);
     assert_eq!(rec.due_at_ms, Some(T0 + 5));
     assert_eq!(
-        store.event(&claimed[1].id).await.unwrap().unwrap().state,
+        store
+            .event(&claimed[1].event.id)
+            .await
+            .unwrap()
+            .unwrap()
+            .state,
         EventState::InFlight
     );
     let again = claim_one(store, "q", T0 + 5).await;
-    assert_eq!(again.id, claimed[0].id);
+    assert_eq!(again.event.id, claimed[0].event.id);
     assert_eq!(again.attempt, 1);
     // The released lease's token is void.
     assert!(!store
         .complete(
-            &claimed[0].id,
+            &claimed[0].event.id,
             &claimed[0].lease_token,
             None,
             Disposition::Delivered,
@@ -1361,7 +1380,7 @@ pub async fn next_due_at_tracks_earliest(store: &dyn Store) {
     assert_eq!(store.next_due_at("q").await.unwrap(), Some(T0 + 150));
     assert!(store
         .complete(
-            &c[0].id,
+            &c[0].event.id,
             &c[0].lease_token,
             None,
             Disposition::Delivered,
@@ -1411,7 +1430,7 @@ pub async fn concurrent_enqueues_all_durable(store: Arc<dyn Store>, tasks: usize
     unique.dedup();
     assert_eq!(unique.len(), tasks);
     // Oldest due first.
-    assert!(claimed.windows(2).all(|w| w[0].id < w[1].id));
+    assert!(claimed.windows(2).all(|w| w[0].event.id < w[1].event.id));
 }
 
 /// A large dead-letter queue is replayed and purged completely (backends may work in chunks).
@@ -1437,7 +1456,7 @@ pub async fn bulk_replay_and_purge(store: Arc<dyn Store>, n: usize) {
                     reason: "exhausted".into(),
                 };
                 assert!(store
-                    .complete(&c.id, &c.lease_token, None, d, at)
+                    .complete(&c.event.id, &c.lease_token, None, d, at)
                     .await
                     .unwrap());
             }
@@ -1517,7 +1536,7 @@ where
     );
     assert_eq!(store.fallbacks(0, 10).await.unwrap().len(), 1);
     let c = claim_one(&*store, "q", T0).await;
-    assert_eq!(c.body, body_of("evt_durable"));
+    assert_eq!(c.event.body, body_of("evt_durable"));
     store.close().await.unwrap();
 }
 
@@ -1538,7 +1557,7 @@ fn seq(key: &str, sequence: u64) -> Option<KeySequence> {
 async fn finish(store: &dyn Store, c: &ClaimedEvent, disposition: Disposition, at: UnixMillis) {
     assert!(store
         .complete(
-            &c.id,
+            &c.event.id,
             &c.lease_token,
             Some(attempt(c.attempt, at, Some(200), None)),
             disposition,
@@ -1590,7 +1609,7 @@ pub async fn ordering_keys_hand_out_one_event_per_key_in_sequence(store: &dyn St
     assert_eq!(ids(&claim(store, "q", T0 + 50).await), ["b2"]);
     let a1 = claim_one(store, "q", T0 + 100).await;
     assert_eq!(
-        (a1.id.as_str(), a1.attempt, a1.ordering.clone()),
+        (a1.event.id.as_str(), a1.attempt, a1.ordering.clone()),
         ("a1", 2, seq("A", 1))
     );
     assert!(
@@ -1601,7 +1620,10 @@ pub async fn ordering_keys_hand_out_one_event_per_key_in_sequence(store: &dyn St
     // Delivered: a2 is next, due at once.
     finish(store, &a1, Disposition::Delivered, T0 + 110).await;
     let a2 = claim_one(store, "q", T0 + 110).await;
-    assert_eq!((a2.id.as_str(), a2.ordering.clone()), ("a2", seq("A", 2)));
+    assert_eq!(
+        (a2.event.id.as_str(), a2.ordering.clone()),
+        ("a2", seq("A", 2))
+    );
     // Dead-lettered: a3 goes on without it, and the DLQ says what a2 held.
     finish(
         store,
@@ -1619,7 +1641,10 @@ pub async fn ordering_keys_hand_out_one_event_per_key_in_sequence(store: &dyn St
     assert_eq!(dlq_ids(&dlq), ["a2"]);
     assert_eq!(dlq.items[0].ordering, seq("A", 2));
     let a3 = claim_one(store, "q", T0 + 120).await;
-    assert_eq!((a3.id.as_str(), a3.ordering.clone()), ("a3", seq("A", 3)));
+    assert_eq!(
+        (a3.event.id.as_str(), a3.ordering.clone()),
+        ("a3", seq("A", 3))
+    );
     enqueue_ok(store, keyed("a4", "A", "q", T0 + 130)).await;
     assert_eq!(
         store.event("a4").await.unwrap().unwrap().ordering,
@@ -1639,12 +1664,16 @@ pub async fn ordering_keys_hand_out_one_event_per_key_in_sequence(store: &dyn St
     finish(store, &a3, Disposition::Delivered, T0 + 150).await;
     let again = claim_one(store, "q", T0 + 150).await;
     assert_eq!(
-        (again.id.as_str(), again.attempt, again.ordering.clone()),
+        (
+            again.event.id.as_str(),
+            again.attempt,
+            again.ordering.clone()
+        ),
         ("a2", 1, seq("A", 2))
     );
     finish(store, &again, Disposition::Delivered, T0 + 160).await;
     let a4 = claim_one(store, "q", T0 + 160).await;
-    assert_eq!(a4.id, "a4");
+    assert_eq!(a4.event.id, "a4");
     finish(store, &a4, Disposition::Delivered, T0 + 170).await;
 
     // The key is free again: its next event is pending at once, and the sequence goes on.
@@ -1672,7 +1701,7 @@ pub async fn ordering_key_head_dead_lettered_by_expiry_releases_the_next(store: 
     // Handed back at shutdown: still the key's head, k2 still waits.
     let c = claim_one(store, "q", T0).await;
     store
-        .release(vec![(c.id.clone(), c.lease_token.clone())], T0)
+        .release(vec![(c.event.id.clone(), c.lease_token.clone())], T0)
         .await
         .unwrap();
     for i in 0..max {
@@ -1693,7 +1722,10 @@ pub async fn ordering_key_head_dead_lettered_by_expiry_releases_the_next(store: 
         Some(c) => c.clone(),
         None => claim_one(store, "q", at).await,
     };
-    assert_eq!((k2.id.as_str(), k2.ordering.clone()), ("k2", seq("K", 2)));
+    assert_eq!(
+        (k2.event.id.as_str(), k2.ordering.clone()),
+        ("k2", seq("K", 2))
+    );
 }
 
 /// The worker that finishes a key's event gets the key's next one with the result, leased,
@@ -1708,7 +1740,7 @@ pub async fn finishing_a_keys_event_hands_the_next_one_to_the_same_worker(store:
     assert_eq!(ids(&first), ["k1", "u1"]);
 
     let take = |c: &ClaimedEvent, disposition: Disposition, at: UnixMillis| {
-        let (id, token) = (c.id.clone(), c.lease_token.clone());
+        let (id, token) = (c.event.id.clone(), c.lease_token.clone());
         async move {
             store
                 .complete_and_take_next(&id, &token, None, disposition, at, LEASE)
@@ -1720,7 +1752,7 @@ pub async fn finishing_a_keys_event_hands_the_next_one_to_the_same_worker(store:
     assert!(done.recorded);
     let k2 = done.next.expect("k2 handed over");
     assert_eq!(
-        (k2.id.as_str(), k2.attempt, k2.ordering.clone()),
+        (k2.event.id.as_str(), k2.attempt, k2.ordering.clone()),
         ("k2", 1, seq("K", 2))
     );
     assert_eq!(
@@ -1743,7 +1775,7 @@ pub async fn finishing_a_keys_event_hands_the_next_one_to_the_same_worker(store:
     .await;
     assert!(retried.recorded && retried.next.is_none());
     let k2 = claim_one(store, "q", T0 + 100).await;
-    assert_eq!((k2.id.as_str(), k2.attempt), ("k2", 2));
+    assert_eq!((k2.event.id.as_str(), k2.attempt), ("k2", 2));
     // A stale token records nothing and takes nothing.
     let stale = take(&first[0], Disposition::Delivered, T0 + 100).await;
     assert!(!stale.recorded && stale.next.is_none());
@@ -1766,7 +1798,7 @@ pub async fn finishing_a_keys_event_hands_the_next_one_to_the_same_worker(store:
     assert!(claim(store, "q", lease_end - 1).await.is_empty());
     let again = claim_one(store, "q", lease_end).await;
     assert_eq!(
-        (again.id.as_str(), again.ordering.clone()),
+        (again.event.id.as_str(), again.ordering.clone()),
         ("k3", seq("K", 3))
     );
     let last = take(&again, Disposition::Delivered, lease_end + 1).await;

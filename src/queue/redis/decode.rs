@@ -8,7 +8,7 @@ use redis::Value;
 use serde::{Deserialize, Serialize};
 
 use crate::queue::{
-    ClaimedEvent, FallbackReason, KeySequence, SignatureScheme, StoreError, UnixMillis,
+    ClaimedEvent, Event, FallbackReason, KeySequence, SignatureScheme, StoreError, UnixMillis,
 };
 
 pub(super) fn corrupt(what: impl std::fmt::Display) -> StoreError {
@@ -153,13 +153,16 @@ pub(super) fn claimed_from(
     };
     let due = int(&f[2], "due time")?;
     let event = ClaimedEvent {
-        event_type: string(&f[3], "event type")?,
+        event: Event {
+            id,
+            event_type: string(&f[3], "event type")?,
+            body,
+            content_type: opt_string(&f[6])?,
+            trace_id: string(&f[7], "trace id")?,
+            idempotency_key: opt_string(&f[8])?,
+        },
         queue: string(&f[4], "queue")?,
         target: string(&f[5], "target")?,
-        body,
-        content_type: opt_string(&f[6])?,
-        trace_id: string(&f[7], "trace id")?,
-        idempotency_key: opt_string(&f[8])?,
         signature: SignatureScheme::parse(&sig)
             .ok_or_else(|| corrupt(format!("unknown signature scheme {sig:?}")))?,
         timeout_ms: u64::try_from(int(&f[10], "timeout")?)
@@ -173,7 +176,6 @@ pub(super) fn claimed_from(
         lease_token: string(&f[1], "lease token")?,
         lease_until_ms,
         ordering: ordering_of(&f[15], &f[16])?,
-        id,
     };
     Ok((due, event))
 }

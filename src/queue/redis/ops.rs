@@ -26,7 +26,9 @@ impl RedisStore {
         let delays = serde_json::to_string(&ev.retry_delays_ms)
             .map_err(|e| StoreError::Corrupt(format!("cannot encode retry delays: {e}")))?;
         let mut inv = self.script(&self.inner.scripts.enqueue);
-        inv.arg(&ev.id).arg(&ev.queue).arg(max_depth.to_string());
+        inv.arg(&ev.event.id)
+            .arg(&ev.queue)
+            .arg(max_depth.to_string());
         inv.arg(ev.received_at_ms).arg(ev.due_at_ms);
         match &idem {
             Some(c) => {
@@ -40,10 +42,10 @@ impl RedisStore {
             }
         }
         inv.arg(if ev.fallback.is_some() { "1" } else { "" });
-        inv.arg("type").arg(&ev.event_type);
+        inv.arg("type").arg(&ev.event.event_type);
         inv.arg("queue").arg(&ev.queue);
         inv.arg("target").arg(&ev.target);
-        inv.arg("trace").arg(&ev.trace_id);
+        inv.arg("trace").arg(&ev.event.trace_id);
         inv.arg("sig").arg(ev.signature.as_str());
         inv.arg("timeout").arg(ev.timeout_ms);
         inv.arg("delays").arg(delays);
@@ -51,11 +53,11 @@ impl RedisStore {
         inv.arg("recv").arg(ev.received_at_ms);
         inv.arg("due").arg(ev.due_at_ms);
         inv.arg("made").arg(0);
-        inv.arg("body").arg(&ev.body[..]);
-        if let Some(ct) = &ev.content_type {
+        inv.arg("body").arg(&ev.event.body[..]);
+        if let Some(ct) = &ev.event.content_type {
             inv.arg("ct").arg(ct);
         }
-        if let Some(k) = &ev.idempotency_key {
+        if let Some(k) = &ev.event.idempotency_key {
             inv.arg("ikey").arg(k);
         }
         if let Some(fb) = ev.fallback {
@@ -82,7 +84,7 @@ impl RedisStore {
                 "exists" => {
                     return Err(StoreError::Unavailable(format!(
                         "event id {} is already stored",
-                        ev.id
+                        ev.event.id
                     )))
                 }
                 other => return Err(corrupt(format!("enqueue answered {other:?}"))),
@@ -143,7 +145,7 @@ impl RedisStore {
             .map(|e| claimed_from(e, lease_until))
             .collect::<Result<Vec<_>, _>>()?;
         // Oldest due first across the three sources (expired leases, idle entries, the stream).
-        claimed.sort_by(|a, b| a.0.cmp(&b.0).then_with(|| a.1.id.cmp(&b.1.id)));
+        claimed.sort_by(|a, b| a.0.cmp(&b.0).then_with(|| a.1.event.id.cmp(&b.1.event.id)));
         Ok(claimed.into_iter().map(|(_, e)| e).collect())
     }
 

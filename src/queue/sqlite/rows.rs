@@ -8,7 +8,7 @@ use rusqlite::Row;
 
 use super::sql::{DEAD_LETTERED, DELIVERED, HELD, IN_FLIGHT, PENDING};
 use crate::queue::{
-    ClaimedEvent, EventState, FallbackReason, KeySequence, SignatureScheme, UnixMillis,
+    ClaimedEvent, Event, EventState, FallbackReason, KeySequence, SignatureScheme, UnixMillis,
 };
 
 pub(super) fn to_i64(v: u64) -> i64 {
@@ -92,14 +92,16 @@ pub(super) fn claimed_from_row(
     let delays: String = row.get(8)?;
     let body: Vec<u8> = row.get(2)?;
     Ok(ClaimedEvent {
-        id: state.id,
-        event_type: row.get(0)?,
+        event: Event {
+            id: state.id,
+            event_type: row.get(0)?,
+            body: Bytes::from(body),
+            content_type: row.get(3)?,
+            trace_id: row.get(4)?,
+            idempotency_key: row.get(5)?,
+        },
         queue: state.queue,
         target: row.get(1)?,
-        body: Bytes::from(body),
-        content_type: row.get(3)?,
-        trace_id: row.get(4)?,
-        idempotency_key: row.get(5)?,
         signature: SignatureScheme::parse(&signature)
             .ok_or_else(|| corrupt_col(6, format!("unknown signature scheme {signature:?}")))?,
         timeout_ms: get_u64(row, 7)?,

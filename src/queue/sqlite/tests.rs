@@ -14,7 +14,7 @@ use super::sql::{
 };
 use super::writer::run_batch;
 use super::*;
-use crate::queue::SignatureScheme;
+use crate::queue::{Event, SignatureScheme};
 
 /// Claiming, the next due time and the queue gauges must stay index searches as the
 /// backlog and the history grow.
@@ -126,14 +126,16 @@ fn dead_letter_pages_search_the_index() {
 
 fn test_event(n: u32) -> NewEvent {
     NewEvent {
-        id: format!("evt_{n:04}"),
-        event_type: "order.created".into(),
+        event: Event {
+            id: format!("evt_{n:04}"),
+            event_type: "order.created".into(),
+            body: Bytes::from_static(b"{}"),
+            content_type: Some("application/json".into()),
+            trace_id: format!("trace-{n}"),
+            idempotency_key: None,
+        },
         queue: "default".into(),
         target: "http://127.0.0.1:9/hook".into(),
-        body: Bytes::from_static(b"{}"),
-        content_type: Some("application/json".into()),
-        trace_id: format!("trace-{n}"),
-        idempotency_key: None,
         signature: SignatureScheme::StandardWebhooks,
         timeout_ms: 1000,
         retry_delays_ms: vec![100],
@@ -384,7 +386,7 @@ async fn a_store_at_its_size_cap_is_not_ready_until_there_is_room() {
     let mut n = 0;
     loop {
         let mut ev = test_event(n);
-        ev.body = Bytes::from(vec![b'x'; 64 * 1024]);
+        ev.event.body = Bytes::from(vec![b'x'; 64 * 1024]);
         match store.enqueue(ev, None, 1000).await {
             Ok(EnqueueOutcome::Accepted) => n += 1,
             Err(StoreError::Unavailable(_)) => break,
@@ -400,7 +402,13 @@ async fn a_store_at_its_size_cap_is_not_ready_until_there_is_room() {
         .unwrap();
     for ev in claimed {
         store
-            .complete(&ev.id, &ev.lease_token, None, Disposition::Delivered, 1000)
+            .complete(
+                &ev.event.id,
+                &ev.lease_token,
+                None,
+                Disposition::Delivered,
+                1000,
+            )
             .await
             .unwrap();
     }

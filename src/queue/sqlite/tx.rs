@@ -84,7 +84,7 @@ pub(super) fn tx_enqueue(
          VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
     )?
     .execute(params![
-        ev.id,
+        ev.event.id,
         ev.queue,
         state,
         ev.due_at_ms,
@@ -109,18 +109,18 @@ pub(super) fn tx_enqueue(
     )?
     .execute(params![
         rid,
-        ev.event_type,
+        ev.event.event_type,
         ev.target,
-        ev.content_type,
-        ev.trace_id,
-        ev.idempotency_key,
+        ev.event.content_type,
+        ev.event.trace_id,
+        ev.event.idempotency_key,
         ev.signature.as_str(),
         to_i64(ev.timeout_ms),
         delays,
         ev.jitter,
         ev.received_at_ms,
         ev.fallback.map(FallbackReason::as_str),
-        &ev.body[..],
+        &ev.event.body[..],
     ])?;
     if let Some(claim) = idem {
         // An expired claim for the same key is replaced in place.
@@ -129,7 +129,7 @@ pub(super) fn tx_enqueue(
              ON CONFLICT (event_type, key)
              DO UPDATE SET event_id = excluded.event_id, expires_at = excluded.expires_at",
         )?
-        .execute(params![claim.event_type, claim.key, ev.id, claim.expires_at_ms])?;
+        .execute(params![claim.event_type, claim.key, ev.event.id, claim.expires_at_ms])?;
     }
     if let Some(reason) = ev.fallback {
         conn.prepare_cached(
@@ -138,9 +138,9 @@ pub(super) fn tx_enqueue(
         )?
         .execute(params![
             ev.received_at_ms,
-            ev.id,
-            ev.trace_id,
-            ev.event_type,
+            ev.event.id,
+            ev.event.trace_id,
+            ev.event.event_type,
             reason.as_str(),
             ev.target
         ])?;
