@@ -14,7 +14,7 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 use hookyard::config::{BreakerPolicy, BreakerSettings};
 use hookyard::routing::RuleTable;
 use hookyard::signing::{Secret, SignatureScheme, Signer};
-use hookyard::sync::breaker::Breaker;
+use hookyard::upstream::breaker::Breaker;
 
 /// Number of service namespaces; each contributes exact rules and `prefix.*` rules.
 const SERVICES: usize = 20;

@@ -1,5 +1,5 @@
-//! The circuit breaker's states: the vocabulary the breaker (`sync::breaker`), its metrics and
-//! the admin API share. A leaf, so `metrics` can name a state without depending on `sync`.
+//! The circuit breaker's states: the vocabulary the breaker (`upstream::breaker`), its metrics and
+//! the admin API share. A leaf, so `metrics` can name a state without depending on `upstream`.
 
 use serde::Serialize;
 

@@ -21,8 +21,8 @@ use crate::clock::now_ms;
 use crate::config::diff::StartupSettings;
 use crate::config::Settings;
 use crate::queue::{Store, Wakeup};
-use crate::sync::breaker::CloseHook;
-use crate::sync::{Host, HostMap};
+use crate::upstream::breaker::CloseHook;
+use crate::upstream::{Host, HostMap};
 
 /// The rules, settings and hosts in force, swapped as one: a dispatch that loaded it finds
 /// every host its rules name, built with the same settings, however many reloads happen

@@ -15,8 +15,9 @@ use crate::config::Settings;
 use crate::context::{Context, Snapshot};
 use crate::event::{DeliveryMode, Event, FallbackReason};
 use crate::queue::{EnqueueOutcome, IdempotencyClaim, NewEvent, StoreError};
+use crate::relay::{self, SyncFailure};
 use crate::routing::{OrderingKeyError, Rule};
-use crate::sync::{self, Envelope, SyncFailure, UpstreamResponse};
+use crate::upstream::{Envelope, UpstreamResponse};
 
 /// What became of a dispatched event.
 #[derive(Debug)]
@@ -136,7 +137,7 @@ impl Dispatcher {
             Some(host) => host.clone(),
             None => self.ctx.host(&rule.target.host),
         };
-        let result = sync::deliver(&host, rule, &envelope, &settings.signer).await;
+        let result = relay::deliver(&host, rule, &envelope, &settings.signer).await;
         // The reason a failure may fall back for; `None` also when the target has the event.
         let fallback = match &result {
             Err(failure) if rule.fallback_to_async => failure.fallback_reason(),

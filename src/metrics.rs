@@ -1,6 +1,6 @@
 //! Every metric name in one place, and the code that records them. Registering a config's
 //! series at zero, which needs the whole config, is `metric_series`, so this module stays below
-//! `config` and `sync`.
+//! `config` and `upstream`.
 //!
 //! Label values are bounded by construction: `host` comes from configured targets,
 //! `event_type` from rule patterns (an unrouted type is counted as `_unrouted`), `queue` from

@@ -132,7 +132,7 @@ fn spawn_ingress_thread(
     std::thread::Builder::new()
         .name(format!("hookyard-ingress-{lane}"))
         .spawn(move || {
-            crate::sync::host::set_lane(lane);
+            crate::upstream::host::set_lane(lane);
             let runtime = match tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()

@@ -36,7 +36,7 @@ pub const STANDARD_RETRY_SCHEDULE_MS: [u64; 9] = [
 ];
 
 /// Most pool lanes a host keeps: one per ingress event loop plus the main runtime. Defined here,
-/// below `sync`, because it also caps `ingress.threads`.
+/// below `upstream`, because it also caps `ingress.threads`.
 pub const MAX_LANES: usize = 64;
 
 /// The development secret shipped in the default config; `serve` warns while it is in use.

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use http::header::RETRY_AFTER;
 
-use crate::sync::{CallError, UpstreamResponse};
+use crate::upstream::{CallError, UpstreamResponse};
 
 /// The longest `Retry-After` honoured: a receiver cannot park an event for days.
 pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);

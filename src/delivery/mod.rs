@@ -25,7 +25,7 @@ use crate::context::Context;
 use crate::queue::{AttemptRecord, ClaimedEvent, Completion, Disposition};
 use crate::routing::{DeliveryMode, Target};
 use crate::secret::Redacted;
-use crate::sync::{request, Attempted, Envelope, Refusal, ResponseBody};
+use crate::upstream::{request, Attempted, Envelope, Refusal, ResponseBody};
 
 /// Longest a worker sleeps without looking at the store, so events enqueued by another
 /// instance sharing the store (or leases expiring) are noticed.
@@ -379,7 +379,7 @@ pub async fn deliver(
 /// An event deferred by an open breaker: which host, and how many times that breaker had
 /// closed when it refused the claimed.
 struct BreakerDeferral {
-    host: Arc<crate::sync::Host>,
+    host: Arc<crate::upstream::Host>,
     closes_seen: u64,
 }
 

@@ -26,8 +26,8 @@ use crate::httpserver::{
     json, read_body, BodyBudget, BodyError, BodyLimits, BudgetCharge, Handler,
 };
 use crate::metrics::EdgeRefusal;
+use crate::relay::SyncFailure;
 use crate::routing::validate_event_type;
-use crate::sync::SyncFailure;
 
 pub use trace::{new_trace_id, trace_id_from_headers};
 

@@ -1,29 +1,16 @@
-//! Delivery to a host: its pool, gate, breaker and the one attempt ([`Host::attempt`]) that
-//! sync relay and async delivery share, and the sync relay's policy on top of it.
-//!
-//! Each step is its own type ([`breaker::Breaker`], [`gate::Gate`], [`call::call_with`]), testable
-//! alone; `attempt` stacks them, and [`deliver`] turns an attempt into a relayable answer or
-//! one [`SyncFailure`].
-
-mod attempt;
-pub mod breaker;
-pub mod call;
-pub mod gate;
-pub mod host;
-pub mod pool;
-pub mod request;
+//! The sync relay's policy: one [`Host::attempt`] under the rule's deadline while the caller
+//! waits, and what its result means for the caller (relay the answer, or a [`SyncFailure`]
+//! that may fall back to the queue).
 
 use std::time::Duration;
-
-pub use attempt::{Attempted, Refusal};
-pub use call::{CallError, ResponseBody, UpstreamResponse};
-pub use host::{Host, HostMap};
-pub use request::Envelope;
 
 use crate::clock::now_ms;
 use crate::event::FallbackReason;
 use crate::routing::{DeliveryMode, Rule};
 use crate::signing::Signer;
+use crate::upstream::{
+    request, Attempted, CallError, Envelope, Host, Refusal, ResponseBody, UpstreamResponse,
+};
 
 /// Why a sync delivery did not produce a relayable answer.
 #[derive(Debug, Clone, thiserror::Error)]
