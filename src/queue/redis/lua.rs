@@ -68,57 +68,77 @@ local function release_next(q, okey, now, tok, lease_until)
 end
 "#;
 
-/// `ARGV`: prefix, id, queue, max_depth, received_at, due_at, idempotency key ('' for none),
-/// idempotency expiry, idempotency ttl ms, fallback flag ('' or '1'), then hash field/value
-/// pairs. Returns `{'ok'}`, `{'dup', event_id}`, `{'full'}` or `{'exists'}`.
+/// `ARGV`: prefix, then per event the number of its arguments followed by them: id, queue,
+/// max_depth, received_at, due_at, idempotency key ('' for none), idempotency expiry,
+/// idempotency ttl ms, fallback flag ('' or '1'), then hash field/value pairs. Returns one
+/// reply per event, in order: `{'ok'}`, `{'dup', event_id}`, `{'full'}`, `{'exists'}`, or
+/// `{'err', message}` when a Redis command failed for that event (the others keep theirs).
+///
+/// One call stores a whole batch of concurrent enqueues, so Redis runs (and, with
+/// `appendfsync always`, fsyncs) them as one command. The events run in order, so a later
+/// event of the batch sees an earlier one's depth, idempotency claim and ordering sequence.
 const ENQUEUE: &str = r#"
-local id, q = ARGV[2], ARGV[3]
-local recv, due = tonumber(ARGV[5]), tonumber(ARGV[6])
-local ik = ARGV[7]
--- Dedupe before the depth check: a retried request whose first copy was accepted should learn
--- its event id, not be told to back off. The expiry inside the value is authoritative; the
--- key's TTL only garbage-collects it.
-if ik ~= '' then
-  local cur = redis.call('GET', ik)
-  if cur then
-    local bar = string.find(cur, '|', 1, true)
-    if bar and tonumber(string.sub(cur, 1, bar - 1)) > recv then
-      return {'dup', string.sub(cur, bar + 1)}
+-- A[k] is what ARGV[k] was when each event had its own script call (A[1] the prefix).
+local function enqueue_one(A)
+  local id, q = A[2], A[3]
+  local recv, due = tonumber(A[5]), tonumber(A[6])
+  local ik = A[7]
+  -- Dedupe before the depth check: a retried request whose first copy was accepted should learn
+  -- its event id, not be told to back off. The expiry inside the value is authoritative; the
+  -- key's TTL only garbage-collects it.
+  if ik ~= '' then
+    local cur = redis.call('GET', ik)
+    if cur then
+      local bar = string.find(cur, '|', 1, true)
+      if bar and tonumber(string.sub(cur, 1, bar - 1)) > recv then
+        return {'dup', string.sub(cur, bar + 1)}
+      end
     end
   end
-end
-local depth = tonumber(redis.call('GET', qk(q, 'depth')) or '0')
-if depth >= tonumber(ARGV[4]) then return {'full'} end
-local key = ev(id)
-if redis.call('EXISTS', key) == 1 then return {'exists'} end
-redis.call('HSET', key, unpack(ARGV, 11))
-redis.call('INCR', qk(q, 'depth'))
--- An ordering key ('okey' among the fields) takes the key's next sequence; a key with an
--- event pending or leased holds this one back.
-local okey = redis.call('HGET', key, 'okey')
-local held = false
-if okey then
-  local seq = redis.call('HINCRBY', qk(q, 'okseq'), okey, 1)
-  redis.call('HSET', key, 'oseq', seq)
-  if redis.call('HSETNX', qk(q, 'okact'), okey, id) == 0 then
-    hold(id, q, okey, seq)
-    held = true
+  local depth = tonumber(redis.call('GET', qk(q, 'depth')) or '0')
+  if depth >= tonumber(A[4]) then return {'full'} end
+  local key = ev(id)
+  if redis.call('EXISTS', key) == 1 then return {'exists'} end
+  redis.call('HSET', key, unpack(A, 11, A.n))
+  redis.call('INCR', qk(q, 'depth'))
+  -- An ordering key ('okey' among the fields) takes the key's next sequence; a key with an
+  -- event pending or leased holds this one back.
+  local okey = redis.call('HGET', key, 'okey')
+  local held = false
+  if okey then
+    local seq = redis.call('HINCRBY', qk(q, 'okseq'), okey, 1)
+    redis.call('HSET', key, 'oseq', seq)
+    if redis.call('HSETNX', qk(q, 'okact'), okey, id) == 0 then
+      hold(id, q, okey, seq)
+      held = true
+    end
   end
+  if held then
+  elseif due <= recv then
+    to_ready(id, q)
+  else
+    redis.call('HSET', key, 'state', 'p')
+    redis.call('ZADD', qk(q, 'delayed'), A[6], id)
+  end
+  if ik ~= '' then
+    redis.call('SET', ik, A[8] .. '|' .. id, 'PX', A[9])
+  end
+  if A[10] ~= '' then
+    redis.call('ZADD', P .. ':fallbacks', A[5], id)
+  end
+  return {'ok'}
 end
-if held then
-elseif due <= recv then
-  to_ready(id, q)
-else
-  redis.call('HSET', key, 'state', 'p')
-  redis.call('ZADD', qk(q, 'delayed'), ARGV[6], id)
+local out = {}
+local i = 2
+while i <= #ARGV do
+  local n = tonumber(ARGV[i])
+  local A = {P, n = n + 1}
+  for j = 1, n do A[j + 1] = ARGV[i + j] end
+  i = i + n + 1
+  local ok, r = pcall(enqueue_one, A)
+  if ok then out[#out + 1] = r else out[#out + 1] = {'err', tostring(type(r) == 'table' and r.err or r)} end
 end
-if ik ~= '' then
-  redis.call('SET', ik, ARGV[8] .. '|' .. id, 'PX', ARGV[9])
-end
-if ARGV[10] ~= '' then
-  redis.call('ZADD', P .. ':fallbacks', ARGV[5], id)
-end
-return {'ok'}
+return out
 "#;
 
 /// `ARGV`: prefix, queue, now, limit, lease_until, consumer, claim_idle_ms, token base,
@@ -259,61 +279,76 @@ end
 return out
 "#;
 
-/// `ARGV`: prefix, id, token, kind (`delivered` | `retry` | `defer` | `dead`), due_at, now,
+/// `ARGV`: prefix, then per completion 11 arguments: id, token, kind (`delivered` | `retry` | `defer` | `dead`), due_at, now,
 /// dead-letter reason, dlq member, attempt JSON ('' for none), the host whose breaker deferred
 /// it ('' for none), a lease token for the next event of its ordering key ('' for none) and
-/// that lease's end. Returns 1; `{1, entry}` when it leased the key's next event (a claim
-/// entry); or 0 when the token no longer holds the lease.
+/// that lease's end. Returns one reply per completion, in order: 1; `{1, entry}` when it leased
+/// the key's next event (a claim entry); 0 when the token no longer holds the lease; or
+/// `{'err', message}` when a Redis command failed for that completion.
+///
+/// Completions of concurrent workers share one call, so Redis runs (and fsyncs) them as one
+/// command, and a batch of retries moves into the delayed set in that one step.
 ///
 /// A breaker deferral is remembered twice: the event's `bd` field names the host, and the
 /// host's set `bd:<host>` (listed in `bdhosts`) holds the event, so [`UNDEFER`] finds them
 /// without a scan. The field is the truth; a set member whose field no longer matches (the
 /// event was claimed and completed since) is skipped.
 const COMPLETE: &str = r#"
-local id, tok, kind = ARGV[2], ARGV[3], ARGV[4]
-local key = ev(id)
-local st = redis.call('HMGET', key, 'state', 'tok', 'sid', 'queue', 'made')
-if st[1] ~= 'f' or st[2] ~= tok then return 0 end
-local q = st[4]
-if st[3] then drop_entry(qk(q, 'ready'), st[3]) end
-redis.call('ZREM', qk(q, 'leased'), id)
-redis.call('HDEL', key, 'tok', 'until', 'sid', 'lx', 'bd')
-if ARGV[10] ~= '' then
-  redis.call('HSET', key, 'bd', ARGV[10])
-  redis.call('SADD', P .. ':bd:' .. ARGV[10], id)
-  redis.call('SADD', P .. ':bdhosts', ARGV[10])
-end
-if kind ~= 'defer' then
-  local made = tonumber(st[5] or '0') + 1
-  redis.call('HSET', key, 'made', made)
-  if ARGV[9] ~= '' then
-    -- The store's count is authoritative: the token check proved this is the attempt it
-    -- handed out.
-    redis.call('RPUSH', P .. ':att:' .. id, made .. '|' .. ARGV[9])
-    redis.call('HSET', key, 'last', ARGV[9])
+-- A[k] is what ARGV[k] was when each completion had its own script call.
+local function complete_one(A)
+  local id, tok, kind = A[2], A[3], A[4]
+  local key = ev(id)
+  local st = redis.call('HMGET', key, 'state', 'tok', 'sid', 'queue', 'made')
+  if st[1] ~= 'f' or st[2] ~= tok then return 0 end
+  local q = st[4]
+  if st[3] then drop_entry(qk(q, 'ready'), st[3]) end
+  redis.call('ZREM', qk(q, 'leased'), id)
+  redis.call('HDEL', key, 'tok', 'until', 'sid', 'lx', 'bd')
+  if A[10] ~= '' then
+    redis.call('HSET', key, 'bd', A[10])
+    redis.call('SADD', P .. ':bd:' .. A[10], id)
+    redis.call('SADD', P .. ':bdhosts', A[10])
   end
-end
-if kind == 'delivered' or kind == 'dead' then
-  if kind == 'delivered' then
-    redis.call('HSET', key, 'state', 'd', 'dlv', ARGV[6])
-    redis.call('ZADD', P .. ':delivered', ARGV[6], id)
+  if kind ~= 'defer' then
+    local made = tonumber(st[5] or '0') + 1
+    redis.call('HSET', key, 'made', made)
+    if A[9] ~= '' then
+      -- The store's count is authoritative: the token check proved this is the attempt it
+      -- handed out.
+      redis.call('RPUSH', P .. ':att:' .. id, made .. '|' .. A[9])
+      redis.call('HSET', key, 'last', A[9])
+    end
+  end
+  if kind == 'delivered' or kind == 'dead' then
+    if kind == 'delivered' then
+      redis.call('HSET', key, 'state', 'd', 'dlv', A[6])
+      redis.call('ZADD', P .. ':delivered', A[6], id)
+    else
+      redis.call('HSET', key, 'state', 'x', 'dla', A[6], 'dlr', A[7], 'dlm', A[8])
+      redis.call('INCR', qk(q, 'dead'))
+      redis.call('ZADD', P .. ':dlq', 0, A[8])
+    end
+    redis.call('HDEL', key, 'due')
+    redis.call('DECR', qk(q, 'depth'))
+    local okey = redis.call('HGET', key, 'okey')
+    if okey then
+      local taken = release_next(q, okey, A[6], A[11], A[12])
+      if taken then return {1, taken} end
+    end
   else
-    redis.call('HSET', key, 'state', 'x', 'dla', ARGV[6], 'dlr', ARGV[7], 'dlm', ARGV[8])
-    redis.call('INCR', qk(q, 'dead'))
-    redis.call('ZADD', P .. ':dlq', 0, ARGV[8])
+    redis.call('HSET', key, 'state', 'p', 'due', A[5])
+    redis.call('ZADD', qk(q, 'delayed'), A[5], id)
   end
-  redis.call('HDEL', key, 'due')
-  redis.call('DECR', qk(q, 'depth'))
-  local okey = redis.call('HGET', key, 'okey')
-  if okey then
-    local taken = release_next(q, okey, ARGV[6], ARGV[11], ARGV[12])
-    if taken then return {1, taken} end
-  end
-else
-  redis.call('HSET', key, 'state', 'p', 'due', ARGV[5])
-  redis.call('ZADD', qk(q, 'delayed'), ARGV[5], id)
+  return 1
 end
-return 1
+local out = {}
+for i = 2, #ARGV, 11 do
+  local A = {P}
+  for j = 0, 10 do A[j + 2] = ARGV[i + j] end
+  local ok, r = pcall(complete_one, A)
+  if ok then out[#out + 1] = r else out[#out + 1] = {'err', tostring(type(r) == 'table' and r.err or r)} end
+end
+return out
 "#;
 
 /// `ARGV`: prefix, host, now, chunk. Takes up to `chunk` events from the host's deferral set

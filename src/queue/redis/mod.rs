@@ -56,6 +56,8 @@ use std::time::Duration;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{RedisError, Value};
 
+mod batch;
+mod commit;
 mod decode;
 mod lua;
 mod ops;
@@ -121,6 +123,8 @@ struct Inner {
     consumer: String,
     options: RedisOptions,
     scripts: Scripts,
+    /// The group-commit tasks of enqueues and completions.
+    batchers: commit::Batchers,
     closed: AtomicBool,
 }
 
@@ -189,13 +193,25 @@ impl RedisStore {
             .set_min_delay(Duration::from_millis(50))
             .set_max_delay(Duration::from_millis(500));
         let conn = ConnectionManager::new_lazy_with_config(client, config).map_err(unavailable)?;
+        let prefix = format!("{{{}}}", options.key_prefix);
+        let scripts = Scripts::new();
+        let batchers = commit::Batchers::spawn(commit::BatchContext {
+            conn: conn.clone(),
+            prefix: prefix.clone(),
+            enqueue: scripts.enqueue.clone(),
+            complete: scripts.complete.clone(),
+            op_timeout: options.op_timeout,
+            wait_replicas: options.wait_replicas,
+            wait_timeout_ms: options.wait_timeout_ms,
+        });
         let store = RedisStore {
             inner: Arc::new(Inner {
                 conn,
-                prefix: format!("{{{}}}", options.key_prefix),
+                prefix,
                 consumer: consumer_name(),
                 options,
-                scripts: Scripts::new(),
+                scripts,
+                batchers,
                 closed: AtomicBool::new(false),
             }),
         };
@@ -235,16 +251,6 @@ impl RedisStore {
         Fut: std::future::Future<Output = Result<T, StoreError>>,
     {
         self.bounded(f, StoreError::Unavailable).await
-    }
-
-    /// Like [`RedisStore::run`] for a write whose result a caller was promised: giving up
-    /// waiting is an unknown outcome, not a failure, since Redis may still run the command.
-    async fn run_write<T, F, Fut>(&self, f: F) -> Result<T, StoreError>
-    where
-        F: FnOnce(ConnectionManager) -> Fut,
-        Fut: std::future::Future<Output = Result<T, StoreError>>,
-    {
-        self.bounded(f, StoreError::OutcomeUnknown).await
     }
 
     /// `f` within `op_timeout`; past it, `timed_out` says what not knowing the answer means.
