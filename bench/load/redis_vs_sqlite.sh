@@ -45,6 +45,15 @@ cpu_us() {
   read -r -a f <<<"$rest"
   echo $(((f[11] + f[12]) * 1000000 / $(getconf CLK_TCK)))
 }
+# With REDIS_STATS=1, Redis's per-command counters (calls, µs per call; commands run inside
+# scripts are counted too) for the phase: where redis-server's time goes.
+redis_stats_reset() { [ -z "${REDIS_STATS:-}" ] || redis-cli -p "$REDIS" config resetstat >/dev/null; }
+redis_stats() {
+  [ -z "${REDIS_STATS:-}" ] && return 0
+  redis-cli -p "$REDIS" info commandstats | tr -d '\r' | grep -E '^cmdstat_' |
+    sed -E 's/^cmdstat_([^:]*):calls=([0-9]*),usec=([0-9]*),usec_per_call=([0-9.]*).*/     \1 calls=\2 usec=\3 per_call=\4/' |
+    sort -t= -k3 -n -r | head -12
+}
 # Sum of cpu_us over pids.
 cpu_sum() { local t=0 p; for p in "$@"; do t=$((t + $(cpu_us "$p"))); done; echo $t; }
 # "hookyard X µs, redis-server Y µs per event" from CPU deltas and an event count.
@@ -110,13 +119,14 @@ accepts() { # name store-yaml
   wait_http "http://127.0.0.1:${ports[1]}/readyz"
   echo "== durable accepts/s, $1 (1 KiB bodies, 64 connections, $DURATION)"
   local h0 r0 out n
-  h0=$(cpu_us "$pid"); r0=$(cpu_us "$REDIS_PID")
+  h0=$(cpu_us "$pid"); r0=$(cpu_us "$REDIS_PID"); redis_stats_reset
   out=$(wrk -t2 -c64 -d"$DURATION" --latency -s "$work/post.lua" \
     "http://127.0.0.1:${ports[0]}/v1/events/bench.event")
   grep -E "Requests/sec|non-2xx|50%|99%" <<<"$out"
   n=$(sed -n 's/^ *\([0-9]*\) requests in .*/\1/p' <<<"$out")
   # SQLite's redis delta is the idle server's; it is printed so the two lines read alike.
   per_event $(($(cpu_us "$pid") - h0)) $(($(cpu_us "$REDIS_PID") - r0)) "$n"
+  [ "$1" = sqlite ] || redis_stats
   kill "$pid"; wait "$pid" 2>/dev/null || true
 }
 
@@ -166,13 +176,14 @@ deliveries() { # sqlite | redis <instances>
   stats() { curl -fs "http://127.0.0.1:$live/stats" | python3 -c 'import json,sys; print(json.load(sys.stdin)["delivered_ok"])'; }
   want=$DRAIN_EVENTS
   local h0 r0
-  h0=$(cpu_sum "${cfgs[@]}"); r0=$(cpu_us "$REDIS_PID")
+  h0=$(cpu_sum "${cfgs[@]}"); r0=$(cpu_us "$REDIS_PID"); redis_stats_reset
   t0=$(date +%s.%N)
   curl -fsS -X POST -d '{"all":true}' "http://127.0.0.1:${admins[0]}/v1/dlq/replay" >/dev/null
   until [ "$(stats)" -ge "$want" ]; do sleep 0.05; done
   t1=$(date +%s.%N)
   python3 -c "print('== deliveries/s, $n instance(s) on $kind: %.0f ($DRAIN_EVENTS events in %.2f s, replay included)' % ($DRAIN_EVENTS/($t1-$t0), $t1-$t0))"
   per_event $(($(cpu_sum "${cfgs[@]}") - h0)) $(($(cpu_us "$REDIS_PID") - r0)) "$DRAIN_EVENTS"
+  [ "$kind" = sqlite ] || redis_stats
   for p in "${cfgs[@]}"; do kill "$p"; wait "$p" 2>/dev/null || true; done
 }
 

@@ -78,6 +78,9 @@ end
 /// `appendfsync always`, fsyncs) them as one command. The events run in order, so a later
 /// event of the batch sees an earlier one's depth, idempotency claim and ordering sequence.
 const ENQUEUE: &str = r#"
+-- Depth per queue as this batch leaves it: read once, written once at the end (INCRBY), so an
+-- event costs no depth round of its own and a later event of the batch sees the earlier ones.
+local depths, added = {}, {}
 -- A[k] is what ARGV[k] was when each event had its own script call (A[1] the prefix).
 local function enqueue_one(A)
   local id, q = A[2], A[3]
@@ -95,31 +98,45 @@ local function enqueue_one(A)
       end
     end
   end
-  local depth = tonumber(redis.call('GET', qk(q, 'depth')) or '0')
-  if depth >= tonumber(A[4]) then return {'full'} end
+  if depths[q] == nil then depths[q] = tonumber(redis.call('GET', qk(q, 'depth')) or '0') end
+  if depths[q] >= tonumber(A[4]) then return {'full'} end
   local key = ev(id)
   if redis.call('EXISTS', key) == 1 then return {'exists'} end
-  redis.call('HSET', key, unpack(A, 11, A.n))
-  redis.call('INCR', qk(q, 'depth'))
-  -- An ordering key ('okey' among the fields) takes the key's next sequence; a key with an
-  -- event pending or leased holds this one back.
-  local okey = redis.call('HGET', key, 'okey')
-  local held = false
+  -- Every check that can refuse the event is above; below, its fields, state and place are
+  -- written with one HSET.
+  local fields = {unpack(A, 11, A.n)}
+  local okey
+  for j = 1, #fields, 2 do
+    if fields[j] == 'okey' then okey = fields[j + 1] end
+  end
+  local state, sid
   if okey then
+    -- An ordering key takes the key's next sequence; a key with an event pending or leased
+    -- holds this one back.
     local seq = redis.call('HINCRBY', qk(q, 'okseq'), okey, 1)
-    redis.call('HSET', key, 'oseq', seq)
+    fields[#fields + 1] = 'oseq'
+    fields[#fields + 1] = seq
     if redis.call('HSETNX', qk(q, 'okact'), okey, id) == 0 then
-      hold(id, q, okey, seq)
-      held = true
+      state = 'h'
+      redis.call('ZADD', held_set(q, okey), seq, id)
+      redis.call('INCR', qk(q, 'held'))
     end
   end
-  if held then
+  if state then
   elseif due <= recv then
-    to_ready(id, q)
+    state = 'r'
+    sid = redis.call('XADD', qk(q, 'ready'), '*', 'id', id)
+    fields[#fields + 1] = 'sid'
+    fields[#fields + 1] = sid
   else
-    redis.call('HSET', key, 'state', 'p')
+    state = 'p'
     redis.call('ZADD', qk(q, 'delayed'), A[6], id)
   end
+  fields[#fields + 1] = 'state'
+  fields[#fields + 1] = state
+  redis.call('HSET', key, unpack(fields))
+  depths[q] = depths[q] + 1
+  added[q] = (added[q] or 0) + 1
   if ik ~= '' then
     redis.call('SET', ik, A[8] .. '|' .. id, 'PX', A[9])
   end
@@ -138,6 +155,7 @@ while i <= #ARGV do
   local ok, r = pcall(enqueue_one, A)
   if ok then out[#out + 1] = r else out[#out + 1] = {'err', tostring(type(r) == 'table' and r.err or r)} end
 end
+for q, n in pairs(added) do redis.call('INCRBY', qk(q, 'depth'), n) end
 return out
 "#;
 
@@ -294,49 +312,65 @@ return out
 /// without a scan. The field is the truth; a set member whose field no longer matches (the
 /// event was claimed and completed since) is skipped.
 const COMPLETE: &str = r#"
+-- Writes to keys that many completions of the batch share (stream acks and deletions, the
+-- leased and delivered sets, depth counters) are gathered and made once at the end.
+local acks, unlease, delivered, depth_drop = {}, {}, {}, {}
+local function push(t, k, ...)
+  local l = t[k]
+  if not l then l = {}; t[k] = l end
+  for _, v in ipairs({...}) do l[#l + 1] = v end
+end
 -- A[k] is what ARGV[k] was when each completion had its own script call.
 local function complete_one(A)
   local id, tok, kind = A[2], A[3], A[4]
   local key = ev(id)
-  local st = redis.call('HMGET', key, 'state', 'tok', 'sid', 'queue', 'made')
+  local st = redis.call('HMGET', key, 'state', 'tok', 'sid', 'queue', 'made', 'okey')
   if st[1] ~= 'f' or st[2] ~= tok then return 0 end
   local q = st[4]
-  if st[3] then drop_entry(qk(q, 'ready'), st[3]) end
-  redis.call('ZREM', qk(q, 'leased'), id)
-  redis.call('HDEL', key, 'tok', 'until', 'sid', 'lx', 'bd')
+  if st[3] then push(acks, q, st[3]) end
+  push(unlease, q, id)
+  local final = kind == 'delivered' or kind == 'dead'
+  if final then
+    redis.call('HDEL', key, 'tok', 'until', 'sid', 'lx', 'bd', 'due')
+  else
+    redis.call('HDEL', key, 'tok', 'until', 'sid', 'lx', 'bd')
+  end
+  local set = {}
+  local function put(f, v) set[#set + 1] = f; set[#set + 1] = v end
   if A[10] ~= '' then
-    redis.call('HSET', key, 'bd', A[10])
+    put('bd', A[10])
     redis.call('SADD', P .. ':bd:' .. A[10], id)
     redis.call('SADD', P .. ':bdhosts', A[10])
   end
   if kind ~= 'defer' then
     local made = tonumber(st[5] or '0') + 1
-    redis.call('HSET', key, 'made', made)
+    put('made', made)
     if A[9] ~= '' then
       -- The store's count is authoritative: the token check proved this is the attempt it
       -- handed out.
       redis.call('RPUSH', P .. ':att:' .. id, made .. '|' .. A[9])
-      redis.call('HSET', key, 'last', A[9])
+      put('last', A[9])
     end
   end
-  if kind == 'delivered' or kind == 'dead' then
+  if final then
     if kind == 'delivered' then
-      redis.call('HSET', key, 'state', 'd', 'dlv', A[6])
-      redis.call('ZADD', P .. ':delivered', A[6], id)
+      put('state', 'd'); put('dlv', A[6])
+      push(delivered, 1, A[6], id)
     else
-      redis.call('HSET', key, 'state', 'x', 'dla', A[6], 'dlr', A[7], 'dlm', A[8])
+      put('state', 'x'); put('dla', A[6]); put('dlr', A[7]); put('dlm', A[8])
       redis.call('INCR', qk(q, 'dead'))
       redis.call('ZADD', P .. ':dlq', 0, A[8])
     end
-    redis.call('HDEL', key, 'due')
-    redis.call('DECR', qk(q, 'depth'))
-    local okey = redis.call('HGET', key, 'okey')
+    redis.call('HSET', key, unpack(set))
+    depth_drop[q] = (depth_drop[q] or 0) + 1
+    local okey = st[6]
     if okey then
       local taken = release_next(q, okey, A[6], A[11], A[12])
       if taken then return {1, taken} end
     end
   else
-    redis.call('HSET', key, 'state', 'p', 'due', A[5])
+    put('state', 'p'); put('due', A[5])
+    redis.call('HSET', key, unpack(set))
     redis.call('ZADD', qk(q, 'delayed'), A[5], id)
   end
   return 1
@@ -348,6 +382,14 @@ for i = 2, #ARGV, 11 do
   local ok, r = pcall(complete_one, A)
   if ok then out[#out + 1] = r else out[#out + 1] = {'err', tostring(type(r) == 'table' and r.err or r)} end
 end
+for q, sids in pairs(acks) do
+  local stream = qk(q, 'ready')
+  redis.pcall('XACK', stream, G, unpack(sids))
+  redis.call('XDEL', stream, unpack(sids))
+end
+for q, ids in pairs(unlease) do redis.call('ZREM', qk(q, 'leased'), unpack(ids)) end
+if delivered[1] then redis.call('ZADD', P .. ':delivered', unpack(delivered[1])) end
+for q, n in pairs(depth_drop) do redis.call('DECRBY', qk(q, 'depth'), n) end
 return out
 "#;
 
