@@ -4,6 +4,7 @@
 //! with `appendfsync always`, one fsync covers the whole batch. Each caller still gets its own
 //! outcome, and an enqueue is answered only after the reply that holds its event.
 
+use std::collections::HashSet;
 use std::time::Duration;
 
 use redis::aio::ConnectionManager;
@@ -26,11 +27,13 @@ const COMPLETE_BATCH: usize = 256;
 /// One enqueue's arguments to the batch script.
 pub(super) struct EnqueueItem {
     id: String,
+    keys: Vec<String>,
     args: Vec<Vec<u8>>,
 }
 
 /// One completion's arguments to the batch script (always 11).
 pub(super) struct CompleteItem {
+    keys: Vec<String>,
     args: Vec<Vec<u8>>,
 }
 
@@ -55,25 +58,15 @@ pub(super) struct BatchContext {
 impl Batchers {
     /// Spawns both tasks (needs a Tokio runtime).
     pub(super) fn spawn(ctx: BatchContext) -> Self {
-        let route = format!("{}:route", ctx.prefix);
-        let (conn, prefix, route_e, script) = (
-            ctx.conn.clone(),
-            ctx.prefix.clone(),
-            route.clone(),
-            ctx.enqueue,
-        );
+        let (conn, prefix, script) = (ctx.conn.clone(), ctx.prefix.clone(), ctx.enqueue);
         let (op_timeout, wait, wait_timeout) =
             (ctx.op_timeout, ctx.wait_replicas, ctx.wait_timeout_ms);
         let enqueue = Batcher::spawn(ENQUEUE_BATCH, move |items: Vec<EnqueueItem>| {
-            let (mut conn, prefix, route, script) = (
-                conn.clone(),
-                prefix.clone(),
-                route_e.clone(),
-                script.clone(),
-            );
+            let (mut conn, prefix, script) = (conn.clone(), prefix.clone(), script.clone());
             async move {
                 let mut inv = script.prepare_invoke();
-                inv.key(&route).arg(&prefix);
+                declare(&mut inv, items.iter().map(|i| &i.keys));
+                inv.arg(&prefix);
                 for item in &items {
                     inv.arg(item.args.len());
                     for a in &item.args {
@@ -135,11 +128,11 @@ impl Batchers {
         });
         let (conn, prefix, script) = (ctx.conn, ctx.prefix, ctx.complete);
         let complete = Batcher::spawn(COMPLETE_BATCH, move |items: Vec<CompleteItem>| {
-            let (mut conn, prefix, route, script) =
-                (conn.clone(), prefix.clone(), route.clone(), script.clone());
+            let (mut conn, prefix, script) = (conn.clone(), prefix.clone(), script.clone());
             async move {
                 let mut inv = script.prepare_invoke();
-                inv.key(&route).arg(&prefix);
+                declare(&mut inv, items.iter().map(|i| &i.keys));
+                inv.arg(&prefix);
                 for item in &items {
                     for a in &item.args {
                         inv.arg(&a[..]);
@@ -150,7 +143,7 @@ impl Batchers {
                     Err(_) => {
                         return all(
                             items.len(),
-                            &StoreError::Unavailable(no_answer(op_timeout).to_string()),
+                            &StoreError::Unavailable(no_answer_in(op_timeout)),
                         )
                     }
                     Ok(Err(e)) => return all(items.len(), &unavailable(e)),
@@ -174,11 +167,22 @@ impl Batchers {
     }
 }
 
+/// Declares the union of the members' keys, each once.
+fn declare<'a>(inv: &mut redis::ScriptInvocation<'_>, keys: impl Iterator<Item = &'a Vec<String>>) {
+    let mut seen = HashSet::new();
+    for k in keys.flatten() {
+        if seen.insert(k.as_str()) {
+            inv.key(k);
+        }
+    }
+}
+
+fn no_answer_in(op_timeout: Duration) -> String {
+    format!("redis did not answer within {} ms", op_timeout.as_millis())
+}
+
 fn no_answer(op_timeout: Duration) -> StoreError {
-    StoreError::OutcomeUnknown(format!(
-        "redis did not answer within {} ms",
-        op_timeout.as_millis()
-    ))
+    StoreError::OutcomeUnknown(no_answer_in(op_timeout))
 }
 
 /// The same error again, for each member of a batch that failed as a whole.
@@ -289,8 +293,23 @@ impl RedisStore {
         if let Some(key) = &ev.ordering_key {
             a.push("okey").push(key);
         }
+        let mut keys = self.queue_keys(
+            &ev.queue,
+            &["depth", "ready", "delayed", "okseq", "okact", "held"],
+        );
+        keys.push(self.ev_key(&ev.id));
+        if let Some(key) = &ev.ordering_key {
+            keys.push(self.held_key(&ev.queue, key));
+        }
+        if let Some(c) = &idem {
+            keys.push(self.idem_key(&c.event_type, &c.key));
+        }
+        if ev.fallback.is_some() {
+            keys.push(self.key("fallbacks"));
+        }
         let item = EnqueueItem {
             id: ev.id,
+            keys,
             args: a.0,
         };
         // The idempotency claim is written by the same script as the event, so when this
@@ -334,6 +353,12 @@ impl RedisStore {
             }
             _ => String::new(),
         };
+        let mut keys = vec![
+            self.ev_key(event_id),
+            self.att_key(event_id),
+            self.key("delivered"),
+            self.key("dlq"),
+        ];
         let mut deferred_by = String::new();
         let (kind, due, reason) = match disposition {
             Disposition::Delivered => ("delivered", now_ms, String::new()),
@@ -353,7 +378,7 @@ impl RedisStore {
             .push(reason)
             .push(dlq_member(now_ms, event_id))
             .push(attempt_json)
-            .push(deferred_by);
+            .push(&deferred_by);
         let lease_until = take_next_lease_ms
             .map(|ms| now_ms.saturating_add(i64::try_from(ms).unwrap_or(i64::MAX)));
         match lease_until {
@@ -362,13 +387,17 @@ impl RedisStore {
                 .push(until),
             None => a.push("").push(0),
         };
+        if !deferred_by.is_empty() {
+            keys.push(self.deferral_key(&deferred_by));
+            keys.push(self.key("bdhosts"));
+        }
         let op_timeout = self.inner.options.op_timeout;
         let reply = match tokio::time::timeout(
             op_timeout,
             self.inner
                 .batchers
                 .complete
-                .submit(CompleteItem { args: a.0 }, StoreError::Unavailable),
+                .submit(CompleteItem { keys, args: a.0 }, StoreError::Unavailable),
         )
         .await
         {

@@ -7,7 +7,11 @@
 //!
 //! `ARGV[1]` is always the key prefix (with its hash tag); per-event and per-queue keys are
 //! derived from it inside the script. All keys share the hash tag, so on a cluster they live
-//! in one slot and the scripts never cross slots. Timestamps are handed to Redis as the
+//! in one slot and the scripts never cross slots. Each script also declares in `KEYS` every
+//! key it can name before it runs (built by `keys.rs`; its doc line `KEYS:` below); keys it
+//! can only find at run time (the events a claim finds, the queue of an event a completion
+//! names) are listed as "found" and carry the same tag, since the scripts build them from the
+//! same prefix. The store suite's `redis_keys` test checks both against a real server. Timestamps are handed to Redis as the
 //! decimal strings the caller sent, never as Lua numbers, because Lua formats numbers with
 //! `%.14g` and would round large values.
 
@@ -73,6 +77,9 @@ end
 /// idempotency ttl ms, fallback flag ('' or '1'), then hash field/value pairs. Returns one
 /// reply per event, in order: `{'ok'}`, `{'dup', event_id}`, `{'full'}`, `{'exists'}`, or
 /// `{'err', message}` when a Redis command failed for that event (the others keep theirs).
+///
+/// `KEYS`: per event its `ev:<id>`, its queue's `depth`, `ready`, `delayed`, `okseq`,
+/// `okact`, `held`, its ordering key's held set, its idempotency key, `fallbacks`. Found: none.
 ///
 /// One call stores a whole batch of concurrent enqueues, so Redis runs (and, with
 /// `appendfsync always`, fsyncs) them as one command. The events run in order, so a later
@@ -163,6 +170,10 @@ return out
 /// most lease expiries in a row, their dead-letter reason, the DLQ member prefix for `now`
 /// (the id is appended). Returns one array per leased event: id, token, due (or expired lease)
 /// time, then the fields of [`CLAIM_FIELDS`](super::decode::CLAIM_FIELDS) in order.
+///
+/// `KEYS`: the queue's `ready`, `delayed`, `leased`, `depth`, `dead`, `okact`, `held`, and
+/// `dlq`. Found: the `ev:` and `att:` keys of the events it finds, the held sets (`okh:`) of
+/// their ordering keys.
 const CLAIM: &str = r#"
 local q, now, limit = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
 local until_s, consumer, idle, base = ARGV[5], ARGV[6], ARGV[7], ARGV[8]
@@ -304,6 +315,10 @@ return out
 /// the key's next event (a claim entry); 0 when the token no longer holds the lease; or
 /// `{'err', message}` when a Redis command failed for that completion.
 ///
+/// `KEYS`: per completion its `ev:<id>`, `att:<id>`, `delivered`, `dlq`, and with a breaker
+/// `bd:<host>` and `bdhosts`. Found: the event's queue keys (`q:`; the caller knows only the
+/// event id), its ordering key's held set (`okh:`) and the next event of that key (`ev:`).
+///
 /// Completions of concurrent workers share one call, so Redis runs (and fsyncs) them as one
 /// command, and a batch of retries moves into the delayed set in that one step.
 ///
@@ -396,6 +411,9 @@ return out
 /// `ARGV`: prefix, host, now, chunk. Takes up to `chunk` events from the host's deferral set
 /// and makes each that is still pending and still deferred by that host due at `now` (unless
 /// it is due sooner). Returns `{made_due, taken}`; the caller repeats while `taken == chunk`.
+///
+/// `KEYS`: `bd:<host>`, `bdhosts`. Found: the events in the set (`ev:`) and their queues'
+/// delayed sets (`q:`).
 const UNDEFER: &str = r#"
 local host, now, chunk = ARGV[2], ARGV[3], tonumber(ARGV[4])
 local set = P .. ':bd:' .. host
@@ -418,6 +436,8 @@ return {n, #ids}
 "#;
 
 /// `ARGV`: prefix, now, then (id, token) pairs. Returns how many leases were handed back.
+///
+/// `KEYS`: each event's `ev:<id>`. Found: their queues' keys (`q:`).
 const RELEASE: &str = r#"
 local n = 0
 for i = 3, #ARGV, 2 do
@@ -438,6 +458,9 @@ return n
 "#;
 
 /// `ARGV`: prefix, now, then event ids. Returns the ids replayed.
+///
+/// `KEYS`: each event's `ev:<id>`, `dlq`. Found: their queues' keys (`q:`) and held sets
+/// (`okh:`).
 const REPLAY: &str = r#"
 local out = {}
 for i = 3, #ARGV do
@@ -469,6 +492,9 @@ return out
 /// `ARGV`: prefix, before (delivered), chunk, dlq upper bound (exclusive lex). Deletes up to
 /// `chunk` old dead letters and `chunk` old delivered events with their history and fallback
 /// records. Returns `{dead_letters_removed, delivered_removed}`.
+///
+/// `KEYS`: `dlq`, `delivered`, `fallbacks`. Found: the purged events' `ev:` and `att:` keys
+/// and their queues' dead-letter counters (`q:`).
 const PURGE: &str = r#"
 local chunk = tonumber(ARGV[3])
 local function drop(id)
@@ -527,6 +553,9 @@ end
 
 /// `ARGV`: prefix, queue, now. Returns `{ready, delayed, in_flight, dead, oldest_ready_due,
 /// held}` with -1 for "no ready event".
+///
+/// `KEYS`: the queue's `ready`, `delayed`, `leased`, `dead`, `held`. Found: the oldest unread
+/// event (`ev:`).
 const STATS: &str = r#"
 local q, now = ARGV[2], ARGV[3]
 local delayed = qk(q, 'delayed')
@@ -546,6 +575,8 @@ return {count + due_ready, waiting, inflight, dead, oldest or -1, held}
 
 /// `ARGV`: prefix, queue. Returns the earliest due time (ready, delayed or lease expiry), or
 /// nil when the queue is empty.
+///
+/// `KEYS`: the queue's `ready`, `delayed`, `leased`. Found: the oldest unread event (`ev:`).
 const NEXT_DUE: &str = r#"
 local q = ARGV[2]
 local best = nil

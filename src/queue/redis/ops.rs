@@ -31,7 +31,14 @@ impl RedisStore {
         // 128 random bits per claim call; the script appends a counter per event. Unguessable,
         // so a worker cannot complete a lease it was not given.
         let base = format!("{:032x}", rand::random::<u128>());
-        let mut inv = self.script(&self.inner.scripts.claim);
+        let mut keys = self.queue_keys(
+            queue,
+            &[
+                "ready", "delayed", "leased", "depth", "dead", "okact", "held",
+            ],
+        );
+        keys.push(self.key("dlq"));
+        let mut inv = self.script(&self.inner.scripts.claim, keys);
         inv.arg(queue)
             .arg(now_ms)
             .arg(limit)
@@ -63,7 +70,8 @@ impl RedisStore {
     ) -> Result<u64, StoreError> {
         let mut total = 0u64;
         loop {
-            let mut inv = self.script(&self.inner.scripts.undefer);
+            let keys = vec![self.deferral_key(host), self.key("bdhosts")];
+            let mut inv = self.script(&self.inner.scripts.undefer, keys);
             inv.arg(host).arg(now_ms).arg(MAINTENANCE_CHUNK);
             let (made_due, taken): (u64, usize) =
                 self.run(|mut conn| async move {
@@ -78,8 +86,8 @@ impl RedisStore {
     }
 
     pub(super) async fn do_event(&self, event_id: &str) -> Result<Option<EventRecord>, StoreError> {
-        let key = format!("{}:ev:{event_id}", self.inner.prefix);
-        let att = format!("{}:att:{event_id}", self.inner.prefix);
+        let key = self.ev_key(event_id);
+        let att = self.att_key(event_id);
         let (fields, attempts): (Vec<Value>, Vec<Value>) = self
             .run(|mut conn| async move {
                 redis::pipe()
@@ -186,7 +194,7 @@ impl RedisStore {
         };
         let filtered = filter.event_type.is_some() || filter.queue.is_some();
         let batch = if filtered { 256 } else { limit + 1 };
-        let dlq = format!("{}:dlq", self.inner.prefix);
+        let dlq = self.key("dlq");
         let mut items = Vec::new();
         loop {
             let (dlq, max_b, min_b) = (dlq.clone(), max.clone(), min.clone());
@@ -214,12 +222,10 @@ impl RedisStore {
                 .ok_or_else(|| corrupt("bad dead-letter index entry"))?;
             let mut pipe = redis::pipe();
             for id in &ids {
-                pipe.cmd("HMGET")
-                    .arg(format!("{}:ev:{id}", self.inner.prefix))
-                    .arg(&[
-                        "type", "queue", "target", "trace", "dlr", "made", "last", "recv", "dla",
-                        "okey", "oseq",
-                    ]);
+                pipe.cmd("HMGET").arg(self.ev_key(id)).arg(&[
+                    "type", "queue", "target", "trace", "dlr", "made", "last", "recv", "dla",
+                    "okey", "oseq",
+                ]);
             }
             let rows: Vec<Vec<Value>> =
                 self.run(|mut conn| async move {
@@ -278,7 +284,7 @@ impl RedisStore {
         since_ms: UnixMillis,
         limit: usize,
     ) -> Result<Vec<FallbackRecord>, StoreError> {
-        let key = format!("{}:fallbacks", self.inner.prefix);
+        let key = self.key("fallbacks");
         let rows: Vec<(String, i64)> = self
             .run(|mut conn| async move {
                 redis::cmd("ZRANGEBYSCORE")
@@ -300,7 +306,7 @@ impl RedisStore {
         let mut pipe = redis::pipe();
         for (id, _) in &rows {
             pipe.cmd("HMGET")
-                .arg(format!("{}:ev:{id}", self.inner.prefix))
+                .arg(self.ev_key(id))
                 .arg(&["trace", "type", "fb", "target", "state", "dlv"]);
         }
         let fields: Vec<Vec<Value>> = self
@@ -339,7 +345,10 @@ impl RedisStore {
         // Idempotency keys need no sweep: their TTL removes them.
         let mut total = 0u64;
         loop {
-            let mut inv = self.script(&self.inner.scripts.purge);
+            let keys = ["dlq", "delivered", "fallbacks"]
+                .map(|k| self.key(k))
+                .to_vec();
+            let mut inv = self.script(&self.inner.scripts.purge, keys);
             inv.arg(before_ms)
                 .arg(MAINTENANCE_CHUNK)
                 .arg(format!("({:020}:", before_ms.max(0)));
