@@ -320,7 +320,7 @@ return out
 /// event id), its ordering key's held set (`okh:`) and the next event of that key (`ev:`).
 ///
 /// Completions of concurrent workers share one call, so Redis runs (and fsyncs) them as one
-/// command, and a batch of retries moves into the delayed set in that one step.
+/// command, and a batch of retries moves into the delayed set with one `ZADD` per queue.
 ///
 /// A breaker deferral is remembered twice: the event's `bd` field names the host, and the
 /// host's set `bd:<host>` (listed in `bdhosts`) holds the event, so [`UNDEFER`] finds them
@@ -328,8 +328,9 @@ return out
 /// event was claimed and completed since) is skipped.
 const COMPLETE: &str = r#"
 -- Writes to keys that many completions of the batch share (stream acks and deletions, the
--- leased and delivered sets, depth counters) are gathered and made once at the end.
-local acks, unlease, delivered, depth_drop = {}, {}, {}, {}
+-- leased, delivered and delayed sets, depth counters) are gathered and made once at the end:
+-- a batch of retries moves into the delayed set with one ZADD per queue.
+local acks, unlease, delivered, depth_drop, retries = {}, {}, {}, {}, {}
 local function push(t, k, ...)
   local l = t[k]
   if not l then l = {}; t[k] = l end
@@ -386,7 +387,7 @@ local function complete_one(A)
   else
     put('state', 'p'); put('due', A[5])
     redis.call('HSET', key, unpack(set))
-    redis.call('ZADD', qk(q, 'delayed'), A[5], id)
+    push(retries, q, A[5], id)
   end
   return 1
 end
@@ -403,6 +404,7 @@ for q, sids in pairs(acks) do
   redis.call('XDEL', stream, unpack(sids))
 end
 for q, ids in pairs(unlease) do redis.call('ZREM', qk(q, 'leased'), unpack(ids)) end
+for q, pairs_ in pairs(retries) do redis.call('ZADD', qk(q, 'delayed'), unpack(pairs_)) end
 if delivered[1] then redis.call('ZADD', P .. ':delivered', unpack(delivered[1])) end
 for q, n in pairs(depth_drop) do redis.call('DECRBY', qk(q, 'depth'), n) end
 return out
