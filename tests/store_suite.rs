@@ -6,6 +6,8 @@
 
 #[path = "store_suite/cases.rs"]
 mod cases;
+#[path = "store_suite/redis_keys.rs"]
+mod redis_keys;
 #[path = "common/redis_server.rs"]
 mod redis_server;
 #[path = "common/sqlite_v1.rs"]

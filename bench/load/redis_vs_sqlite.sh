@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
-# Durable accepts/s on Redis vs SQLite (1 KiB bodies, 64 connections, wrk), and deliveries/s
-# with one vs two hookyard instances sharing one Redis.
+# Durable accepts/s on Redis vs SQLite (1 KiB bodies, 64 connections, wrk), deliveries/s on
+# SQLite vs Redis, and one vs two hookyard instances sharing one Redis; each phase also prints
+# the CPU time per event of hookyard and of redis-server (utime+stime deltas from /proc), which
+# a shared machine disturbs far less than the rates.
 #
 #   cargo build --release --bin hookyard && bench/load/redis_vs_sqlite.sh
 #
 # Env: HOOKYARD_BIN (default target/release/hookyard), DURATION (wrk, default 10s),
-# APPENDFSYNC (redis, default always), DRAIN_EVENTS (deliveries phase, default 20000).
+# APPENDFSYNC (redis, default always), DRAIN_EVENTS (deliveries phase, default 20000),
+# SKIP_ACCEPTS / SKIP_DELIVERIES (skip a phase), DRAIN_STORES (default "sqlite redis1 redis2").
 # Needs redis-server, wrk and curl on PATH. Everything runs on loopback in a temp dir.
 set -euo pipefail
 
@@ -34,6 +37,30 @@ wait_http() { # url
 
 start_bg() { "$@" >>"$work/log" 2>&1 & pids+=($!); }
 
+# User+system CPU time of a process, in microseconds (0 once it is gone).
+cpu_us() {
+  local stat rest f
+  stat=$(cat "/proc/$1/stat" 2>/dev/null) || { echo 0; return; }
+  rest=${stat##*) }
+  read -r -a f <<<"$rest"
+  echo $(((f[11] + f[12]) * 1000000 / $(getconf CLK_TCK)))
+}
+# With REDIS_STATS=1, Redis's per-command counters (calls, µs per call; commands run inside
+# scripts are counted too) for the phase: where redis-server's time goes.
+redis_stats_reset() { [ -z "${REDIS_STATS:-}" ] || redis-cli -p "$REDIS" config resetstat >/dev/null; }
+redis_stats() {
+  [ -z "${REDIS_STATS:-}" ] && return 0
+  redis-cli -p "$REDIS" info commandstats | tr -d '\r' | grep -E '^cmdstat_' |
+    sed -E 's/^cmdstat_([^:]*):calls=([0-9]*),usec=([0-9]*),usec_per_call=([0-9.]*).*/     \1 calls=\2 usec=\3 per_call=\4/' |
+    sort -t= -k3 -n -r | head -12
+}
+# Sum of cpu_us over pids.
+cpu_sum() { local t=0 p; for p in "$@"; do t=$((t + $(cpu_us "$p"))); done; echo $t; }
+# "hookyard X µs, redis-server Y µs per event" from CPU deltas and an event count.
+per_event() { # hookyard_us redis_us events
+  python3 -c "import sys; h,r,n=map(float,sys.argv[1:]); print('   cpu per event: hookyard %.1f us, redis-server %.1f us' % (h/n, r/n))" "$@"
+}
+
 # One receiver for the whole run; accepts anything, answers 200 at once.
 RX=$(free_port)
 start_bg "$BIN" receive --listen "127.0.0.1:$RX"
@@ -41,8 +68,9 @@ wait_http "http://127.0.0.1:$RX/stats"
 
 REDIS=$(free_port)
 mkdir -p "$work/redis"
-start_bg redis-server --port "$REDIS" --bind 127.0.0.1 --dir "$work/redis" \
-  --appendonly yes --appendfsync "$APPENDFSYNC" --save ''
+redis-server --port "$REDIS" --bind 127.0.0.1 --dir "$work/redis" \
+  --appendonly yes --appendfsync "$APPENDFSYNC" --save '' >>"$work/log" 2>&1 &
+REDIS_PID=$!; pids+=($REDIS_PID)
 until redis-cli -p "$REDIS" ping >/dev/null 2>&1; do sleep 0.05; done
 
 config() { # name store-yaml concurrency target-port -> path
@@ -90,8 +118,15 @@ accepts() { # name store-yaml
   "$BIN" serve --config "$cfg" >>"$work/log" 2>&1 & pid=$!; pids+=($pid)
   wait_http "http://127.0.0.1:${ports[1]}/readyz"
   echo "== durable accepts/s, $1 (1 KiB bodies, 64 connections, $DURATION)"
-  wrk -t2 -c64 -d"$DURATION" --latency -s "$work/post.lua" \
-    "http://127.0.0.1:${ports[0]}/v1/events/bench.event" | grep -E "Requests/sec|non-2xx|50%|99%"
+  local h0 r0 out n
+  h0=$(cpu_us "$pid"); r0=$(cpu_us "$REDIS_PID"); redis_stats_reset
+  out=$(wrk -t2 -c64 -d"$DURATION" --latency -s "$work/post.lua" \
+    "http://127.0.0.1:${ports[0]}/v1/events/bench.event")
+  grep -E "Requests/sec|non-2xx|50%|99%" <<<"$out"
+  n=$(sed -n 's/^ *\([0-9]*\) requests in .*/\1/p' <<<"$out")
+  # SQLite's redis delta is the idle server's; it is printed so the two lines read alike.
+  per_event $(($(cpu_us "$pid") - h0)) $(($(cpu_us "$REDIS_PID") - r0)) "$n"
+  [ "$1" = sqlite ] || redis_stats
   kill "$pid"; wait "$pid" 2>/dev/null || true
 }
 
@@ -102,22 +137,28 @@ accepts() { # name store-yaml
   key_prefix: accepts"
 
 # Deliveries: fill a dead-letter queue (the receiver on DEAD answers 400, a permanent
-# failure), then replay it all at once and time how fast 1 or 2 instances drain it.
-deliveries() { # instances
-  local n=$1 prefix="drain$1" cfgs=() ports stats t0 t1 want
-  local store="  kind: redis
+# failure), then replay it all at once and time how fast the instance(s) drain it.
+deliveries() { # sqlite | redis <instances>
+  local kind=$1 n=${2:-1} cfgs=() ports t0 t1 want store
+  case $kind in
+    sqlite) store="  kind: sqlite
+  path: $work/drain-sqlite/hookyard.db" ;;
+    redis) store="  kind: redis
   url: redis://127.0.0.1:$REDIS
-  key_prefix: $prefix"
+  key_prefix: drain$n" ;;
+  esac
   local dead; dead=$(free_port)
   "$BIN" receive --listen "127.0.0.1:$dead" --status 400 >>"$work/log" 2>&1 & local dead_pid=$!
   wait_http "http://127.0.0.1:$dead/stats"
-  local fill; fill=$(config "fill$n" "$store" 64 "$dead")
+  local fill; fill=$(config "fill$kind$n" "$store" 64 "$dead")
   mapfile -t ports < <(ports_of "$fill")
   "$BIN" serve --config "$fill" >>"$work/log" 2>&1 & local fill_pid=$!
   wait_http "http://127.0.0.1:${ports[1]}/readyz"
   seq 1 "$DRAIN_EVENTS" | xargs -P 64 -I{} curl -fs -o /dev/null -X POST \
     --data-binary @"$work/body" "http://127.0.0.1:${ports[0]}/v1/events/bench.event"
   until [ "$(curl -fs "http://127.0.0.1:$dead/stats" | python3 -c 'import json,sys; print(json.load(sys.stdin)["received"])')" -ge "$DRAIN_EVENTS" ]; do sleep 0.2; done
+  # Wait for the last results to be recorded: the receiver counts a request before its answer.
+  sleep 1
   kill "$fill_pid" "$dead_pid"; wait "$fill_pid" "$dead_pid" 2>/dev/null || true
   # Events keep the target they were accepted with: the healthy receiver takes over its port.
   local live=$dead
@@ -126,7 +167,7 @@ deliveries() { # instances
 
   local admins=()
   for i in $(seq 1 "$n"); do
-    local cfg; cfg=$(config "drain$n-$i" "$store" 64 "$RX")
+    local cfg; cfg=$(config "drain$kind$n-$i" "$store" 64 "$RX")
     mapfile -t ports < <(ports_of "$cfg")
     RUST_LOG=warn "$BIN" serve --config "$cfg" >>"$work/log" 2>&1 & pids+=($!); cfgs+=($!)
     wait_http "http://127.0.0.1:${ports[1]}/readyz"
@@ -134,13 +175,23 @@ deliveries() { # instances
   done
   stats() { curl -fs "http://127.0.0.1:$live/stats" | python3 -c 'import json,sys; print(json.load(sys.stdin)["delivered_ok"])'; }
   want=$DRAIN_EVENTS
+  local h0 r0
+  h0=$(cpu_sum "${cfgs[@]}"); r0=$(cpu_us "$REDIS_PID"); redis_stats_reset
   t0=$(date +%s.%N)
   curl -fsS -X POST -d '{"all":true}' "http://127.0.0.1:${admins[0]}/v1/dlq/replay" >/dev/null
   until [ "$(stats)" -ge "$want" ]; do sleep 0.05; done
   t1=$(date +%s.%N)
-  python3 -c "print('== deliveries/s, $n instance(s) on redis: %.0f ($DRAIN_EVENTS events in %.2f s, replay included)' % ($DRAIN_EVENTS/($t1-$t0), $t1-$t0))"
+  python3 -c "print('== deliveries/s, $n instance(s) on $kind: %.0f ($DRAIN_EVENTS events in %.2f s, replay included)' % ($DRAIN_EVENTS/($t1-$t0), $t1-$t0))"
+  per_event $(($(cpu_sum "${cfgs[@]}") - h0)) $(($(cpu_us "$REDIS_PID") - r0)) "$DRAIN_EVENTS"
+  [ "$kind" = sqlite ] || redis_stats
   for p in "${cfgs[@]}"; do kill "$p"; wait "$p" 2>/dev/null || true; done
 }
 
-deliveries 1
-deliveries 2
+if [ -z "${SKIP_DELIVERIES:-}" ]; then
+  for d in ${DRAIN_STORES:-sqlite redis1 redis2}; do
+    case $d in
+      sqlite) deliveries sqlite ;;
+      redis*) deliveries redis "${d#redis}" ;;
+    esac
+  done
+fi

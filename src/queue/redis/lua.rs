@@ -7,7 +7,11 @@
 //!
 //! `ARGV[1]` is always the key prefix (with its hash tag); per-event and per-queue keys are
 //! derived from it inside the script. All keys share the hash tag, so on a cluster they live
-//! in one slot and the scripts never cross slots. Timestamps are handed to Redis as the
+//! in one slot and the scripts never cross slots. Each script also declares in `KEYS` every
+//! key it can name before it runs (built by `keys.rs`; its doc line `KEYS:` below); keys it
+//! can only find at run time (the events a claim finds, the queue of an event a completion
+//! names) are listed as "found" and carry the same tag, since the scripts build them from the
+//! same prefix. The store suite's `redis_keys` test checks both against a real server. Timestamps are handed to Redis as the
 //! decimal strings the caller sent, never as Lua numbers, because Lua formats numbers with
 //! `%.14g` and would round large values.
 
@@ -68,63 +72,108 @@ local function release_next(q, okey, now, tok, lease_until)
 end
 "#;
 
-/// `ARGV`: prefix, id, queue, max_depth, received_at, due_at, idempotency key ('' for none),
-/// idempotency expiry, idempotency ttl ms, fallback flag ('' or '1'), then hash field/value
-/// pairs. Returns `{'ok'}`, `{'dup', event_id}`, `{'full'}` or `{'exists'}`.
+/// `ARGV`: prefix, then per event the number of its arguments followed by them: id, queue,
+/// max_depth, received_at, due_at, idempotency key ('' for none), idempotency expiry,
+/// idempotency ttl ms, fallback flag ('' or '1'), then hash field/value pairs. Returns one
+/// reply per event, in order: `{'ok'}`, `{'dup', event_id}`, `{'full'}`, `{'exists'}`, or
+/// `{'err', message}` when a Redis command failed for that event (the others keep theirs).
+///
+/// `KEYS`: per event its `ev:<id>`, its queue's `depth`, `ready`, `delayed`, `okseq`,
+/// `okact`, `held`, its ordering key's held set, its idempotency key, `fallbacks`. Found: none.
+///
+/// One call stores a whole batch of concurrent enqueues, so Redis runs (and, with
+/// `appendfsync always`, fsyncs) them as one command. The events run in order, so a later
+/// event of the batch sees an earlier one's depth, idempotency claim and ordering sequence.
 const ENQUEUE: &str = r#"
-local id, q = ARGV[2], ARGV[3]
-local recv, due = tonumber(ARGV[5]), tonumber(ARGV[6])
-local ik = ARGV[7]
--- Dedupe before the depth check: a retried request whose first copy was accepted should learn
--- its event id, not be told to back off. The expiry inside the value is authoritative; the
--- key's TTL only garbage-collects it.
-if ik ~= '' then
-  local cur = redis.call('GET', ik)
-  if cur then
-    local bar = string.find(cur, '|', 1, true)
-    if bar and tonumber(string.sub(cur, 1, bar - 1)) > recv then
-      return {'dup', string.sub(cur, bar + 1)}
+-- Depth per queue as this batch leaves it: read once, written once at the end (INCRBY), so an
+-- event costs no depth round of its own and a later event of the batch sees the earlier ones.
+local depths, added = {}, {}
+-- A[k] is what ARGV[k] was when each event had its own script call (A[1] the prefix).
+local function enqueue_one(A)
+  local id, q = A[2], A[3]
+  local recv, due = tonumber(A[5]), tonumber(A[6])
+  local ik = A[7]
+  -- Dedupe before the depth check: a retried request whose first copy was accepted should learn
+  -- its event id, not be told to back off. The expiry inside the value is authoritative; the
+  -- key's TTL only garbage-collects it.
+  if ik ~= '' then
+    local cur = redis.call('GET', ik)
+    if cur then
+      local bar = string.find(cur, '|', 1, true)
+      if bar and tonumber(string.sub(cur, 1, bar - 1)) > recv then
+        return {'dup', string.sub(cur, bar + 1)}
+      end
     end
   end
-end
-local depth = tonumber(redis.call('GET', qk(q, 'depth')) or '0')
-if depth >= tonumber(ARGV[4]) then return {'full'} end
-local key = ev(id)
-if redis.call('EXISTS', key) == 1 then return {'exists'} end
-redis.call('HSET', key, unpack(ARGV, 11))
-redis.call('INCR', qk(q, 'depth'))
--- An ordering key ('okey' among the fields) takes the key's next sequence; a key with an
--- event pending or leased holds this one back.
-local okey = redis.call('HGET', key, 'okey')
-local held = false
-if okey then
-  local seq = redis.call('HINCRBY', qk(q, 'okseq'), okey, 1)
-  redis.call('HSET', key, 'oseq', seq)
-  if redis.call('HSETNX', qk(q, 'okact'), okey, id) == 0 then
-    hold(id, q, okey, seq)
-    held = true
+  if depths[q] == nil then depths[q] = tonumber(redis.call('GET', qk(q, 'depth')) or '0') end
+  if depths[q] >= tonumber(A[4]) then return {'full'} end
+  local key = ev(id)
+  if redis.call('EXISTS', key) == 1 then return {'exists'} end
+  -- Every check that can refuse the event is above; below, its fields, state and place are
+  -- written with one HSET.
+  local fields = {unpack(A, 11, A.n)}
+  local okey
+  for j = 1, #fields, 2 do
+    if fields[j] == 'okey' then okey = fields[j + 1] end
   end
+  local state, sid
+  if okey then
+    -- An ordering key takes the key's next sequence; a key with an event pending or leased
+    -- holds this one back.
+    local seq = redis.call('HINCRBY', qk(q, 'okseq'), okey, 1)
+    fields[#fields + 1] = 'oseq'
+    fields[#fields + 1] = seq
+    if redis.call('HSETNX', qk(q, 'okact'), okey, id) == 0 then
+      state = 'h'
+      redis.call('ZADD', held_set(q, okey), seq, id)
+      redis.call('INCR', qk(q, 'held'))
+    end
+  end
+  if state then
+  elseif due <= recv then
+    state = 'r'
+    sid = redis.call('XADD', qk(q, 'ready'), '*', 'id', id)
+    fields[#fields + 1] = 'sid'
+    fields[#fields + 1] = sid
+  else
+    state = 'p'
+    redis.call('ZADD', qk(q, 'delayed'), A[6], id)
+  end
+  fields[#fields + 1] = 'state'
+  fields[#fields + 1] = state
+  redis.call('HSET', key, unpack(fields))
+  depths[q] = depths[q] + 1
+  added[q] = (added[q] or 0) + 1
+  if ik ~= '' then
+    redis.call('SET', ik, A[8] .. '|' .. id, 'PX', A[9])
+  end
+  if A[10] ~= '' then
+    redis.call('ZADD', P .. ':fallbacks', A[5], id)
+  end
+  return {'ok'}
 end
-if held then
-elseif due <= recv then
-  to_ready(id, q)
-else
-  redis.call('HSET', key, 'state', 'p')
-  redis.call('ZADD', qk(q, 'delayed'), ARGV[6], id)
+local out = {}
+local i = 2
+while i <= #ARGV do
+  local n = tonumber(ARGV[i])
+  local A = {P, n = n + 1}
+  for j = 1, n do A[j + 1] = ARGV[i + j] end
+  i = i + n + 1
+  local ok, r = pcall(enqueue_one, A)
+  if ok then out[#out + 1] = r else out[#out + 1] = {'err', tostring(type(r) == 'table' and r.err or r)} end
 end
-if ik ~= '' then
-  redis.call('SET', ik, ARGV[8] .. '|' .. id, 'PX', ARGV[9])
-end
-if ARGV[10] ~= '' then
-  redis.call('ZADD', P .. ':fallbacks', ARGV[5], id)
-end
-return {'ok'}
+for q, n in pairs(added) do redis.call('INCRBY', qk(q, 'depth'), n) end
+return out
 "#;
 
 /// `ARGV`: prefix, queue, now, limit, lease_until, consumer, claim_idle_ms, token base,
 /// most lease expiries in a row, their dead-letter reason, the DLQ member prefix for `now`
 /// (the id is appended). Returns one array per leased event: id, token, due (or expired lease)
 /// time, then the fields of [`CLAIM_FIELDS`](super::decode::CLAIM_FIELDS) in order.
+///
+/// `KEYS`: the queue's `ready`, `delayed`, `leased`, `depth`, `dead`, `okact`, `held`, and
+/// `dlq`. Found: the `ev:` and `att:` keys of the events it finds, the held sets (`okh:`) of
+/// their ordering keys.
 const CLAIM: &str = r#"
 local q, now, limit = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
 local until_s, consumer, idle, base = ARGV[5], ARGV[6], ARGV[7], ARGV[8]
@@ -259,66 +308,114 @@ end
 return out
 "#;
 
-/// `ARGV`: prefix, id, token, kind (`delivered` | `retry` | `defer` | `dead`), due_at, now,
+/// `ARGV`: prefix, then per completion 11 arguments: id, token, kind (`delivered` | `retry` | `defer` | `dead`), due_at, now,
 /// dead-letter reason, dlq member, attempt JSON ('' for none), the host whose breaker deferred
 /// it ('' for none), a lease token for the next event of its ordering key ('' for none) and
-/// that lease's end. Returns 1; `{1, entry}` when it leased the key's next event (a claim
-/// entry); or 0 when the token no longer holds the lease.
+/// that lease's end. Returns one reply per completion, in order: 1; `{1, entry}` when it leased
+/// the key's next event (a claim entry); 0 when the token no longer holds the lease; or
+/// `{'err', message}` when a Redis command failed for that completion.
+///
+/// `KEYS`: per completion its `ev:<id>`, `att:<id>`, `delivered`, `dlq`, and with a breaker
+/// `bd:<host>` and `bdhosts`. Found: the event's queue keys (`q:`; the caller knows only the
+/// event id), its ordering key's held set (`okh:`) and the next event of that key (`ev:`).
+///
+/// Completions of concurrent workers share one call, so Redis runs (and fsyncs) them as one
+/// command, and a batch of retries moves into the delayed set with one `ZADD` per queue.
 ///
 /// A breaker deferral is remembered twice: the event's `bd` field names the host, and the
 /// host's set `bd:<host>` (listed in `bdhosts`) holds the event, so [`UNDEFER`] finds them
 /// without a scan. The field is the truth; a set member whose field no longer matches (the
 /// event was claimed and completed since) is skipped.
 const COMPLETE: &str = r#"
-local id, tok, kind = ARGV[2], ARGV[3], ARGV[4]
-local key = ev(id)
-local st = redis.call('HMGET', key, 'state', 'tok', 'sid', 'queue', 'made')
-if st[1] ~= 'f' or st[2] ~= tok then return 0 end
-local q = st[4]
-if st[3] then drop_entry(qk(q, 'ready'), st[3]) end
-redis.call('ZREM', qk(q, 'leased'), id)
-redis.call('HDEL', key, 'tok', 'until', 'sid', 'lx', 'bd')
-if ARGV[10] ~= '' then
-  redis.call('HSET', key, 'bd', ARGV[10])
-  redis.call('SADD', P .. ':bd:' .. ARGV[10], id)
-  redis.call('SADD', P .. ':bdhosts', ARGV[10])
+-- Writes to keys that many completions of the batch share (stream acks and deletions, the
+-- leased, delivered and delayed sets, depth counters) are gathered and made once at the end:
+-- a batch of retries moves into the delayed set with one ZADD per queue.
+local acks, unlease, delivered, depth_drop, retries = {}, {}, {}, {}, {}
+local function push(t, k, ...)
+  local l = t[k]
+  if not l then l = {}; t[k] = l end
+  for _, v in ipairs({...}) do l[#l + 1] = v end
 end
-if kind ~= 'defer' then
-  local made = tonumber(st[5] or '0') + 1
-  redis.call('HSET', key, 'made', made)
-  if ARGV[9] ~= '' then
-    -- The store's count is authoritative: the token check proved this is the attempt it
-    -- handed out.
-    redis.call('RPUSH', P .. ':att:' .. id, made .. '|' .. ARGV[9])
-    redis.call('HSET', key, 'last', ARGV[9])
-  end
-end
-if kind == 'delivered' or kind == 'dead' then
-  if kind == 'delivered' then
-    redis.call('HSET', key, 'state', 'd', 'dlv', ARGV[6])
-    redis.call('ZADD', P .. ':delivered', ARGV[6], id)
+-- A[k] is what ARGV[k] was when each completion had its own script call.
+local function complete_one(A)
+  local id, tok, kind = A[2], A[3], A[4]
+  local key = ev(id)
+  local st = redis.call('HMGET', key, 'state', 'tok', 'sid', 'queue', 'made', 'okey')
+  if st[1] ~= 'f' or st[2] ~= tok then return 0 end
+  local q = st[4]
+  if st[3] then push(acks, q, st[3]) end
+  push(unlease, q, id)
+  local final = kind == 'delivered' or kind == 'dead'
+  if final then
+    redis.call('HDEL', key, 'tok', 'until', 'sid', 'lx', 'bd', 'due')
   else
-    redis.call('HSET', key, 'state', 'x', 'dla', ARGV[6], 'dlr', ARGV[7], 'dlm', ARGV[8])
-    redis.call('INCR', qk(q, 'dead'))
-    redis.call('ZADD', P .. ':dlq', 0, ARGV[8])
+    redis.call('HDEL', key, 'tok', 'until', 'sid', 'lx', 'bd')
   end
-  redis.call('HDEL', key, 'due')
-  redis.call('DECR', qk(q, 'depth'))
-  local okey = redis.call('HGET', key, 'okey')
-  if okey then
-    local taken = release_next(q, okey, ARGV[6], ARGV[11], ARGV[12])
-    if taken then return {1, taken} end
+  local set = {}
+  local function put(f, v) set[#set + 1] = f; set[#set + 1] = v end
+  if A[10] ~= '' then
+    put('bd', A[10])
+    redis.call('SADD', P .. ':bd:' .. A[10], id)
+    redis.call('SADD', P .. ':bdhosts', A[10])
   end
-else
-  redis.call('HSET', key, 'state', 'p', 'due', ARGV[5])
-  redis.call('ZADD', qk(q, 'delayed'), ARGV[5], id)
+  if kind ~= 'defer' then
+    local made = tonumber(st[5] or '0') + 1
+    put('made', made)
+    if A[9] ~= '' then
+      -- The store's count is authoritative: the token check proved this is the attempt it
+      -- handed out.
+      redis.call('RPUSH', P .. ':att:' .. id, made .. '|' .. A[9])
+      put('last', A[9])
+    end
+  end
+  if final then
+    if kind == 'delivered' then
+      put('state', 'd'); put('dlv', A[6])
+      push(delivered, 1, A[6], id)
+    else
+      put('state', 'x'); put('dla', A[6]); put('dlr', A[7]); put('dlm', A[8])
+      redis.call('INCR', qk(q, 'dead'))
+      redis.call('ZADD', P .. ':dlq', 0, A[8])
+    end
+    redis.call('HSET', key, unpack(set))
+    depth_drop[q] = (depth_drop[q] or 0) + 1
+    local okey = st[6]
+    if okey then
+      local taken = release_next(q, okey, A[6], A[11], A[12])
+      if taken then return {1, taken} end
+    end
+  else
+    put('state', 'p'); put('due', A[5])
+    redis.call('HSET', key, unpack(set))
+    push(retries, q, A[5], id)
+  end
+  return 1
 end
-return 1
+local out = {}
+for i = 2, #ARGV, 11 do
+  local A = {P}
+  for j = 0, 10 do A[j + 2] = ARGV[i + j] end
+  local ok, r = pcall(complete_one, A)
+  if ok then out[#out + 1] = r else out[#out + 1] = {'err', tostring(type(r) == 'table' and r.err or r)} end
+end
+for q, sids in pairs(acks) do
+  local stream = qk(q, 'ready')
+  redis.pcall('XACK', stream, G, unpack(sids))
+  redis.call('XDEL', stream, unpack(sids))
+end
+for q, ids in pairs(unlease) do redis.call('ZREM', qk(q, 'leased'), unpack(ids)) end
+for q, pairs_ in pairs(retries) do redis.call('ZADD', qk(q, 'delayed'), unpack(pairs_)) end
+if delivered[1] then redis.call('ZADD', P .. ':delivered', unpack(delivered[1])) end
+for q, n in pairs(depth_drop) do redis.call('DECRBY', qk(q, 'depth'), n) end
+return out
 "#;
 
 /// `ARGV`: prefix, host, now, chunk. Takes up to `chunk` events from the host's deferral set
 /// and makes each that is still pending and still deferred by that host due at `now` (unless
 /// it is due sooner). Returns `{made_due, taken}`; the caller repeats while `taken == chunk`.
+///
+/// `KEYS`: `bd:<host>`, `bdhosts`. Found: the events in the set (`ev:`) and their queues'
+/// delayed sets (`q:`).
 const UNDEFER: &str = r#"
 local host, now, chunk = ARGV[2], ARGV[3], tonumber(ARGV[4])
 local set = P .. ':bd:' .. host
@@ -341,6 +438,8 @@ return {n, #ids}
 "#;
 
 /// `ARGV`: prefix, now, then (id, token) pairs. Returns how many leases were handed back.
+///
+/// `KEYS`: each event's `ev:<id>`. Found: their queues' keys (`q:`).
 const RELEASE: &str = r#"
 local n = 0
 for i = 3, #ARGV, 2 do
@@ -361,6 +460,9 @@ return n
 "#;
 
 /// `ARGV`: prefix, now, then event ids. Returns the ids replayed.
+///
+/// `KEYS`: each event's `ev:<id>`, `dlq`. Found: their queues' keys (`q:`) and held sets
+/// (`okh:`).
 const REPLAY: &str = r#"
 local out = {}
 for i = 3, #ARGV do
@@ -392,6 +494,9 @@ return out
 /// `ARGV`: prefix, before (delivered), chunk, dlq upper bound (exclusive lex). Deletes up to
 /// `chunk` old dead letters and `chunk` old delivered events with their history and fallback
 /// records. Returns `{dead_letters_removed, delivered_removed}`.
+///
+/// `KEYS`: `dlq`, `delivered`, `fallbacks`. Found: the purged events' `ev:` and `att:` keys
+/// and their queues' dead-letter counters (`q:`).
 const PURGE: &str = r#"
 local chunk = tonumber(ARGV[3])
 local function drop(id)
@@ -450,6 +555,9 @@ end
 
 /// `ARGV`: prefix, queue, now. Returns `{ready, delayed, in_flight, dead, oldest_ready_due,
 /// held}` with -1 for "no ready event".
+///
+/// `KEYS`: the queue's `ready`, `delayed`, `leased`, `dead`, `held`. Found: the oldest unread
+/// event (`ev:`).
 const STATS: &str = r#"
 local q, now = ARGV[2], ARGV[3]
 local delayed = qk(q, 'delayed')
@@ -469,6 +577,8 @@ return {count + due_ready, waiting, inflight, dead, oldest or -1, held}
 
 /// `ARGV`: prefix, queue. Returns the earliest due time (ready, delayed or lease expiry), or
 /// nil when the queue is empty.
+///
+/// `KEYS`: the queue's `ready`, `delayed`, `leased`. Found: the oldest unread event (`ev:`).
 const NEXT_DUE: &str = r#"
 local q = ARGV[2]
 local best = nil

@@ -3,7 +3,8 @@
 //! # Shape
 //!
 //! Every key starts with `{prefix}:` (the configured `key_prefix` as a hash tag, so on a
-//! cluster all of a deployment's keys share one slot and every script stays single-slot):
+//! cluster all of a deployment's keys share one slot and every script stays single-slot; why
+//! not one tag per queue: `keys.rs`):
 //!
 //! | key | type | holds |
 //! | --- | --- | --- |
@@ -19,11 +20,29 @@
 //!
 //! Each state change is one Lua script (`lua.rs`), so it is atomic: an enqueue stores the
 //! event, its idempotency claim, its fallback record and the depth counter in one step; a claim
-//! moves due events from the delayed set into the stream and leases them in one step.
+//! moves due events from the delayed set into the stream and leases them in one step. Each
+//! script declares in `KEYS` the keys it can name up front; the ones it finds at run time
+//! (events a claim finds, the queue of a completed event) are listed in its doc comment, and
+//! all carry the tag. The store suite's `redis_keys` test checks this against a real server.
+//!
+//! # Group commit
+//!
+//! Enqueues and completions are batched (`batch.rs`, `commit.rs`), the way the SQLite writer
+//! batches transactions: a task per kind takes whatever calls queued while its previous batch
+//! was in flight (up to 128 enqueues or 256 completions) and sends them as one call of the
+//! batch script, which handles each member in order under `pcall` and answers one reply per
+//! member. Redis runs the batch as one command, so with `appendfsync always` one fsync covers
+//! it, and writes many members share (depth counters, stream acks, the delivered index) are
+//! made once per batch. Each caller still gets its own outcome (Accepted / Duplicate /
+//! QueueFull / its own error); a batch that fails as a whole (connection refused, an error
+//! reply) fails each member as its own call would have, and a batch whose reply does not come
+//! back within `op_timeout` is an unknown outcome for each enqueue in it. A claim is one
+//! script call leasing up to `limit` events (one `XREADGROUP COUNT n`) for many workers.
 //!
 //! # Invariants
 //!
-//! - `enqueue` answers `Accepted` only after Redis acknowledged the script (and, with
+//! - `enqueue` answers `Accepted` only after Redis acknowledged the batch script holding the
+//!   event (and, with
 //!   `wait_replicas: N`, after `WAIT` saw N replicas take it). How durable that is depends on
 //!   the server's persistence settings: `appendonly yes` + `appendfsync always` survives a
 //!   power loss; `everysec` may lose the last second. This store cannot fsync for Redis.
@@ -47,7 +66,9 @@
 //!
 //! This file holds the handle ([`RedisStore`], [`RedisOptions`]), connecting, and the
 //! [`Queue`] and [`Ledger`] impls; `ops` builds the script invocations and pipelines of the larger
-//! operations, `decode` reads Redis's replies, and `lua` holds the scripts.
+//! operations, `commit` the batched enqueues and completions (on the generic task of `batch`),
+//! `keys` the key names scripts declare, `decode` reads Redis's replies, and `lua` holds the
+//! scripts.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -56,7 +77,10 @@ use std::time::Duration;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{RedisError, Value};
 
+mod batch;
+mod commit;
 mod decode;
+mod keys;
 mod lua;
 mod ops;
 #[cfg(test)]
@@ -121,6 +145,8 @@ struct Inner {
     consumer: String,
     options: RedisOptions,
     scripts: Scripts,
+    /// The group-commit tasks of enqueues and completions.
+    batchers: commit::Batchers,
     closed: AtomicBool,
 }
 
@@ -189,13 +215,25 @@ impl RedisStore {
             .set_min_delay(Duration::from_millis(50))
             .set_max_delay(Duration::from_millis(500));
         let conn = ConnectionManager::new_lazy_with_config(client, config).map_err(unavailable)?;
+        let prefix = format!("{{{}}}", options.key_prefix);
+        let scripts = Scripts::new();
+        let batchers = commit::Batchers::spawn(commit::BatchContext {
+            conn: conn.clone(),
+            prefix: prefix.clone(),
+            enqueue: scripts.enqueue.clone(),
+            complete: scripts.complete.clone(),
+            op_timeout: options.op_timeout,
+            wait_replicas: options.wait_replicas,
+            wait_timeout_ms: options.wait_timeout_ms,
+        });
         let store = RedisStore {
             inner: Arc::new(Inner {
                 conn,
-                prefix: format!("{{{}}}", options.key_prefix),
+                prefix,
                 consumer: consumer_name(),
                 options,
-                scripts: Scripts::new(),
+                scripts,
+                batchers,
                 closed: AtomicBool::new(false),
             }),
         };
@@ -237,16 +275,6 @@ impl RedisStore {
         self.bounded(f, StoreError::Unavailable).await
     }
 
-    /// Like [`RedisStore::run`] for a write whose result a caller was promised: giving up
-    /// waiting is an unknown outcome, not a failure, since Redis may still run the command.
-    async fn run_write<T, F, Fut>(&self, f: F) -> Result<T, StoreError>
-    where
-        F: FnOnce(ConnectionManager) -> Fut,
-        Fut: std::future::Future<Output = Result<T, StoreError>>,
-    {
-        self.bounded(f, StoreError::OutcomeUnknown).await
-    }
-
     /// `f` within `op_timeout`; past it, `timed_out` says what not knowing the answer means.
     async fn bounded<T, F, Fut>(
         &self,
@@ -272,12 +300,18 @@ impl RedisStore {
         )
     }
 
-    fn script<'a>(&'a self, script: &'a redis::Script) -> redis::ScriptInvocation<'a> {
+    /// An invocation of `script` declaring `keys` (the keys it can name before it runs; see
+    /// `keys.rs`), with the prefix as `ARGV[1]`.
+    fn script<'a>(
+        &'a self,
+        script: &'a redis::Script,
+        keys: Vec<String>,
+    ) -> redis::ScriptInvocation<'a> {
         let mut inv = script.prepare_invoke();
-        // One declared key carrying the hash tag, so a cluster routes the script to the slot
-        // that owns every key it touches.
-        inv.key(format!("{}:route", self.inner.prefix))
-            .arg(&self.inner.prefix);
+        for k in keys {
+            inv.key(k);
+        }
+        inv.arg(&self.inner.prefix);
         inv
     }
 
@@ -341,7 +375,8 @@ impl Queue for RedisStore {
     }
 
     fn next_due_at(&self, queue: &str) -> StoreFuture<'_, Option<UnixMillis>> {
-        let mut inv = self.script(&self.inner.scripts.next_due);
+        let keys = self.queue_keys(queue, &["ready", "delayed", "leased"]);
+        let mut inv = self.script(&self.inner.scripts.next_due, keys);
         inv.arg(queue);
         Box::pin(async move {
             let v: Value =
@@ -399,7 +434,7 @@ impl Queue for RedisStore {
 
     fn undefer_all(&self, now_ms: UnixMillis) -> StoreFuture<'_, u64> {
         Box::pin(async move {
-            let hosts_key = format!("{}:bdhosts", self.inner.prefix);
+            let hosts_key = self.key("bdhosts");
             let hosts: Vec<String> = self
                 .run(|mut conn| async move {
                     redis::cmd("SMEMBERS")
@@ -420,7 +455,8 @@ impl Queue for RedisStore {
     fn release(&self, leases: Vec<(String, String)>, now_ms: UnixMillis) -> StoreFuture<'_, ()> {
         Box::pin(async move {
             for chunk in leases.chunks(MAINTENANCE_CHUNK) {
-                let mut inv = self.script(&self.inner.scripts.release);
+                let keys = chunk.iter().map(|(id, _)| self.ev_key(id)).collect();
+                let mut inv = self.script(&self.inner.scripts.release, keys);
                 inv.arg(now_ms);
                 for (id, token) in chunk {
                     inv.arg(id).arg(token);
@@ -484,7 +520,9 @@ impl Ledger for RedisStore {
         Box::pin(async move {
             let mut replayed = Vec::new();
             for chunk in event_ids.chunks(MAINTENANCE_CHUNK) {
-                let mut inv = self.script(&self.inner.scripts.replay);
+                let mut keys: Vec<String> = chunk.iter().map(|id| self.ev_key(id)).collect();
+                keys.push(self.key("dlq"));
+                let mut inv = self.script(&self.inner.scripts.replay, keys);
                 inv.arg(now_ms);
                 for id in chunk {
                     inv.arg(id);
@@ -522,7 +560,8 @@ impl Ledger for RedisStore {
     }
 
     fn stats(&self, queue: &str, now_ms: UnixMillis) -> StoreFuture<'_, QueueStats> {
-        let mut inv = self.script(&self.inner.scripts.stats);
+        let keys = self.queue_keys(queue, &["ready", "delayed", "leased", "dead", "held"]);
+        let mut inv = self.script(&self.inner.scripts.stats, keys);
         inv.arg(queue).arg(now_ms);
         Box::pin(async move {
             let v: Vec<i64> =

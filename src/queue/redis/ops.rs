@@ -1,6 +1,6 @@
 //! The per-operation work of the Redis store: each builds the script invocation or pipeline
-//! for one call (enqueue, claim, complete, undefer, an event, dead-letter pages, fallbacks,
-//! purge) and decodes its answer. The [`Queue`](crate::queue::Queue) and
+//! for one call (claim, undefer, an event, dead-letter pages, fallbacks, purge) and decodes
+//! its answer (enqueue and complete are batched: `commit.rs`). The [`Queue`](crate::queue::Queue) and
 //! [`Ledger`](crate::queue::Ledger) impls in `mod.rs` call these.
 
 use redis::Value;
@@ -9,108 +9,13 @@ use super::decode::{
     array, claimed_from, corrupt, decode_cursor, dlq_member, encode_cursor, fallback_of, int,
     last_attempt, opt_i64, opt_string, ordering_of, string, StoredAttempt,
 };
-use super::{unavailable, write_failed, RedisStore, IDEMPOTENCY_TTL_SLACK_MS, MAINTENANCE_CHUNK};
+use super::{unavailable, RedisStore, MAINTENANCE_CHUNK};
 use crate::queue::{
-    AttemptRecord, ClaimedEvent, Completion, DeadLetter, Disposition, DlqFilter, EnqueueOutcome,
-    EventRecord, EventState, FallbackRecord, IdempotencyClaim, NewEvent, Page, Reconciliation,
-    StoreError, UnixMillis,
+    AttemptRecord, ClaimedEvent, DeadLetter, DlqFilter, EventRecord, EventState, FallbackRecord,
+    Page, Reconciliation, StoreError, UnixMillis,
 };
 
 impl RedisStore {
-    pub(super) async fn do_enqueue(
-        &self,
-        ev: NewEvent,
-        idem: Option<IdempotencyClaim>,
-        max_depth: u64,
-    ) -> Result<EnqueueOutcome, StoreError> {
-        let delays = serde_json::to_string(&ev.retry_delays_ms)
-            .map_err(|e| StoreError::Corrupt(format!("cannot encode retry delays: {e}")))?;
-        let mut inv = self.script(&self.inner.scripts.enqueue);
-        inv.arg(&ev.event.id)
-            .arg(&ev.queue)
-            .arg(max_depth.to_string());
-        inv.arg(ev.received_at_ms).arg(ev.due_at_ms);
-        match &idem {
-            Some(c) => {
-                let ttl = (c.expires_at_ms - ev.received_at_ms).max(1) + IDEMPOTENCY_TTL_SLACK_MS;
-                inv.arg(self.idem_key(&c.event_type, &c.key))
-                    .arg(c.expires_at_ms)
-                    .arg(ttl);
-            }
-            None => {
-                inv.arg("").arg(0).arg(0);
-            }
-        }
-        inv.arg(if ev.fallback.is_some() { "1" } else { "" });
-        inv.arg("type").arg(&ev.event.event_type);
-        inv.arg("queue").arg(&ev.queue);
-        inv.arg("target").arg(&ev.target);
-        inv.arg("trace").arg(&ev.event.trace_id);
-        inv.arg("sig").arg(ev.signature.as_str());
-        inv.arg("timeout").arg(ev.timeout_ms);
-        inv.arg("delays").arg(delays);
-        inv.arg("jitter").arg(ev.jitter.to_string());
-        inv.arg("recv").arg(ev.received_at_ms);
-        inv.arg("due").arg(ev.due_at_ms);
-        inv.arg("made").arg(0);
-        inv.arg("body").arg(&ev.event.body[..]);
-        if let Some(ct) = &ev.event.content_type {
-            inv.arg("ct").arg(ct);
-        }
-        if let Some(k) = &ev.event.idempotency_key {
-            inv.arg("ikey").arg(k);
-        }
-        if let Some(fb) = ev.fallback {
-            inv.arg("fb").arg(fb.as_str());
-        }
-        if let Some(key) = &ev.ordering_key {
-            inv.arg("okey").arg(key);
-        }
-        let wait = self.inner.options.wait_replicas;
-        let wait_timeout = self.inner.options.wait_timeout_ms;
-        // The idempotency claim is written by the same script as the event, so when this
-        // answers "outcome unknown", a retry with the same key finds the event if it was
-        // stored and is answered as its duplicate, and is stored normally if it was not.
-        self.run_write(|mut conn| async move {
-            let reply: Value = inv.invoke_async(&mut conn).await.map_err(write_failed)?;
-            let reply = array(reply)?;
-            let tag = reply.first().map(opt_string).transpose()?.flatten().unwrap_or_default();
-            let outcome = match tag.as_str() {
-                "ok" => EnqueueOutcome::Accepted,
-                "dup" => EnqueueOutcome::Duplicate {
-                    event_id: string(reply.get(1).unwrap_or(&Value::Nil), "duplicate's id")?,
-                },
-                "full" => return Ok(EnqueueOutcome::QueueFull),
-                "exists" => {
-                    return Err(StoreError::Unavailable(format!(
-                        "event id {} is already stored",
-                        ev.event.id
-                    )))
-                }
-                other => return Err(corrupt(format!("enqueue answered {other:?}"))),
-            };
-            if wait > 0 && outcome == EnqueueOutcome::Accepted {
-                // WAIT covers every earlier write of this connection, so concurrent enqueues
-                // share one replication round trip.
-                let acked: i64 = redis::cmd("WAIT")
-                    .arg(wait)
-                    .arg(wait_timeout)
-                    .query_async(&mut conn)
-                    .await
-                    .map_err(write_failed)?;
-                // The primary holds the event (and delivers it) whatever the replicas did; only
-                // its survival of a failover is in doubt.
-                if acked < i64::from(wait) {
-                    return Err(StoreError::OutcomeUnknown(format!(
-                        "only {acked} of {wait} redis replicas acknowledged the event in {wait_timeout} ms"
-                    )));
-                }
-            }
-            Ok(outcome)
-        })
-        .await
-    }
-
     pub(super) async fn do_claim(
         &self,
         queue: &str,
@@ -126,7 +31,14 @@ impl RedisStore {
         // 128 random bits per claim call; the script appends a counter per event. Unguessable,
         // so a worker cannot complete a lease it was not given.
         let base = format!("{:032x}", rand::random::<u128>());
-        let mut inv = self.script(&self.inner.scripts.claim);
+        let mut keys = self.queue_keys(
+            queue,
+            &[
+                "ready", "delayed", "leased", "depth", "dead", "okact", "held",
+            ],
+        );
+        keys.push(self.key("dlq"));
+        let mut inv = self.script(&self.inner.scripts.claim, keys);
         inv.arg(queue)
             .arg(now_ms)
             .arg(limit)
@@ -149,91 +61,6 @@ impl RedisStore {
         Ok(claimed.into_iter().map(|(_, e)| e).collect())
     }
 
-    pub(super) async fn do_complete(
-        &self,
-        event_id: &str,
-        lease_token: &str,
-        attempt: Option<AttemptRecord>,
-        disposition: Disposition,
-        now_ms: UnixMillis,
-        take_next_lease_ms: Option<u64>,
-    ) -> Result<Completion, StoreError> {
-        let attempt_json = match &attempt {
-            Some(a) if !matches!(disposition, Disposition::Defer { .. }) => {
-                serde_json::to_string(&StoredAttempt {
-                    started_at_ms: a.started_at_ms,
-                    latency_ms: a.latency_ms,
-                    status: a.status,
-                    error: a.error.clone(),
-                })
-                .map_err(|e| StoreError::Corrupt(format!("cannot encode attempt: {e}")))?
-            }
-            _ => String::new(),
-        };
-        let mut deferred_by = String::new();
-        let (kind, due, reason) = match disposition {
-            Disposition::Delivered => ("delivered", now_ms, String::new()),
-            Disposition::Retry { due_at_ms } => ("retry", due_at_ms, String::new()),
-            Disposition::Defer { due_at_ms, breaker } => {
-                deferred_by = breaker.unwrap_or_default();
-                ("defer", due_at_ms, String::new())
-            }
-            Disposition::DeadLetter { reason } => ("dead", now_ms, reason),
-        };
-        let mut inv = self.script(&self.inner.scripts.complete);
-        inv.arg(event_id)
-            .arg(lease_token)
-            .arg(kind)
-            .arg(due)
-            .arg(now_ms)
-            .arg(reason)
-            .arg(dlq_member(now_ms, event_id))
-            .arg(attempt_json)
-            .arg(deferred_by);
-        let lease_until = take_next_lease_ms
-            .map(|ms| now_ms.saturating_add(i64::try_from(ms).unwrap_or(i64::MAX)));
-        match lease_until {
-            Some(until) => inv
-                .arg(format!("{:032x}:k", rand::random::<u128>()))
-                .arg(until),
-            None => inv.arg("").arg(0),
-        };
-        let reply: Value = self
-            .run(|mut conn| async move { inv.invoke_async(&mut conn).await.map_err(unavailable) })
-            .await?;
-        match reply {
-            Value::Int(done) => Ok(Completion {
-                recorded: done == 1,
-                next: None,
-            }),
-            other => {
-                // The script ran: the result is recorded whatever follows. A handed-over event
-                // that does not decode is left to its lease, which a claim picks up and reports.
-                let next = array(other)
-                    .and_then(|parts| {
-                        let entry = parts
-                            .into_iter()
-                            .nth(1)
-                            .ok_or_else(|| corrupt("completion reply without the next event"))?;
-                        claimed_from(entry, lease_until.unwrap_or(now_ms))
-                    })
-                    .map_err(|e| {
-                        tracing::warn!(
-                            event_id,
-                            error = %e,
-                            "the next event of an ordering key could not be read; its lease will expire and a claim will hand it out"
-                        )
-                    })
-                    .ok()
-                    .map(|(_, next)| next);
-                Ok(Completion {
-                    recorded: true,
-                    next,
-                })
-            }
-        }
-    }
-
     /// Runs [`UNDEFER`](super::lua) in chunks, so one host's long backlog never holds
     /// Redis for long.
     pub(super) async fn do_undefer(
@@ -243,7 +70,8 @@ impl RedisStore {
     ) -> Result<u64, StoreError> {
         let mut total = 0u64;
         loop {
-            let mut inv = self.script(&self.inner.scripts.undefer);
+            let keys = vec![self.deferral_key(host), self.key("bdhosts")];
+            let mut inv = self.script(&self.inner.scripts.undefer, keys);
             inv.arg(host).arg(now_ms).arg(MAINTENANCE_CHUNK);
             let (made_due, taken): (u64, usize) =
                 self.run(|mut conn| async move {
@@ -258,8 +86,8 @@ impl RedisStore {
     }
 
     pub(super) async fn do_event(&self, event_id: &str) -> Result<Option<EventRecord>, StoreError> {
-        let key = format!("{}:ev:{event_id}", self.inner.prefix);
-        let att = format!("{}:att:{event_id}", self.inner.prefix);
+        let key = self.ev_key(event_id);
+        let att = self.att_key(event_id);
         let (fields, attempts): (Vec<Value>, Vec<Value>) = self
             .run(|mut conn| async move {
                 redis::pipe()
@@ -366,7 +194,7 @@ impl RedisStore {
         };
         let filtered = filter.event_type.is_some() || filter.queue.is_some();
         let batch = if filtered { 256 } else { limit + 1 };
-        let dlq = format!("{}:dlq", self.inner.prefix);
+        let dlq = self.key("dlq");
         let mut items = Vec::new();
         loop {
             let (dlq, max_b, min_b) = (dlq.clone(), max.clone(), min.clone());
@@ -394,12 +222,10 @@ impl RedisStore {
                 .ok_or_else(|| corrupt("bad dead-letter index entry"))?;
             let mut pipe = redis::pipe();
             for id in &ids {
-                pipe.cmd("HMGET")
-                    .arg(format!("{}:ev:{id}", self.inner.prefix))
-                    .arg(&[
-                        "type", "queue", "target", "trace", "dlr", "made", "last", "recv", "dla",
-                        "okey", "oseq",
-                    ]);
+                pipe.cmd("HMGET").arg(self.ev_key(id)).arg(&[
+                    "type", "queue", "target", "trace", "dlr", "made", "last", "recv", "dla",
+                    "okey", "oseq",
+                ]);
             }
             let rows: Vec<Vec<Value>> =
                 self.run(|mut conn| async move {
@@ -458,7 +284,7 @@ impl RedisStore {
         since_ms: UnixMillis,
         limit: usize,
     ) -> Result<Vec<FallbackRecord>, StoreError> {
-        let key = format!("{}:fallbacks", self.inner.prefix);
+        let key = self.key("fallbacks");
         let rows: Vec<(String, i64)> = self
             .run(|mut conn| async move {
                 redis::cmd("ZRANGEBYSCORE")
@@ -480,7 +306,7 @@ impl RedisStore {
         let mut pipe = redis::pipe();
         for (id, _) in &rows {
             pipe.cmd("HMGET")
-                .arg(format!("{}:ev:{id}", self.inner.prefix))
+                .arg(self.ev_key(id))
                 .arg(&["trace", "type", "fb", "target", "state", "dlv"]);
         }
         let fields: Vec<Vec<Value>> = self
@@ -519,7 +345,10 @@ impl RedisStore {
         // Idempotency keys need no sweep: their TTL removes them.
         let mut total = 0u64;
         loop {
-            let mut inv = self.script(&self.inner.scripts.purge);
+            let keys = ["dlq", "delivered", "fallbacks"]
+                .map(|k| self.key(k))
+                .to_vec();
+            let mut inv = self.script(&self.inner.scripts.purge, keys);
             inv.arg(before_ms)
                 .arg(MAINTENANCE_CHUNK)
                 .arg(format!("({:020}:", before_ms.max(0)));
