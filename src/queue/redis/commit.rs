@@ -7,6 +7,7 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
+use bytes::Bytes;
 use redis::aio::ConnectionManager;
 use redis::{ToRedisArgs, Value};
 
@@ -29,6 +30,9 @@ pub(super) struct EnqueueItem {
     id: String,
     keys: Vec<String>,
     args: Vec<Vec<u8>>,
+    /// Sent as the last field pair (`body`, bytes) straight from the event's buffer: copying
+    /// it into `args` first would copy every body twice.
+    body: Bytes,
 }
 
 /// One completion's arguments to the batch script (always 11).
@@ -68,10 +72,11 @@ impl Batchers {
                 declare(&mut inv, items.iter().map(|i| &i.keys));
                 inv.arg(&prefix);
                 for item in &items {
-                    inv.arg(item.args.len());
+                    inv.arg(item.args.len() + 2);
                     for a in &item.args {
                         inv.arg(&a[..]);
                     }
+                    inv.arg("body").arg(&item.body[..]);
                 }
                 let reply = tokio::time::timeout(op_timeout, inv.invoke_async(&mut conn)).await;
                 let replies = match reply {
@@ -282,7 +287,6 @@ impl RedisStore {
         a.push("recv").push(ev.received_at_ms);
         a.push("due").push(ev.due_at_ms);
         a.push("made").push(0);
-        a.push("body").push(&ev.event.body[..]);
         if let Some(ct) = &ev.event.content_type {
             a.push("ct").push(ct);
         }
@@ -313,6 +317,7 @@ impl RedisStore {
             id: ev.event.id,
             keys,
             args: a.0,
+            body: ev.event.body,
         };
         // The idempotency claim is written by the same script as the event, so when this
         // answers "outcome unknown", a retry with the same key finds the event if it was
