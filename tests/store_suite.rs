@@ -729,7 +729,7 @@ mod redis {
     use super::redis_server::RedisServer;
     use super::*;
     use hookyard::queue::redis::{RedisOptions, RedisStore};
-    use hookyard::queue::Disposition;
+    use hookyard::queue::{Disposition, DlqFilter, FallbackReason, SignatureScheme};
 
     /// Options for a store whose keys live under a prefix of its own.
     fn options(prefix: &str) -> RedisOptions {
@@ -867,6 +867,176 @@ mod redis {
             other.stats("q", cases::T0).await.unwrap(),
             Default::default()
         );
+    }
+
+    /// Events written by an earlier version, whose metadata sat in one hash field each rather
+    /// than packed in `m`, are still read, delivered, listed and replayed after an upgrade:
+    /// one is ready in the stream (a sync fallback with a content type and a caller key), one
+    /// is a dead letter.
+    #[tokio::test]
+    async fn events_in_the_per_field_layout_are_read_after_an_upgrade() {
+        let Some(server) =
+            RedisServer::start("redis::events_in_the_per_field_layout_are_read_after_an_upgrade")
+        else {
+            return;
+        };
+        let mut conn = raw(&server).await;
+        let t0 = cases::T0;
+        let ev = |id: &str| format!("{{old}}:ev:{id}");
+        let q = |suffix: &str| format!("{{old}}:q:default:{suffix}");
+        let legacy = |id: &str, event_type: &str| {
+            vec![
+                ("type", event_type.to_owned()),
+                ("queue", "default".to_owned()),
+                ("target", format!("http://127.0.0.1:9000/{event_type}")),
+                ("trace", format!("trace-{id}")),
+                ("sig", "legacy_hmac_sha256".to_owned()),
+                ("timeout", "1500".to_owned()),
+                ("delays", "[500,1000]".to_owned()),
+                ("jitter", "0.2".to_owned()),
+                ("recv", t0.to_string()),
+                ("due", t0.to_string()),
+            ]
+        };
+        let sid: String = ::redis::cmd("XADD")
+            .arg(q("ready"))
+            .arg("*")
+            .arg("id")
+            .arg("evt_ready")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let mut ready = legacy("evt_ready", "user.updated");
+        ready.extend([
+            ("made", "0".to_owned()),
+            ("ct", "application/json".to_owned()),
+            ("ikey", "caller-key".to_owned()),
+            ("fb", "timeout".to_owned()),
+            ("state", "r".to_owned()),
+            ("sid", sid),
+        ]);
+        let member = format!("{:020}:evt_dead", t0 + 5);
+        let mut dead = legacy("evt_dead", "user.deleted");
+        dead.extend([
+            ("made", "1".to_owned()),
+            (
+                "last",
+                r#"{"started_at_ms":1700000000001,"latency_ms":3,"status":400}"#.to_owned(),
+            ),
+            ("state", "x".to_owned()),
+            ("dla", (t0 + 5).to_string()),
+            ("dlr", "non_retryable_status".to_owned()),
+            ("dlm", member.clone()),
+        ]);
+        let _: () = ::redis::pipe()
+            .cmd("HSET")
+            .arg(ev("evt_ready"))
+            .arg(&ready[..])
+            .ignore()
+            .cmd("HSET")
+            .arg(ev("evt_ready"))
+            .arg("body")
+            .arg(&[0u8, 0xff, 1][..])
+            .ignore()
+            .cmd("HSET")
+            .arg(ev("evt_dead"))
+            .arg(&dead[..])
+            .ignore()
+            .cmd("HSET")
+            .arg(ev("evt_dead"))
+            .arg("body")
+            .arg("gone")
+            .ignore()
+            .cmd("ZADD")
+            .arg("{old}:fallbacks")
+            .arg(t0)
+            .arg("evt_ready")
+            .ignore()
+            .cmd("ZADD")
+            .arg("{old}:dlq")
+            .arg(0)
+            .arg(&member)
+            .ignore()
+            .cmd("SET")
+            .arg(q("depth"))
+            .arg(1)
+            .ignore()
+            .cmd("SET")
+            .arg(q("dead"))
+            .arg(1)
+            .ignore()
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+
+        let store = open(&server, options("old")).await;
+        let rec = store.event("evt_ready").await.unwrap().unwrap();
+        assert_eq!(rec.event_type, "user.updated");
+        assert_eq!(rec.target, "http://127.0.0.1:9000/user.updated");
+        assert_eq!(rec.trace_id, "trace-evt_ready");
+        assert_eq!(rec.received_at_ms, t0);
+        assert_eq!(rec.fallback, Some(FallbackReason::Timeout));
+        let fallbacks = store.fallbacks(0, 10).await.unwrap();
+        assert_eq!(fallbacks.len(), 1);
+        assert_eq!(fallbacks[0].event_type, "user.updated");
+        assert_eq!(fallbacks[0].trace_id, "trace-evt_ready");
+
+        let got = store
+            .claim_due("default", t0 + 1, 10, cases::LEASE)
+            .await
+            .unwrap();
+        assert_eq!(got.len(), 1);
+        let c = &got[0];
+        assert_eq!(c.event.id, "evt_ready");
+        assert_eq!(c.event.event_type, "user.updated");
+        assert_eq!(&c.event.body[..], &[0u8, 0xff, 1][..]);
+        assert_eq!(c.event.content_type.as_deref(), Some("application/json"));
+        assert_eq!(c.event.trace_id, "trace-evt_ready");
+        assert_eq!(c.event.idempotency_key.as_deref(), Some("caller-key"));
+        assert_eq!(c.target, "http://127.0.0.1:9000/user.updated");
+        assert_eq!(c.signature, SignatureScheme::LegacyHmacSha256);
+        assert_eq!((c.timeout_ms, c.attempt), (1500, 1));
+        assert_eq!(c.retry_delays_ms, vec![500, 1000]);
+        assert!((c.jitter - 0.2).abs() < 1e-9);
+        assert!(store
+            .complete(
+                &c.event.id,
+                &c.lease_token,
+                None,
+                Disposition::Delivered,
+                t0 + 2
+            )
+            .await
+            .unwrap());
+
+        let page = store
+            .list_dead_letters(DlqFilter::default(), None, 10)
+            .await
+            .unwrap();
+        assert_eq!(page.items.len(), 1);
+        let d = &page.items[0];
+        assert_eq!(
+            (d.id.as_str(), d.event_type.as_str()),
+            ("evt_dead", "user.deleted")
+        );
+        assert_eq!((d.attempts, d.last_status), (1, Some(400)));
+        assert_eq!((d.received_at_ms, d.dead_lettered_at_ms), (t0, t0 + 5));
+        assert_eq!(
+            store
+                .replay(vec!["evt_dead".into()], t0 + 10)
+                .await
+                .unwrap(),
+            vec!["evt_dead".to_owned()]
+        );
+        let again = store
+            .claim_due("default", t0 + 10, 10, cases::LEASE)
+            .await
+            .unwrap();
+        assert_eq!(again.len(), 1);
+        assert_eq!(again[0].event.event_type, "user.deleted");
+        assert_eq!(&again[0].event.body[..], b"gone");
+        assert_eq!(again[0].attempt, 1);
+        let _ = store.close().await;
     }
 
     /// A crashed instance's lease is taken over after `claim_idle_ms` of idleness on Redis's

@@ -12,7 +12,9 @@ use redis::aio::ConnectionManager;
 use redis::{ToRedisArgs, Value};
 
 use super::batch::Batcher;
-use super::decode::{array, claimed_from, corrupt, dlq_member, opt_string, string, StoredAttempt};
+use super::decode::{
+    array, claimed_from, corrupt, dlq_member, opt_string, string, StoredAttempt, StoredMeta,
+};
 use super::{unavailable, write_failed, RedisStore, IDEMPOTENCY_TTL_SLACK_MS};
 use crate::queue::{
     AttemptRecord, Completion, Disposition, EnqueueOutcome, IdempotencyClaim, NewEvent, StoreError,
@@ -25,15 +27,19 @@ const ENQUEUE_BATCH: usize = 128;
 /// Most completions per batch (small arguments; bounded by the workers anyway).
 const COMPLETE_BATCH: usize = 256;
 
-/// One enqueue's arguments to the batch script.
+/// One enqueue's arguments to the batch script: `args` (all but the last of its
+/// [`ENQUEUE_ARGS`]), then the body.
 pub(super) struct EnqueueItem {
     id: String,
     keys: Vec<String>,
     args: Vec<Vec<u8>>,
-    /// Sent as the last field pair (`body`, bytes) straight from the event's buffer: copying
-    /// it into `args` first would copy every body twice.
+    /// Sent last, straight from the event's buffer: copying it into `args` first would copy
+    /// every body twice.
     body: Bytes,
 }
+
+/// Arguments per enqueue in the batch script's `ARGV` (`ENQUEUE` in `lua.rs`).
+const ENQUEUE_ARGS: usize = 12;
 
 /// One completion's arguments to the batch script (always 11).
 pub(super) struct CompleteItem {
@@ -72,11 +78,11 @@ impl Batchers {
                 declare(&mut inv, items.iter().map(|i| &i.keys));
                 inv.arg(&prefix);
                 for item in &items {
-                    inv.arg(item.args.len() + 2);
+                    debug_assert_eq!(item.args.len() + 1, ENQUEUE_ARGS);
                     for a in &item.args {
                         inv.arg(&a[..]);
                     }
-                    inv.arg("body").arg(&item.body[..]);
+                    inv.arg(&item.body[..]);
                 }
                 let reply = tokio::time::timeout(op_timeout, inv.invoke_async(&mut conn)).await;
                 let replies = match reply {
@@ -257,8 +263,20 @@ impl RedisStore {
         max_depth: u64,
     ) -> Result<EnqueueOutcome, StoreError> {
         self.check_open()?;
-        let delays = serde_json::to_string(&ev.retry_delays_ms)
-            .map_err(|e| StoreError::Corrupt(format!("cannot encode retry delays: {e}")))?;
+        let meta = serde_json::to_vec(&StoredMeta {
+            event_type: ev.event.event_type.clone(),
+            target: ev.target.clone(),
+            ct: ev.event.content_type.clone(),
+            trace: ev.event.trace_id.clone(),
+            ikey: ev.event.idempotency_key.clone(),
+            sig: ev.signature.as_str().to_owned(),
+            timeout: ev.timeout_ms,
+            delays: ev.retry_delays_ms.clone(),
+            jitter: ev.jitter,
+            recv: ev.received_at_ms,
+            fb: ev.fallback.map(|f| f.as_str().to_owned()),
+        })
+        .map_err(|e| StoreError::Corrupt(format!("cannot encode the event's metadata: {e}")))?;
         let mut a = Args::default();
         a.push(&ev.event.id)
             .push(&ev.queue)
@@ -276,29 +294,8 @@ impl RedisStore {
             }
         }
         a.push(if ev.fallback.is_some() { "1" } else { "" });
-        a.push("type").push(&ev.event.event_type);
-        a.push("queue").push(&ev.queue);
-        a.push("target").push(&ev.target);
-        a.push("trace").push(&ev.event.trace_id);
-        a.push("sig").push(ev.signature.as_str());
-        a.push("timeout").push(ev.timeout_ms);
-        a.push("delays").push(delays);
-        a.push("jitter").push(ev.jitter.to_string());
-        a.push("recv").push(ev.received_at_ms);
-        a.push("due").push(ev.due_at_ms);
-        a.push("made").push(0);
-        if let Some(ct) = &ev.event.content_type {
-            a.push("ct").push(ct);
-        }
-        if let Some(k) = &ev.event.idempotency_key {
-            a.push("ikey").push(k);
-        }
-        if let Some(fb) = ev.fallback {
-            a.push("fb").push(fb.as_str());
-        }
-        if let Some(key) = &ev.ordering_key {
-            a.push("okey").push(key);
-        }
+        a.push(ev.ordering_key.as_deref().unwrap_or(""));
+        a.0.push(meta);
         let mut keys = self.queue_keys(
             &ev.queue,
             &["depth", "ready", "delayed", "okseq", "okact", "held"],

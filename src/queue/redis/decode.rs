@@ -43,11 +43,95 @@ pub(super) struct StoredAttempt {
     pub(super) error: Option<String>,
 }
 
-/// Fields the claim script returns after id, token and due time, in this order.
-pub(super) const CLAIM_FIELDS: [&str; 14] = [
-    "type", "queue", "target", "ct", "trace", "ikey", "sig", "timeout", "delays", "jitter", "made",
-    "body", "okey", "oseq",
+/// The fields of an event that never change once it is accepted, kept in its hash as the one
+/// JSON field `m`. Redis pays per field and per argument (an object to create, a hash entry to
+/// look up, a line of the append-only file), so the enqueue writes this and the claim reads it
+/// as one field where they used to handle eleven. Scripts never read it: what they need
+/// (`queue`, `okey`, `due`, the state) stays in fields of their own.
+#[derive(Serialize, Deserialize)]
+pub(super) struct StoredMeta {
+    #[serde(rename = "type")]
+    pub(super) event_type: String,
+    pub(super) target: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(super) ct: Option<String>,
+    pub(super) trace: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(super) ikey: Option<String>,
+    pub(super) sig: String,
+    pub(super) timeout: u64,
+    pub(super) delays: Vec<u64>,
+    pub(super) jitter: f64,
+    pub(super) recv: UnixMillis,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(super) fb: Option<String>,
+}
+
+/// The fields events stored before `m` existed hold their metadata in, in the order
+/// [`meta_of`] reads them. Readers ask for them after `m`, so events accepted by an earlier
+/// version are still delivered and listed after an upgrade.
+pub(super) const LEGACY_META_FIELDS: [&str; 11] = [
+    "type", "target", "ct", "trace", "ikey", "sig", "timeout", "delays", "jitter", "recv", "fb",
 ];
+
+/// The fields to ask `HMGET` for to read `own` and the event's metadata: `m`, `own`, then
+/// [`LEGACY_META_FIELDS`]; [`split_meta`] takes the reply apart.
+pub(super) fn with_meta(own: &[&'static str]) -> Vec<&'static str> {
+    let mut all = vec!["m"];
+    all.extend_from_slice(own);
+    all.extend_from_slice(&LEGACY_META_FIELDS);
+    all
+}
+
+/// A [`with_meta`] reply as the event's metadata and the values of its own fields; `None` when
+/// the event is gone (no field at all: purged, or never stored).
+pub(super) fn split_meta(
+    row: &[Value],
+    own: usize,
+) -> Result<Option<(StoredMeta, &[Value])>, StoreError> {
+    if row.len() != 1 + own + LEGACY_META_FIELDS.len() {
+        return Err(corrupt(format!("HMGET answered {} fields", row.len())));
+    }
+    if row.iter().all(|v| *v == Value::Nil) {
+        return Ok(None);
+    }
+    let fields = &row[1..=own];
+    Ok(Some((meta_of(&row[0], &row[1 + own..])?, fields)))
+}
+
+/// An event's metadata: its `m` field, or when it has none (stored by an earlier version) the
+/// values of [`LEGACY_META_FIELDS`] in `legacy`.
+pub(super) fn meta_of(m: &Value, legacy: &[Value]) -> Result<StoredMeta, StoreError> {
+    if let Some(json) = bytes_of(m) {
+        return serde_json::from_slice(json).map_err(|e| corrupt(format!("event metadata: {e}")));
+    }
+    let [event_type, target, ct, trace, ikey, sig, timeout, delays, jitter, recv, fb] = legacy
+    else {
+        return Err(corrupt(format!(
+            "an event without metadata ({} legacy fields)",
+            legacy.len()
+        )));
+    };
+    let delays = string(delays, "retry delays")?;
+    let jitter = string(jitter, "jitter")?;
+    Ok(StoredMeta {
+        event_type: string(event_type, "event type")?,
+        target: string(target, "target")?,
+        ct: opt_string(ct)?,
+        trace: string(trace, "trace id")?,
+        ikey: opt_string(ikey)?,
+        sig: string(sig, "signature")?,
+        timeout: u64::try_from(int(timeout, "timeout")?)
+            .map_err(|_| corrupt("negative timeout"))?,
+        delays: serde_json::from_str(&delays)
+            .map_err(|e| corrupt(format!("bad retry delays {delays:?}: {e}")))?,
+        jitter: jitter
+            .parse()
+            .map_err(|_| corrupt(format!("bad jitter {jitter:?}")))?,
+        recv: int(recv, "received time")?,
+        fb: opt_string(fb)?,
+    })
+}
 
 // ---------------------------------------------------------------------------------------------
 // Decoding replies
@@ -102,8 +186,8 @@ pub(super) fn array(v: Value) -> Result<Vec<Value>, StoreError> {
     }
 }
 
-pub(super) fn fallback_of(v: &Value) -> Result<Option<FallbackReason>, StoreError> {
-    opt_string(v)?
+pub(super) fn fallback_of(stored: Option<String>) -> Result<Option<FallbackReason>, StoreError> {
+    stored
         .map(|s| {
             FallbackReason::parse(&s).ok_or_else(|| corrupt(format!("unknown fallback {s:?}")))
         })
@@ -134,20 +218,20 @@ pub(super) fn ordering_of(
     Ok(Some(KeySequence { key, sequence }))
 }
 
+/// A claim entry (`claim_entry` in `lua.rs`): id, token, due time, `m`, queue, attempts made,
+/// body, ordering key and sequence, then for an event without `m` its legacy fields.
 pub(super) fn claimed_from(
     entry: Value,
     lease_until_ms: UnixMillis,
 ) -> Result<(i64, ClaimedEvent), StoreError> {
     let f = array(entry)?;
-    if f.len() != 3 + CLAIM_FIELDS.len() {
+    if f.len() != 9 && f.len() != 9 + LEGACY_META_FIELDS.len() {
         return Err(corrupt(format!("claim reply has {} fields", f.len())));
     }
     let id = string(&f[0], "id")?;
-    let sig = string(&f[9], "signature")?;
-    let delays = string(&f[11], "retry delays")?;
-    let jitter = string(&f[12], "jitter")?;
-    let made = opt_i64(&f[13], "attempts")?.unwrap_or(0);
-    let body = match &f[14] {
+    let meta = meta_of(&f[3], &f[9..])?;
+    let made = opt_i64(&f[5], "attempts")?.unwrap_or(0);
+    let body = match &f[6] {
         Value::Nil => return Err(corrupt(format!("event {id} has no body"))),
         v => Bytes::from(bytes_of(v).unwrap_or_default().to_vec()),
     };
@@ -155,27 +239,23 @@ pub(super) fn claimed_from(
     let event = ClaimedEvent {
         event: Event {
             id,
-            event_type: string(&f[3], "event type")?,
+            event_type: meta.event_type,
             body,
-            content_type: opt_string(&f[6])?,
-            trace_id: string(&f[7], "trace id")?,
-            idempotency_key: opt_string(&f[8])?,
+            content_type: meta.ct,
+            trace_id: meta.trace,
+            idempotency_key: meta.ikey,
         },
         queue: string(&f[4], "queue")?,
-        target: string(&f[5], "target")?,
-        signature: SignatureScheme::parse(&sig)
-            .ok_or_else(|| corrupt(format!("unknown signature scheme {sig:?}")))?,
-        timeout_ms: u64::try_from(int(&f[10], "timeout")?)
-            .map_err(|_| corrupt("negative timeout"))?,
-        retry_delays_ms: serde_json::from_str(&delays)
-            .map_err(|e| corrupt(format!("bad retry delays {delays:?}: {e}")))?,
-        jitter: jitter
-            .parse()
-            .map_err(|_| corrupt(format!("bad jitter {jitter:?}")))?,
+        target: meta.target,
+        signature: SignatureScheme::parse(&meta.sig)
+            .ok_or_else(|| corrupt(format!("unknown signature scheme {:?}", meta.sig)))?,
+        timeout_ms: meta.timeout,
+        retry_delays_ms: meta.delays,
+        jitter: meta.jitter,
         attempt: u32::try_from(made.saturating_add(1)).unwrap_or(u32::MAX),
         lease_token: string(&f[1], "lease token")?,
         lease_until_ms,
-        ordering: ordering_of(&f[15], &f[16])?,
+        ordering: ordering_of(&f[7], &f[8])?,
     };
     Ok((due, event))
 }

@@ -29,6 +29,20 @@ local function drop_entry(stream, sid)
   redis.pcall('XACK', stream, G, sid)
   redis.call('XDEL', stream, sid)
 end
+-- An event leased under token tok as the claim entry the store decodes (`claimed_from` in
+-- decode.rs): id, token, due, then its fields. An event stored before the metadata was packed
+-- into `m` has its per-field metadata appended instead.
+local function claim_entry(id, tok, due)
+  local key = ev(id)
+  local f = redis.call('HMGET', key, 'm', 'queue', 'made', 'body', 'okey', 'oseq')
+  local entry = {id, tok, due, f[1], f[2], f[3], f[4], f[5], f[6]}
+  if not f[1] then
+    local old = redis.call('HMGET', key, 'type', 'target', 'ct', 'trace', 'ikey', 'sig',
+      'timeout', 'delays', 'jitter', 'recv', 'fb')
+    for i = 1, 11 do entry[9 + i] = old[i] end
+  end
+  return entry
+end
 -- Ordering keys of queue q: 'okseq' (key -> last sequence) and 'okact' (key -> the event
 -- pending or leased now) are hashes; each busy key's held events wait in a sorted set by
 -- sequence. The queue name is length-prefixed so no queue and key pair names another's set.
@@ -58,11 +72,7 @@ local function release_next(q, okey, now, tok, lease_until)
     local key = ev(nxt)
     redis.call('HSET', key, 'state', 'f', 'tok', tok, 'until', lease_until)
     redis.call('ZADD', qk(q, 'leased'), lease_until, nxt)
-    local f = redis.call('HMGET', key, 'type', 'queue', 'target', 'ct', 'trace', 'ikey', 'sig',
-      'timeout', 'delays', 'jitter', 'made', 'body', 'okey', 'oseq')
-    local entry = {nxt, tok, redis.call('HGET', key, 'due') or now}
-    for i = 1, 14 do entry[#entry + 1] = f[i] end
-    return entry
+    return claim_entry(nxt, tok, redis.call('HGET', key, 'due') or now)
   end
   local due = redis.call('HGET', ev(nxt), 'due')
   if not due or tonumber(due) > tonumber(now) then due = now end
@@ -72,11 +82,12 @@ local function release_next(q, okey, now, tok, lease_until)
 end
 "#;
 
-/// `ARGV`: prefix, then per event the number of its arguments followed by them: id, queue,
-/// max_depth, received_at, due_at, idempotency key ('' for none), idempotency expiry,
-/// idempotency ttl ms, fallback flag ('' or '1'), then hash field/value pairs. Returns one
-/// reply per event, in order: `{'ok'}`, `{'dup', event_id}`, `{'full'}`, `{'exists'}`, or
-/// `{'err', message}` when a Redis command failed for that event (the others keep theirs).
+/// `ARGV`: prefix, then 12 per event: id, queue, max_depth, received_at, due_at, idempotency
+/// key ('' for none), idempotency expiry, idempotency ttl ms, fallback flag ('' or '1'),
+/// ordering key ('' for none; a key is never empty), its metadata `m` (JSON, never read here)
+/// and its body. Returns one reply per event, in order: `{'ok'}`, `{'dup', event_id}`,
+/// `{'full'}`, `{'exists'}`, or `{'err', message}` when a Redis command failed for that event
+/// (the others keep theirs).
 ///
 /// `KEYS`: per event its `ev:<id>`, its queue's `depth`, `ready`, `delayed`, `okseq`,
 /// `okact`, `held`, its ordering key's held set, its idempotency key, `fallbacks`. Found: none.
@@ -88,11 +99,11 @@ const ENQUEUE: &str = r#"
 -- Depth per queue as this batch leaves it: read once, written once at the end (INCRBY), so an
 -- event costs no depth round of its own and a later event of the batch sees the earlier ones.
 local depths, added = {}, {}
--- A[k] is what ARGV[k] was when each event had its own script call (A[1] the prefix).
-local function enqueue_one(A)
-  local id, q = A[2], A[3]
-  local recv, due = tonumber(A[5]), tonumber(A[6])
-  local ik = A[7]
+-- The event whose arguments start at ARGV[i].
+local function enqueue_one(i)
+  local id, q = ARGV[i], ARGV[i + 1]
+  local recv = tonumber(ARGV[i + 3])
+  local ik = ARGV[i + 5]
   -- Dedupe before the depth check: a retried request whose first copy was accepted should learn
   -- its event id, not be told to back off. The expiry inside the value is authoritative; the
   -- key's TTL only garbage-collects it.
@@ -106,23 +117,20 @@ local function enqueue_one(A)
     end
   end
   if depths[q] == nil then depths[q] = tonumber(redis.call('GET', qk(q, 'depth')) or '0') end
-  if depths[q] >= tonumber(A[4]) then return {'full'} end
+  if depths[q] >= tonumber(ARGV[i + 2]) then return {'full'} end
   local key = ev(id)
   if redis.call('EXISTS', key) == 1 then return {'exists'} end
   -- Every check that can refuse the event is above; below, its fields, state and place are
   -- written with one HSET.
-  local fields = {unpack(A, 11, A.n)}
-  local okey
-  for j = 1, #fields, 2 do
-    if fields[j] == 'okey' then okey = fields[j + 1] end
-  end
-  local state, sid
-  if okey then
+  local due = ARGV[i + 4]
+  local fields = {'m', ARGV[i + 10], 'body', ARGV[i + 11], 'queue', q, 'due', due}
+  local okey = ARGV[i + 9]
+  local state
+  if okey ~= '' then
     -- An ordering key takes the key's next sequence; a key with an event pending or leased
     -- holds this one back.
     local seq = redis.call('HINCRBY', qk(q, 'okseq'), okey, 1)
-    fields[#fields + 1] = 'oseq'
-    fields[#fields + 1] = seq
+    fields[9], fields[10], fields[11], fields[12] = 'okey', okey, 'oseq', seq
     if redis.call('HSETNX', qk(q, 'okact'), okey, id) == 0 then
       state = 'h'
       redis.call('ZADD', held_set(q, okey), seq, id)
@@ -130,14 +138,13 @@ local function enqueue_one(A)
     end
   end
   if state then
-  elseif due <= recv then
+  elseif tonumber(due) <= recv then
     state = 'r'
-    sid = redis.call('XADD', qk(q, 'ready'), '*', 'id', id)
     fields[#fields + 1] = 'sid'
-    fields[#fields + 1] = sid
+    fields[#fields + 1] = redis.call('XADD', qk(q, 'ready'), '*', 'id', id)
   else
     state = 'p'
-    redis.call('ZADD', qk(q, 'delayed'), A[6], id)
+    redis.call('ZADD', qk(q, 'delayed'), due, id)
   end
   fields[#fields + 1] = 'state'
   fields[#fields + 1] = state
@@ -145,21 +152,16 @@ local function enqueue_one(A)
   depths[q] = depths[q] + 1
   added[q] = (added[q] or 0) + 1
   if ik ~= '' then
-    redis.call('SET', ik, A[8] .. '|' .. id, 'PX', A[9])
+    redis.call('SET', ik, ARGV[i + 6] .. '|' .. id, 'PX', ARGV[i + 7])
   end
-  if A[10] ~= '' then
-    redis.call('ZADD', P .. ':fallbacks', A[5], id)
+  if ARGV[i + 8] ~= '' then
+    redis.call('ZADD', P .. ':fallbacks', ARGV[i + 3], id)
   end
   return {'ok'}
 end
 local out = {}
-local i = 2
-while i <= #ARGV do
-  local n = tonumber(ARGV[i])
-  local A = {P, n = n + 1}
-  for j = 1, n do A[j + 1] = ARGV[i + j] end
-  i = i + n + 1
-  local ok, r = pcall(enqueue_one, A)
+for i = 2, #ARGV, 12 do
+  local ok, r = pcall(enqueue_one, i)
   if ok then out[#out + 1] = r else out[#out + 1] = {'err', tostring(type(r) == 'table' and r.err or r)} end
 end
 for q, n in pairs(added) do redis.call('INCRBY', qk(q, 'depth'), n) end
@@ -168,8 +170,8 @@ return out
 
 /// `ARGV`: prefix, queue, now, limit, lease_until, consumer, claim_idle_ms, token base,
 /// most lease expiries in a row, their dead-letter reason, the DLQ member prefix for `now`
-/// (the id is appended). Returns one array per leased event: id, token, due (or expired lease)
-/// time, then the fields of [`CLAIM_FIELDS`](super::decode::CLAIM_FIELDS) in order.
+/// (the id is appended). Returns one claim entry (`claim_entry` above) per leased event, its
+/// due time the expired lease's end for a lease that ran out.
 ///
 /// `KEYS`: the queue's `ready`, `delayed`, `leased`, `depth`, `dead`, `okact`, `held`, and
 /// `dlq`. Found: the `ev:` and `att:` keys of the events it finds, the held sets (`okh:`) of
@@ -209,11 +211,7 @@ local function lease_it(id, due)
   local key = ev(id)
   redis.call('HSET', key, 'state', 'f', 'tok', tok, 'until', until_s)
   redis.call('ZADD', leased, until_s, id)
-  local f = redis.call('HMGET', key, 'type', 'queue', 'target', 'ct', 'trace', 'ikey', 'sig',
-    'timeout', 'delays', 'jitter', 'made', 'body', 'okey', 'oseq')
-  local entry = {id, tok, due}
-  for i = 1, 14 do entry[#entry + 1] = f[i] end
-  out[#out + 1] = entry
+  out[#out + 1] = claim_entry(id, tok, due)
 end
 if limit <= 0 then return out end
 -- '0': a group created after entries exist still reads them all. Acknowledged entries are

@@ -7,7 +7,7 @@ use redis::Value;
 
 use super::decode::{
     array, claimed_from, corrupt, decode_cursor, dlq_member, encode_cursor, fallback_of, int,
-    last_attempt, opt_i64, opt_string, ordering_of, string, StoredAttempt,
+    last_attempt, opt_i64, opt_string, ordering_of, split_meta, string, with_meta, StoredAttempt,
 };
 use super::{unavailable, RedisStore, MAINTENANCE_CHUNK};
 use crate::queue::{
@@ -94,10 +94,9 @@ impl RedisStore {
                     .atomic()
                     .cmd("HMGET")
                     .arg(&key)
-                    .arg(&[
-                        "type", "queue", "target", "trace", "state", "recv", "due", "dlv", "dla",
-                        "dlr", "fb", "okey", "oseq",
-                    ])
+                    .arg(with_meta(&[
+                        "queue", "state", "due", "dlv", "dla", "dlr", "okey", "oseq",
+                    ]))
                     .cmd("LRANGE")
                     .arg(&att)
                     .arg(0)
@@ -107,10 +106,11 @@ impl RedisStore {
                     .map_err(unavailable)
             })
             .await?;
-        if fields.len() != 13 || fields[4] == Value::Nil {
+        let Some((meta, fields)) = split_meta(&fields, 8)?.filter(|(_, f)| f[1] != Value::Nil)
+        else {
             return Ok(None);
-        }
-        let state = match string(&fields[4], "state")?.as_str() {
+        };
+        let state = match string(&fields[1], "state")?.as_str() {
             "p" | "r" => EventState::Pending,
             "f" => EventState::InFlight,
             "h" => EventState::Held,
@@ -140,22 +140,22 @@ impl RedisStore {
             .collect::<Result<Vec<_>, StoreError>>()?;
         Ok(Some(EventRecord {
             id: event_id.to_owned(),
-            event_type: string(&fields[0], "event type")?,
-            queue: string(&fields[1], "queue")?,
-            target: string(&fields[2], "target")?,
-            trace_id: string(&fields[3], "trace id")?,
+            event_type: meta.event_type,
+            queue: string(&fields[0], "queue")?,
+            target: meta.target,
+            trace_id: meta.trace,
             state,
-            received_at_ms: int(&fields[5], "received time")?,
+            received_at_ms: meta.recv,
             due_at_ms: if state == EventState::Pending {
-                opt_i64(&fields[6], "due time")?
+                opt_i64(&fields[2], "due time")?
             } else {
                 None
             },
-            delivered_at_ms: opt_i64(&fields[7], "delivered time")?,
-            dead_lettered_at_ms: opt_i64(&fields[8], "dead-lettered time")?,
-            dead_letter_reason: opt_string(&fields[9])?,
-            fallback: fallback_of(&fields[10])?,
-            ordering: ordering_of(&fields[11], &fields[12])?,
+            delivered_at_ms: opt_i64(&fields[3], "delivered time")?,
+            dead_lettered_at_ms: opt_i64(&fields[4], "dead-lettered time")?,
+            dead_letter_reason: opt_string(&fields[5])?,
+            fallback: fallback_of(meta.fb)?,
+            ordering: ordering_of(&fields[6], &fields[7])?,
             attempts,
         }))
     }
@@ -222,42 +222,41 @@ impl RedisStore {
                 .ok_or_else(|| corrupt("bad dead-letter index entry"))?;
             let mut pipe = redis::pipe();
             for id in &ids {
-                pipe.cmd("HMGET").arg(self.ev_key(id)).arg(&[
-                    "type", "queue", "target", "trace", "dlr", "made", "last", "recv", "dla",
-                    "okey", "oseq",
-                ]);
+                pipe.cmd("HMGET").arg(self.ev_key(id)).arg(with_meta(&[
+                    "queue", "dlr", "made", "last", "dla", "okey", "oseq",
+                ]));
             }
             let rows: Vec<Vec<Value>> =
                 self.run(|mut conn| async move {
                     pipe.query_async(&mut conn).await.map_err(unavailable)
                 })
                 .await?;
-            for (id, f) in ids.into_iter().zip(rows) {
-                if f.len() != 11 || f[0] == Value::Nil {
+            for (id, row) in ids.into_iter().zip(rows) {
+                let Some((meta, f)) = split_meta(&row, 7)? else {
                     // Purged between the two reads.
                     continue;
-                }
-                let event_type = string(&f[0], "event type")?;
-                let queue = string(&f[1], "queue")?;
+                };
+                let event_type = meta.event_type;
+                let queue = string(&f[0], "queue")?;
                 if filter.event_type.as_ref().is_some_and(|t| *t != event_type)
                     || filter.queue.as_ref().is_some_and(|q| *q != queue)
                 {
                     continue;
                 }
-                let (last_status, last_error) = last_attempt(&f[6])?;
+                let (last_status, last_error) = last_attempt(&f[3])?;
                 items.push(DeadLetter {
                     id,
                     event_type,
                     queue,
-                    target: string(&f[2], "target")?,
-                    trace_id: string(&f[3], "trace id")?,
-                    reason: opt_string(&f[4])?.unwrap_or_default(),
-                    attempts: u32::try_from(opt_i64(&f[5], "attempts")?.unwrap_or(0)).unwrap_or(0),
+                    target: meta.target,
+                    trace_id: meta.trace,
+                    reason: opt_string(&f[1])?.unwrap_or_default(),
+                    attempts: u32::try_from(opt_i64(&f[2], "attempts")?.unwrap_or(0)).unwrap_or(0),
                     last_status,
                     last_error,
-                    received_at_ms: int(&f[7], "received time")?,
-                    dead_lettered_at_ms: int(&f[8], "dead-lettered time")?,
-                    ordering: ordering_of(&f[9], &f[10])?,
+                    received_at_ms: meta.recv,
+                    dead_lettered_at_ms: int(&f[4], "dead-lettered time")?,
+                    ordering: ordering_of(&f[5], &f[6])?,
                 });
                 if items.len() > limit {
                     break;
@@ -307,31 +306,31 @@ impl RedisStore {
         for (id, _) in &rows {
             pipe.cmd("HMGET")
                 .arg(self.ev_key(id))
-                .arg(&["trace", "type", "fb", "target", "state", "dlv"]);
+                .arg(with_meta(&["state", "dlv"]));
         }
         let fields: Vec<Vec<Value>> = self
             .run(|mut conn| async move { pipe.query_async(&mut conn).await.map_err(unavailable) })
             .await?;
         let mut out = Vec::with_capacity(rows.len());
-        for ((event_id, at_ms), f) in rows.into_iter().zip(fields) {
-            if f.len() != 6 || f[0] == Value::Nil {
+        for ((event_id, at_ms), row) in rows.into_iter().zip(fields) {
+            let Some((meta, f)) = split_meta(&row, 2)? else {
                 continue;
-            }
-            let state = match opt_string(&f[4])?.as_deref() {
+            };
+            let state = match opt_string(&f[0])?.as_deref() {
                 Some("d") => Reconciliation::Delivered,
                 Some("x") => Reconciliation::DeadLettered,
                 _ => Reconciliation::Pending,
             };
             out.push(FallbackRecord {
                 event_id,
-                trace_id: string(&f[0], "trace id")?,
-                event_type: string(&f[1], "event type")?,
-                reason: fallback_of(&f[2])?.ok_or_else(|| corrupt("fallback without reason"))?,
-                target: string(&f[3], "target")?,
+                trace_id: meta.trace,
+                event_type: meta.event_type,
+                reason: fallback_of(meta.fb)?.ok_or_else(|| corrupt("fallback without reason"))?,
+                target: meta.target,
                 at_ms,
                 state,
                 delivered_at_ms: if state == Reconciliation::Delivered {
-                    opt_i64(&f[5], "delivered time")?
+                    opt_i64(&f[1], "delivered time")?
                 } else {
                     None
                 },
