@@ -8,7 +8,9 @@
 #
 # Env: HOOKYARD_BIN (default target/release/hookyard), DURATION (wrk, default 10s),
 # APPENDFSYNC (redis, default always), DRAIN_EVENTS (deliveries phase, default 20000),
-# SKIP_ACCEPTS / SKIP_DELIVERIES (skip a phase), DRAIN_STORES (default "sqlite redis1 redis2").
+# SKIP_ACCEPTS / SKIP_DELIVERIES (skip a phase), DRAIN_STORES (default "sqlite redis1 redis2"),
+# PERF_DIR (record redis-server with `perf record -g` during each Redis phase and print where its
+# CPU goes: the top symbols, and the shares of the Lua VM, the commands, the AOF and networking).
 # Needs redis-server, wrk and curl on PATH. Everything runs on loopback in a temp dir.
 set -euo pipefail
 
@@ -46,13 +48,39 @@ cpu_us() {
   echo $(((f[11] + f[12]) * 1000000 / $(getconf CLK_TCK)))
 }
 # With REDIS_STATS=1, Redis's per-command counters (calls, µs per call; commands run inside
-# scripts are counted too) for the phase: where redis-server's time goes.
-redis_stats_reset() { [ -z "${REDIS_STATS:-}" ] || redis-cli -p "$REDIS" config resetstat >/dev/null; }
-redis_stats() {
+# scripts are counted too) and the time of each hookyard script (from the slow log, logging
+# every command meanwhile) for the phase: where redis-server's time goes.
+redis_stats_reset() {
   [ -z "${REDIS_STATS:-}" ] && return 0
+  redis-cli -p "$REDIS" config resetstat >/dev/null
+  redis-cli -p "$REDIS" config set slowlog-max-len 1000000 >/dev/null
+  redis-cli -p "$REDIS" config set slowlog-log-slower-than 0 >/dev/null
+  redis-cli -p "$REDIS" slowlog reset >/dev/null
+}
+redis_stats() { # events
+  [ -z "${REDIS_STATS:-}" ] && return 0
+  redis-cli -p "$REDIS" config set slowlog-log-slower-than 10000 >/dev/null
+  echo "   time per script (slow log):"
+  redis-cli -p "$REDIS" --json slowlog get -1 | python3 "$(dirname "$0")/redis_script_times.py" "$1"
+  echo "   commands, scripts' own included (commandstats):"
   redis-cli -p "$REDIS" info commandstats | tr -d '\r' | grep -E '^cmdstat_' |
     sed -E 's/^cmdstat_([^:]*):calls=([0-9]*),usec=([0-9]*),usec_per_call=([0-9.]*).*/     \1 calls=\2 usec=\3 per_call=\4/' |
     sort -t= -k3 -n -r | head -12
+}
+# With PERF_DIR set, a profile of redis-server for one phase: perf_start <name> ... perf_stop.
+perf_start() {
+  [ -z "${PERF_DIR:-}" ] && return 0
+  mkdir -p "$PERF_DIR"
+  perf record -q -g -F 2000 -p "$REDIS_PID" -o "$PERF_DIR/$1.data" 2>>"$work/log" & PERF_PID=$!
+  PERF_NAME=$1
+  sleep 0.2
+}
+perf_stop() {
+  [ -z "${PERF_DIR:-}" ] && return 0
+  kill -INT "$PERF_PID"; wait "$PERF_PID" 2>/dev/null || true
+  perf report -i "$PERF_DIR/$PERF_NAME.data" --no-children --sort symbol --stdio 2>/dev/null \
+    >"$PERF_DIR/$PERF_NAME.txt" || true
+  python3 "$(dirname "$0")/redis_profile.py" "$PERF_DIR/$PERF_NAME.data" | sed 's/^/   /'
 }
 # Sum of cpu_us over pids.
 cpu_sum() { local t=0 p; for p in "$@"; do t=$((t + $(cpu_us "$p"))); done; echo $t; }
@@ -120,13 +148,15 @@ accepts() { # name store-yaml
   echo "== durable accepts/s, $1 (1 KiB bodies, 64 connections, $DURATION)"
   local h0 r0 out n
   h0=$(cpu_us "$pid"); r0=$(cpu_us "$REDIS_PID"); redis_stats_reset
+  [ "$1" = sqlite ] || perf_start "accepts-$1"
   out=$(wrk -t2 -c64 -d"$DURATION" --latency -s "$work/post.lua" \
     "http://127.0.0.1:${ports[0]}/v1/events/bench.event")
   grep -E "Requests/sec|non-2xx|50%|99%" <<<"$out"
   n=$(sed -n 's/^ *\([0-9]*\) requests in .*/\1/p' <<<"$out")
   # SQLite's redis delta is the idle server's; it is printed so the two lines read alike.
   per_event $(($(cpu_us "$pid") - h0)) $(($(cpu_us "$REDIS_PID") - r0)) "$n"
-  [ "$1" = sqlite ] || redis_stats
+  [ "$1" = sqlite ] || perf_stop
+  [ "$1" = sqlite ] || redis_stats "$n"
   kill "$pid"; wait "$pid" 2>/dev/null || true
 }
 
@@ -177,13 +207,15 @@ deliveries() { # sqlite | redis <instances>
   want=$DRAIN_EVENTS
   local h0 r0
   h0=$(cpu_sum "${cfgs[@]}"); r0=$(cpu_us "$REDIS_PID"); redis_stats_reset
+  [ "$kind" = sqlite ] || perf_start "deliveries-redis$n"
   t0=$(date +%s.%N)
   curl -fsS -X POST -d '{"all":true}' "http://127.0.0.1:${admins[0]}/v1/dlq/replay" >/dev/null
   until [ "$(stats)" -ge "$want" ]; do sleep 0.05; done
   t1=$(date +%s.%N)
   python3 -c "print('== deliveries/s, $n instance(s) on $kind: %.0f ($DRAIN_EVENTS events in %.2f s, replay included)' % ($DRAIN_EVENTS/($t1-$t0), $t1-$t0))"
   per_event $(($(cpu_sum "${cfgs[@]}") - h0)) $(($(cpu_us "$REDIS_PID") - r0)) "$DRAIN_EVENTS"
-  [ "$kind" = sqlite ] || redis_stats
+  [ "$kind" = sqlite ] || perf_stop
+  [ "$kind" = sqlite ] || redis_stats "$DRAIN_EVENTS"
   for p in "${cfgs[@]}"; do kill "$p"; wait "$p" 2>/dev/null || true; done
 }
 
