@@ -29,19 +29,31 @@ local function drop_entry(stream, sid)
   redis.pcall('XACK', stream, G, sid)
   redis.call('XDEL', stream, sid)
 end
+-- The fields a claim entry carries, in order; `at` in claim_entry says where a caller that
+-- already read them (after fields of its own) has them.
+local CLAIM_READ = {'m', 'queue', 'made', 'body', 'okey', 'oseq'}
 -- An event leased under token tok as the claim entry the store decodes (`claimed_from` in
--- decode.rs): id, token, due, then its fields. An event stored before the metadata was packed
--- into `m` has its per-field metadata appended instead.
-local function claim_entry(id, tok, due)
+-- decode.rs): id, token, due, then its fields, read here unless the caller passes its own
+-- HMGET reply `f` holding them from index `at + 1`. An event stored before the metadata was
+-- packed into `m` has its per-field metadata appended.
+local function claim_entry(id, tok, due, f, at)
   local key = ev(id)
-  local f = redis.call('HMGET', key, 'm', 'queue', 'made', 'body', 'okey', 'oseq')
-  local entry = {id, tok, due, f[1], f[2], f[3], f[4], f[5], f[6]}
-  if not f[1] then
+  if not f then
+    f, at = redis.call('HMGET', key, unpack(CLAIM_READ)), 0
+  end
+  local entry = {id, tok, due, f[at + 1], f[at + 2], f[at + 3], f[at + 4], f[at + 5], f[at + 6]}
+  if not f[at + 1] then
     local old = redis.call('HMGET', key, 'type', 'target', 'ct', 'trace', 'ikey', 'sig',
       'timeout', 'delays', 'jitter', 'recv', 'fb')
     for i = 1, 11 do entry[9 + i] = old[i] end
   end
   return entry
+end
+-- ZADD of many (score, member) pairs, in chunks that stay within Lua's unpack limit.
+local function zadd_all(key, pairs_)
+  for i = 1, #pairs_, 1000 do
+    redis.call('ZADD', key, unpack(pairs_, i, math.min(i + 999, #pairs_)))
+  end
 end
 -- Ordering keys of queue q: 'okseq' (key -> last sequence) and 'okact' (key -> the event
 -- pending or leased now) are hashes; each busy key's held events wait in a sorted set by
@@ -205,13 +217,16 @@ local function expired(id, sid)
   if okey then release_next(q, okey, ARGV[3]) end
   return true
 end
-local function lease_it(id, due)
+-- Leased events enter the leased set with one ZADD at the end.
+local leases = {}
+-- Leases `id`; `f` and `at` as for claim_entry.
+local function lease_it(id, due, f, at)
   n = n + 1
   local tok = base .. ':' .. n
-  local key = ev(id)
-  redis.call('HSET', key, 'state', 'f', 'tok', tok, 'until', until_s)
-  redis.call('ZADD', leased, until_s, id)
-  out[#out + 1] = claim_entry(id, tok, due)
+  redis.call('HSET', ev(id), 'state', 'f', 'tok', tok, 'until', until_s)
+  leases[#leases + 1] = until_s
+  leases[#leases + 1] = id
+  out[#out + 1] = claim_entry(id, tok, due, f, at)
 end
 if limit <= 0 then return out end
 -- '0': a group created after entries exist still reads them all. Acknowledged entries are
@@ -220,89 +235,102 @@ if limit <= 0 then return out end
 local function create_group() redis.pcall('XGROUP', 'CREATE', stream, G, '0', 'MKSTREAM') end
 if redis.call('EXISTS', stream) == 0 then create_group() end
 
--- 1. Leases that ran out by the caller's clock (the lease length the worker asked for).
-local exp = redis.call('ZRANGEBYSCORE', leased, '-inf', ARGV[3], 'WITHSCORES', 'LIMIT', 0, limit)
-for i = 1, #exp, 2 do
-  local id = exp[i]
-  local st = redis.call('HMGET', ev(id), 'state', 'sid')
-  if st[1] == 'f' then
-    if not expired(id, st[2]) then
-      if st[2] then redis.pcall('XCLAIM', stream, G, consumer, 0, st[2], 'JUSTID') end
-      lease_it(id, exp[i + 1])
-    end
-  else
-    redis.call('ZREM', leased, id)
-  end
-end
-
--- 2. Entries another consumer has held longer than claim_idle_ms on Redis's own clock: its
--- instance crashed, or its clock is wrong. Immune to clock skew between instances.
-if n < limit then
-  local r = redis.pcall('XAUTOCLAIM', stream, G, consumer, idle, '0-0', 'COUNT', limit - n)
-  if type(r) == 'table' and not r.err and r[2] then
-    for _, e in ipairs(r[2]) do
-      local sid, fields = e[1], e[2]
-      local id = fields and fields[2]
-      local st = {}
-      if id then st = redis.call('HMGET', ev(id), 'state', 'sid', 'until') end
-      if st[1] == 'f' and st[2] == sid then
-        if not expired(id, sid) then lease_it(id, st[3]) end
-      elseif sid then
-        drop_entry(stream, sid)
+-- The steps run under pcall so the leased set gets its one ZADD whatever happens: an event
+-- whose state says leased must be in the set, or no expiry would ever hand it out again.
+local function steps()
+  -- 1. Leases that ran out by the caller's clock (the lease length the worker asked for).
+  local exp = redis.call('ZRANGEBYSCORE', leased, '-inf', ARGV[3], 'WITHSCORES', 'LIMIT', 0, limit)
+  for i = 1, #exp, 2 do
+    local id = exp[i]
+    local st = redis.call('HMGET', ev(id), 'state', 'sid')
+    if st[1] == 'f' then
+      if not expired(id, st[2]) then
+        if st[2] then redis.pcall('XCLAIM', stream, G, consumer, 0, st[2], 'JUSTID') end
+        lease_it(id, exp[i + 1])
       end
+    else
+      redis.call('ZREM', leased, id)
     end
   end
-end
 
--- 3. Delayed events now due move to the stream, oldest due first, in this same script: a
--- crash between ZREM and XADD cannot lose or duplicate one.
-if n < limit then
-  local due = redis.call('ZRANGEBYSCORE', delayed, '-inf', ARGV[3], 'LIMIT', 0, limit - n)
-  for _, id in ipairs(due) do
-    redis.call('ZREM', delayed, id)
-    to_ready(id, q)
-  end
-end
-
--- 4. New entries for this consumer.
-if n < limit then
-  local function read()
-    return redis.pcall('XREADGROUP', 'GROUP', G, consumer, 'COUNT', limit - n, 'STREAMS', stream, '>')
-  end
-  local r = read()
-  if type(r) == 'table' and r.err then
-    -- NOGROUP: Redis lost the consumer group (a restart that lost the stream's metadata, a
-    -- failover, manual cleanup). Recreate it and retry; steps 1 and 2 above were no-ops
-    -- without it, and the next claim runs them again.
-    if not string.find(r.err, 'NOGROUP', 1, true) then return redis.error_reply(r.err) end
-    create_group()
-    r = read()
-    if type(r) == 'table' and r.err then return redis.error_reply(r.err) end
-  end
-  if r and r[1] then
-    for _, e in ipairs(r[1][2]) do
-      local sid, fields = e[1], e[2]
-      local id = fields and fields[2]
-      local st = {}
-      if id then st = redis.call('HMGET', ev(id), 'state', 'sid', 'due') end
-      if st[1] == 'r' and st[2] == sid then
-        if tonumber(st[3]) > now then
-          -- Enqueued by an instance whose clock runs ahead: not due yet by ours.
+  -- 2. Entries another consumer has held longer than claim_idle_ms on Redis's own clock: its
+  -- instance crashed, or its clock is wrong. Immune to clock skew between instances.
+  if n < limit then
+    local r = redis.pcall('XAUTOCLAIM', stream, G, consumer, idle, '0-0', 'COUNT', limit - n)
+    if type(r) == 'table' and not r.err and r[2] then
+      for _, e in ipairs(r[2]) do
+        local sid, fields = e[1], e[2]
+        local id = fields and fields[2]
+        local st = {}
+        if id then st = redis.call('HMGET', ev(id), 'state', 'sid', 'until') end
+        if st[1] == 'f' and st[2] == sid then
+          if not expired(id, sid) then lease_it(id, st[3]) end
+        elseif sid then
           drop_entry(stream, sid)
-          redis.call('HSET', ev(id), 'state', 'p')
-          redis.call('HDEL', ev(id), 'sid')
-          redis.call('ZADD', delayed, st[3], id)
-        else
-          lease_it(id, st[3])
         end
-      elseif st[1] == 'f' and st[2] == sid then
-        -- Re-read after the group was recreated: still leased; the lease decides.
-      else
-        drop_entry(stream, sid)
+      end
+    end
+  end
+
+  -- 3. Delayed events now due move to the stream, oldest due first, in this same script: a
+  -- crash between ZREM and XADD cannot lose or duplicate one.
+  if n < limit then
+    local due = redis.call('ZRANGEBYSCORE', delayed, '-inf', ARGV[3], 'LIMIT', 0, limit - n)
+    for i = 1, #due, 1000 do
+      redis.call('ZREM', delayed, unpack(due, i, math.min(i + 999, #due)))
+    end
+    for _, id in ipairs(due) do to_ready(id, q) end
+  end
+
+  -- 4. New entries for this consumer.
+  if n < limit then
+    local function read()
+      return redis.pcall('XREADGROUP', 'GROUP', G, consumer, 'COUNT', limit - n, 'STREAMS', stream, '>')
+    end
+    local r = read()
+    if type(r) == 'table' and r.err then
+      -- NOGROUP: Redis lost the consumer group (a restart that lost the stream's metadata, a
+      -- failover, manual cleanup). Recreate it and retry; steps 1 and 2 above were no-ops
+      -- without it, and the next claim runs them again.
+      if not string.find(r.err, 'NOGROUP', 1, true) then return redis.error_reply(r.err) end
+      create_group()
+      r = read()
+      if type(r) == 'table' and r.err then return redis.error_reply(r.err) end
+    end
+    if r and r[1] then
+      for _, e in ipairs(r[1][2]) do
+        local sid, fields = e[1], e[2]
+        local id = fields and fields[2]
+        local st = {}
+        -- The claim entry's fields are read with the state, in one HMGET.
+        if id then
+          st = redis.call('HMGET', ev(id), 'state', 'sid', 'due', unpack(CLAIM_READ))
+        end
+        if st[1] == 'r' and st[2] == sid then
+          if tonumber(st[3]) > now then
+            -- Enqueued by an instance whose clock runs ahead: not due yet by ours.
+            drop_entry(stream, sid)
+            redis.call('HSET', ev(id), 'state', 'p')
+            redis.call('HDEL', ev(id), 'sid')
+            redis.call('ZADD', delayed, st[3], id)
+          else
+            lease_it(id, st[3], st, 3)
+          end
+        elseif st[1] == 'f' and st[2] == sid then
+          -- Re-read after the group was recreated: still leased; the lease decides.
+        else
+          drop_entry(stream, sid)
+        end
       end
     end
   end
 end
+local ok, err = pcall(steps)
+zadd_all(leased, leases)
+if not ok then
+  return redis.error_reply(tostring(type(err) == 'table' and err.err or err))
+end
+if type(err) == 'table' and err.err then return err end
 return out
 "#;
 
