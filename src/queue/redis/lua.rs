@@ -357,20 +357,21 @@ const COMPLETE: &str = r#"
 -- leased, delivered and delayed sets, depth counters) are gathered and made once at the end:
 -- a batch of retries moves into the delayed set with one ZADD per queue.
 local acks, unlease, delivered, depth_drop, retries = {}, {}, {}, {}, {}
-local function push(t, k, ...)
+local function list(t, k)
   local l = t[k]
   if not l then l = {}; t[k] = l end
-  for _, v in ipairs({...}) do l[#l + 1] = v end
+  return l
 end
--- A[k] is what ARGV[k] was when each completion had its own script call.
-local function complete_one(A)
-  local id, tok, kind = A[2], A[3], A[4]
+-- The completion whose 11 arguments start at ARGV[i]: id, token, kind, due, now, reason, DLQ
+-- member, attempt JSON, deferring host, next lease token, next lease end.
+local function complete_one(i)
+  local id, tok, kind, now = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 4]
   local key = ev(id)
   local st = redis.call('HMGET', key, 'state', 'tok', 'sid', 'queue', 'made', 'okey')
   if st[1] ~= 'f' or st[2] ~= tok then return 0 end
   local q = st[4]
-  if st[3] then push(acks, q, st[3]) end
-  push(unlease, q, id)
+  if st[3] then local l = list(acks, q); l[#l + 1] = st[3] end
+  local l = list(unlease, q); l[#l + 1] = id
   local final = kind == 'delivered' or kind == 'dead'
   if final then
     redis.call('HDEL', key, 'tok', 'until', 'sid', 'lx', 'bd', 'due')
@@ -378,50 +379,58 @@ local function complete_one(A)
     redis.call('HDEL', key, 'tok', 'until', 'sid', 'lx', 'bd')
   end
   local set = {}
-  local function put(f, v) set[#set + 1] = f; set[#set + 1] = v end
-  if A[10] ~= '' then
-    put('bd', A[10])
-    redis.call('SADD', P .. ':bd:' .. A[10], id)
-    redis.call('SADD', P .. ':bdhosts', A[10])
+  local host, attempt = ARGV[i + 8], ARGV[i + 7]
+  if host ~= '' then
+    set[#set + 1] = 'bd'; set[#set + 1] = host
+    redis.call('SADD', P .. ':bd:' .. host, id)
+    redis.call('SADD', P .. ':bdhosts', host)
   end
   if kind ~= 'defer' then
     local made = tonumber(st[5] or '0') + 1
-    put('made', made)
-    if A[9] ~= '' then
+    set[#set + 1] = 'made'; set[#set + 1] = made
+    if attempt ~= '' then
       -- The store's count is authoritative: the token check proved this is the attempt it
       -- handed out.
-      redis.call('RPUSH', P .. ':att:' .. id, made .. '|' .. A[9])
-      put('last', A[9])
+      redis.call('RPUSH', P .. ':att:' .. id, made .. '|' .. attempt)
+      set[#set + 1] = 'last'; set[#set + 1] = attempt
     end
   end
   if final then
     if kind == 'delivered' then
-      put('state', 'd'); put('dlv', A[6])
-      push(delivered, 1, A[6], id)
+      set[#set + 1] = 'state'; set[#set + 1] = 'd'
+      set[#set + 1] = 'dlv'; set[#set + 1] = now
+      delivered[#delivered + 1] = now
+      delivered[#delivered + 1] = id
     else
-      put('state', 'x'); put('dla', A[6]); put('dlr', A[7]); put('dlm', A[8])
+      local member = ARGV[i + 6]
+      set[#set + 1] = 'state'; set[#set + 1] = 'x'
+      set[#set + 1] = 'dla'; set[#set + 1] = now
+      set[#set + 1] = 'dlr'; set[#set + 1] = ARGV[i + 5]
+      set[#set + 1] = 'dlm'; set[#set + 1] = member
       redis.call('INCR', qk(q, 'dead'))
-      redis.call('ZADD', P .. ':dlq', 0, A[8])
+      redis.call('ZADD', P .. ':dlq', 0, member)
     end
     redis.call('HSET', key, unpack(set))
     depth_drop[q] = (depth_drop[q] or 0) + 1
     local okey = st[6]
     if okey then
-      local taken = release_next(q, okey, A[6], A[11], A[12])
+      local taken = release_next(q, okey, now, ARGV[i + 9], ARGV[i + 10])
       if taken then return {1, taken} end
     end
   else
-    put('state', 'p'); put('due', A[5])
+    local due = ARGV[i + 3]
+    set[#set + 1] = 'state'; set[#set + 1] = 'p'
+    set[#set + 1] = 'due'; set[#set + 1] = due
     redis.call('HSET', key, unpack(set))
-    push(retries, q, A[5], id)
+    local r = list(retries, q)
+    r[#r + 1] = due
+    r[#r + 1] = id
   end
   return 1
 end
 local out = {}
 for i = 2, #ARGV, 11 do
-  local A = {P}
-  for j = 0, 10 do A[j + 2] = ARGV[i + j] end
-  local ok, r = pcall(complete_one, A)
+  local ok, r = pcall(complete_one, i)
   if ok then out[#out + 1] = r else out[#out + 1] = {'err', tostring(type(r) == 'table' and r.err or r)} end
 end
 for q, sids in pairs(acks) do
@@ -430,8 +439,8 @@ for q, sids in pairs(acks) do
   redis.call('XDEL', stream, unpack(sids))
 end
 for q, ids in pairs(unlease) do redis.call('ZREM', qk(q, 'leased'), unpack(ids)) end
-for q, pairs_ in pairs(retries) do redis.call('ZADD', qk(q, 'delayed'), unpack(pairs_)) end
-if delivered[1] then redis.call('ZADD', P .. ':delivered', unpack(delivered[1])) end
+for q, pairs_ in pairs(retries) do zadd_all(qk(q, 'delayed'), pairs_) end
+if delivered[1] then zadd_all(P .. ':delivered', delivered) end
 for q, n in pairs(depth_drop) do redis.call('DECRBY', qk(q, 'depth'), n) end
 return out
 "#;
