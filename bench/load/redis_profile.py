@@ -4,7 +4,11 @@ bucket by its stack (the kernel half of the stack is reliable; Debian's redis-se
 frame pointers, so of its own code only the sampled function is known), then the shares and
 the hottest redis-server functions are printed.
 
-    bench/load/redis_profile.py redis.data
+    bench/load/redis_profile.py redis.data [REDIS_PID]
+
+Samples of another process than REDIS_PID (default: the process with the most samples) are the
+forked child that rewrites the AOF or saves a snapshot; they are counted apart, since that
+CPU is not in the parent's /proc figures but still competes for the machine.
 """
 import bisect
 import subprocess
@@ -65,17 +69,20 @@ def bucket(frames):
 
 
 def samples(path):
+    """(pid, frames) per sample."""
     out = subprocess.run(
-        ["perf", "script", "-i", path, "-F", "ip,sym,dso"],
+        ["perf", "script", "-i", path, "-F", "pid,ip,sym,dso"],
         capture_output=True, text=True, check=True,
     ).stdout
-    frames = []
+    pid, frames = None, []
     for line in out.splitlines():
+        if line and not line[0].isspace():
+            if frames:
+                yield pid, frames
+            pid, frames = line.split()[0], []
+            continue
         line = line.strip()
         if not line:
-            if frames:
-                yield frames
-            frames = []
             continue
         parts = line.split(None, 1)
         rest = parts[1] if len(parts) > 1 else ""
@@ -86,14 +93,22 @@ def samples(path):
             sym, dso = rest, ""
         frames.append((name_of(parts[0], sym.split("+")[0], dso), dso))
     if frames:
-        yield frames
+        yield pid, frames
 
 
 def main():
     buckets, leaves = Counter(), Counter()
+    all_samples = list(samples(sys.argv[1]))
+    if len(sys.argv) > 2:
+        main_pid = sys.argv[2]
+    else:
+        main_pid = Counter(pid for pid, _ in all_samples).most_common(1)[0][0] if all_samples else None
     total = 0
-    for frames in samples(sys.argv[1]):
+    for pid, frames in all_samples:
         total += 1
+        if pid != main_pid:
+            buckets["AOF rewrite / snapshot (forked child process)"] += 1
+            continue
         buckets[bucket(frames)] += 1
         sym, dso = frames[0]
         if "redis" in dso:
@@ -104,7 +119,7 @@ def main():
     print(f"redis-server profile: {total} samples")
     for name, n in buckets.most_common():
         print(f"  {100 * n / total:5.1f}%  {name}")
-    print("  hottest redis-server functions (self; ~name: an unexported one after name):")
+    print("  hottest functions of the main process (self; ~name: an unexported one after name):")
     for sym, n in leaves.most_common(10):
         print(f"    {100 * n / total:5.1f}%  {sym}")
 

@@ -9,6 +9,9 @@
 # Env: HOOKYARD_BIN (default target/release/hookyard), DURATION (wrk, default 10s),
 # APPENDFSYNC (redis, default always), DRAIN_EVENTS (deliveries phase, default 20000),
 # SKIP_ACCEPTS / SKIP_DELIVERIES (skip a phase), DRAIN_STORES (default "sqlite redis1 redis2"),
+# REDIS_ARGS (more redis-server options, e.g. "--rdbcompression no"),
+# PIN=1 (redis-server alone on CPU 0, everything else on CPU 1: Redis with a core of its own, as
+# on a separate server, and hookyard with one core for both stores),
 # PERF_DIR (record redis-server with `perf record -g` during each Redis phase and print where its
 # CPU goes: the top symbols, and the shares of the Lua VM, the commands, the AOF and networking).
 # Needs redis-server, wrk and curl on PATH. Everything runs on loopback in a temp dir.
@@ -21,6 +24,12 @@ DRAIN_EVENTS=${DRAIN_EVENTS:-20000}
 SECRET='whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw'
 work=$(mktemp -d)
 pids=()
+redis_cpu=()
+if [ -n "${PIN:-}" ]; then
+  # Children inherit the script's CPU; Redis is started on the other one.
+  taskset -cp 1 $$ >/dev/null
+  redis_cpu=(taskset -c 0)
+fi
 
 cleanup() {
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
@@ -80,7 +89,7 @@ perf_stop() {
   kill -INT "$PERF_PID"; wait "$PERF_PID" 2>/dev/null || true
   perf report -i "$PERF_DIR/$PERF_NAME.data" --no-children --sort symbol --stdio 2>/dev/null \
     >"$PERF_DIR/$PERF_NAME.txt" || true
-  python3 "$(dirname "$0")/redis_profile.py" "$PERF_DIR/$PERF_NAME.data" | sed 's/^/   /'
+  python3 "$(dirname "$0")/redis_profile.py" "$PERF_DIR/$PERF_NAME.data" "$REDIS_PID" | sed 's/^/   /'
 }
 # Sum of cpu_us over pids.
 cpu_sum() { local t=0 p; for p in "$@"; do t=$((t + $(cpu_us "$p"))); done; echo $t; }
@@ -96,8 +105,8 @@ wait_http "http://127.0.0.1:$RX/stats"
 
 REDIS=$(free_port)
 mkdir -p "$work/redis"
-redis-server --port "$REDIS" --bind 127.0.0.1 --dir "$work/redis" \
-  --appendonly yes --appendfsync "$APPENDFSYNC" --save '' >>"$work/log" 2>&1 &
+"${redis_cpu[@]}" redis-server --port "$REDIS" --bind 127.0.0.1 --dir "$work/redis" \
+  --appendonly yes --appendfsync "$APPENDFSYNC" --save '' ${REDIS_ARGS:-} >>"$work/log" 2>&1 &
 REDIS_PID=$!; pids+=($REDIS_PID)
 until redis-cli -p "$REDIS" ping >/dev/null 2>&1; do sleep 0.05; done
 

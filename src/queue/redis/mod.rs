@@ -8,7 +8,7 @@
 //!
 //! | key | type | holds |
 //! | --- | --- | --- |
-//! | `ev:<id>` | hash | the event: body, routing, state, lease token, attempt count |
+//! | `ev:<id>` | hash | the event: `m` (its fixed metadata as JSON: type, target, trace, signature scheme, timeout, retry delays, jitter, content type, idempotency key, fallback, receive time), `body`, `queue`, ordering key and sequence, state, due time, lease token, attempt count. Events stored before `m` existed keep the metadata in one field each; readers accept both (`decode::meta_of`) |
 //! | `att:<id>` | list | one entry per attempt (`n|json`), across replay rounds |
 //! | `q:<queue>:ready` | stream + group `hookyard` | events due now; the group's pending list holds the leased ones |
 //! | `q:<queue>:delayed` | sorted set (unix ms) | events waiting for a future due time (first attempt or retry) |
