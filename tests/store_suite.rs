@@ -928,25 +928,20 @@ mod redis {
             ("dlr", "non_retryable_status".to_owned()),
             ("dlm", member.clone()),
         ]);
-        let _: () = ::redis::pipe()
-            .cmd("HSET")
-            .arg(ev("evt_ready"))
-            .arg(&ready[..])
-            .ignore()
-            .cmd("HSET")
-            .arg(ev("evt_ready"))
-            .arg("body")
-            .arg(&[0u8, 0xff, 1][..])
-            .ignore()
-            .cmd("HSET")
-            .arg(ev("evt_dead"))
-            .arg(&dead[..])
-            .ignore()
-            .cmd("HSET")
-            .arg(ev("evt_dead"))
-            .arg("body")
-            .arg("gone")
-            .ignore()
+        let mut pipe = ::redis::pipe();
+        let hashes: [(&str, &[(&str, String)], &[u8]); 2] = [
+            ("evt_ready", &ready, &[0, 0xff, 1]),
+            ("evt_dead", &dead, b"gone"),
+        ];
+        for (id, fields, body) in hashes {
+            pipe.cmd("HSET")
+                .arg(ev(id))
+                .arg(fields)
+                .arg("body")
+                .arg(body)
+                .ignore();
+        }
+        let _: () = pipe
             .cmd("ZADD")
             .arg("{old}:fallbacks")
             .arg(t0)
