@@ -929,11 +929,10 @@ mod redis {
             ("dlm", member.clone()),
         ]);
         let mut pipe = ::redis::pipe();
-        let hashes: [(&str, &[(&str, String)], &[u8]); 2] = [
-            ("evt_ready", &ready, &[0, 0xff, 1]),
-            ("evt_dead", &dead, b"gone"),
-        ];
-        for (id, fields, body) in hashes {
+        for (id, fields, body) in [
+            ("evt_ready", &ready, &[0u8, 0xff, 1][..]),
+            ("evt_dead", &dead, &b"gone"[..]),
+        ] {
             pipe.cmd("HSET")
                 .arg(ev(id))
                 .arg(fields)
