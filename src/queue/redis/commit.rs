@@ -4,6 +4,7 @@
 //! with `appendfsync always`, one fsync covers the whole batch. Each caller still gets its own
 //! outcome, and an enqueue is answered only after the reply that holds its event.
 
+use std::borrow::Cow;
 use std::collections::HashSet;
 use std::time::Duration;
 
@@ -15,7 +16,7 @@ use super::batch::Batcher;
 use super::decode::{
     array, claimed_from, corrupt, dlq_member, opt_string, string, StoredAttempt, StoredMeta,
 };
-use super::{unavailable, write_failed, RedisStore, IDEMPOTENCY_TTL_SLACK_MS};
+use super::{no_answer_in, unavailable, write_failed, RedisStore, IDEMPOTENCY_TTL_SLACK_MS};
 use crate::queue::{
     AttemptRecord, Completion, Disposition, EnqueueOutcome, IdempotencyClaim, NewEvent, StoreError,
     UnixMillis,
@@ -84,19 +85,17 @@ impl Batchers {
                     }
                     inv.arg(&item.body[..]);
                 }
-                let reply = tokio::time::timeout(op_timeout, inv.invoke_async(&mut conn)).await;
-                let replies = match reply {
-                    Err(_) => return all(items.len(), &no_answer(op_timeout)),
-                    Ok(Err(e)) => return all(items.len(), &write_failed(e)),
-                    Ok(Ok(v)) => match array(v) {
-                        Ok(r) if r.len() == items.len() => r,
-                        Ok(r) => {
-                            let e =
-                                corrupt(format!("{} replies to {} enqueues", r.len(), items.len()));
-                            return all(items.len(), &e);
-                        }
-                        Err(e) => return all(items.len(), &e),
-                    },
+                let call = BatchCall {
+                    members: items.len(),
+                    what: "enqueues",
+                    op_timeout,
+                    // The script may still run: an enqueue's outcome is unknown, not refused.
+                    timed_out: no_answer(op_timeout),
+                    failed: write_failed,
+                };
+                let replies = match call.run(inv, &mut conn).await {
+                    Ok(r) => r,
+                    Err(e) => return all(items.len(), &e),
                 };
                 let mut out: Vec<Result<EnqueueOutcome, StoreError>> = items
                     .iter()
@@ -149,32 +148,54 @@ impl Batchers {
                         inv.arg(&a[..]);
                     }
                 }
-                let reply = tokio::time::timeout(op_timeout, inv.invoke_async(&mut conn)).await;
-                let replies = match reply {
-                    Err(_) => {
-                        return all(
-                            items.len(),
-                            &StoreError::Unavailable(no_answer_in(op_timeout)),
-                        )
-                    }
-                    Ok(Err(e)) => return all(items.len(), &unavailable(e)),
-                    Ok(Ok(v)) => match array(v) {
-                        Ok(r) if r.len() == items.len() => r,
-                        Ok(r) => {
-                            let e = corrupt(format!(
-                                "{} replies to {} completions",
-                                r.len(),
-                                items.len()
-                            ));
-                            return all(items.len(), &e);
-                        }
-                        Err(e) => return all(items.len(), &e),
-                    },
+                let call = BatchCall {
+                    members: items.len(),
+                    what: "completions",
+                    op_timeout,
+                    // A result not recorded leaves the event leased: it is delivered again.
+                    timed_out: StoreError::Unavailable(no_answer_in(op_timeout)),
+                    failed: unavailable,
                 };
-                replies.into_iter().map(member_error).collect()
+                match call.run(inv, &mut conn).await {
+                    Ok(replies) => replies.into_iter().map(member_error).collect(),
+                    Err(e) => all(items.len(), &e),
+                }
             }
         });
         Batchers { enqueue, complete }
+    }
+}
+
+/// One call of a batch script, and the errors it gives every member when it fails as a whole.
+struct BatchCall {
+    members: usize,
+    /// What the members are, for the error when the reply count is wrong.
+    what: &'static str,
+    op_timeout: Duration,
+    timed_out: StoreError,
+    failed: fn(redis::RedisError) -> StoreError,
+}
+
+impl BatchCall {
+    /// Runs `inv` and returns one reply per member, in order.
+    async fn run(
+        self,
+        inv: redis::ScriptInvocation<'_>,
+        conn: &mut ConnectionManager,
+    ) -> Result<Vec<Value>, StoreError> {
+        let replies = match tokio::time::timeout(self.op_timeout, inv.invoke_async(conn)).await {
+            Err(_) => return Err(self.timed_out),
+            Ok(reply) => array(reply.map_err(self.failed)?)?,
+        };
+        if replies.len() != self.members {
+            return Err(corrupt(format!(
+                "{} replies to {} {}",
+                replies.len(),
+                self.members,
+                self.what
+            )));
+        }
+        Ok(replies)
     }
 }
 
@@ -186,10 +207,6 @@ fn declare<'a>(inv: &mut redis::ScriptInvocation<'_>, keys: impl Iterator<Item =
             inv.key(k);
         }
     }
-}
-
-fn no_answer_in(op_timeout: Duration) -> String {
-    format!("redis did not answer within {} ms", op_timeout.as_millis())
 }
 
 fn no_answer(op_timeout: Duration) -> StoreError {
@@ -264,17 +281,17 @@ impl RedisStore {
     ) -> Result<EnqueueOutcome, StoreError> {
         self.check_open()?;
         let meta = serde_json::to_vec(&StoredMeta {
-            event_type: ev.event.event_type.clone(),
-            target: ev.target.clone(),
-            ct: ev.event.content_type.clone(),
-            trace: ev.event.trace_id.clone(),
-            ikey: ev.event.idempotency_key.clone(),
-            sig: ev.signature.as_str().to_owned(),
+            event_type: Cow::Borrowed(&ev.event.event_type),
+            target: Cow::Borrowed(&ev.target),
+            ct: ev.event.content_type.as_deref().map(Cow::Borrowed),
+            trace: Cow::Borrowed(&ev.event.trace_id),
+            ikey: ev.event.idempotency_key.as_deref().map(Cow::Borrowed),
+            sig: Cow::Borrowed(ev.signature.as_str()),
             timeout: ev.timeout_ms,
-            delays: ev.retry_delays_ms.clone(),
+            delays: Cow::Borrowed(&ev.retry_delays_ms),
             jitter: ev.jitter,
             recv: ev.received_at_ms,
-            fb: ev.fallback.map(|f| f.as_str().to_owned()),
+            fb: ev.fallback.map(|f| Cow::Borrowed(f.as_str())),
         })
         .map_err(|e| StoreError::Corrupt(format!("cannot encode the event's metadata: {e}")))?;
         let mut a = Args::default();
@@ -406,7 +423,7 @@ impl RedisStore {
         .await
         {
             Ok(r) => r?,
-            Err(_) => return Err(StoreError::Unavailable(self.no_answer())),
+            Err(_) => return Err(StoreError::Unavailable(no_answer_in(op_timeout))),
         };
         match reply {
             Value::Int(done) => Ok(Completion {

@@ -3,6 +3,8 @@
 //! arrays, a claimed event, an event's ordering). A reply that does not decode is reported as
 //! corruption, never a panic.
 
+use std::borrow::Cow;
+
 use bytes::Bytes;
 use redis::Value;
 use serde::{Deserialize, Serialize};
@@ -48,23 +50,26 @@ pub(super) struct StoredAttempt {
 /// look up, a line of the append-only file), so the enqueue writes this and the claim reads it
 /// as one field where they used to handle eleven. Scripts never read it: what they need
 /// (`queue`, `okey`, `due`, the state) stays in fields of their own.
+///
+/// Borrowed when written (the enqueue serializes the event's own fields without copying them),
+/// owned when read.
 #[derive(Serialize, Deserialize)]
-pub(super) struct StoredMeta {
+pub(super) struct StoredMeta<'a> {
     #[serde(rename = "type")]
-    pub(super) event_type: String,
-    pub(super) target: String,
+    pub(super) event_type: Cow<'a, str>,
+    pub(super) target: Cow<'a, str>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub(super) ct: Option<String>,
-    pub(super) trace: String,
+    pub(super) ct: Option<Cow<'a, str>>,
+    pub(super) trace: Cow<'a, str>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub(super) ikey: Option<String>,
-    pub(super) sig: String,
+    pub(super) ikey: Option<Cow<'a, str>>,
+    pub(super) sig: Cow<'a, str>,
     pub(super) timeout: u64,
-    pub(super) delays: Vec<u64>,
+    pub(super) delays: Cow<'a, [u64]>,
     pub(super) jitter: f64,
     pub(super) recv: UnixMillis,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub(super) fb: Option<String>,
+    pub(super) fb: Option<Cow<'a, str>>,
 }
 
 /// The fields events stored before `m` existed hold their metadata in, in the order
@@ -88,7 +93,7 @@ pub(super) fn with_meta(own: &[&'static str]) -> Vec<&'static str> {
 pub(super) fn split_meta(
     row: &[Value],
     own: usize,
-) -> Result<Option<(StoredMeta, &[Value])>, StoreError> {
+) -> Result<Option<(StoredMeta<'static>, &[Value])>, StoreError> {
     if row.len() != 1 + own + LEGACY_META_FIELDS.len() {
         return Err(corrupt(format!("HMGET answered {} fields", row.len())));
     }
@@ -101,7 +106,7 @@ pub(super) fn split_meta(
 
 /// An event's metadata: its `m` field, or when it has none (stored by an earlier version) the
 /// values of [`LEGACY_META_FIELDS`] in `legacy`.
-pub(super) fn meta_of(m: &Value, legacy: &[Value]) -> Result<StoredMeta, StoreError> {
+pub(super) fn meta_of(m: &Value, legacy: &[Value]) -> Result<StoredMeta<'static>, StoreError> {
     if let Some(json) = bytes_of(m) {
         return serde_json::from_slice(json).map_err(|e| corrupt(format!("event metadata: {e}")));
     }
@@ -114,22 +119,23 @@ pub(super) fn meta_of(m: &Value, legacy: &[Value]) -> Result<StoredMeta, StoreEr
     };
     let delays = string(delays, "retry delays")?;
     let jitter = string(jitter, "jitter")?;
+    let delays: Vec<u64> = serde_json::from_str(&delays)
+        .map_err(|e| corrupt(format!("bad retry delays {delays:?}: {e}")))?;
     Ok(StoredMeta {
-        event_type: string(event_type, "event type")?,
-        target: string(target, "target")?,
-        ct: opt_string(ct)?,
-        trace: string(trace, "trace id")?,
-        ikey: opt_string(ikey)?,
-        sig: string(sig, "signature")?,
+        event_type: string(event_type, "event type")?.into(),
+        target: string(target, "target")?.into(),
+        ct: opt_string(ct)?.map(Cow::Owned),
+        trace: string(trace, "trace id")?.into(),
+        ikey: opt_string(ikey)?.map(Cow::Owned),
+        sig: string(sig, "signature")?.into(),
         timeout: u64::try_from(int(timeout, "timeout")?)
             .map_err(|_| corrupt("negative timeout"))?,
-        delays: serde_json::from_str(&delays)
-            .map_err(|e| corrupt(format!("bad retry delays {delays:?}: {e}")))?,
+        delays: delays.into(),
         jitter: jitter
             .parse()
             .map_err(|_| corrupt(format!("bad jitter {jitter:?}")))?,
         recv: int(recv, "received time")?,
-        fb: opt_string(fb)?,
+        fb: opt_string(fb)?.map(Cow::Owned),
     })
 }
 
@@ -186,7 +192,9 @@ pub(super) fn array(v: Value) -> Result<Vec<Value>, StoreError> {
     }
 }
 
-pub(super) fn fallback_of(stored: Option<String>) -> Result<Option<FallbackReason>, StoreError> {
+pub(super) fn fallback_of(
+    stored: Option<Cow<'_, str>>,
+) -> Result<Option<FallbackReason>, StoreError> {
     stored
         .map(|s| {
             FallbackReason::parse(&s).ok_or_else(|| corrupt(format!("unknown fallback {s:?}")))
@@ -224,33 +232,35 @@ pub(super) fn claimed_from(
     entry: Value,
     lease_until_ms: UnixMillis,
 ) -> Result<(i64, ClaimedEvent), StoreError> {
-    let f = array(entry)?;
+    let mut f = array(entry)?;
     if f.len() != 9 && f.len() != 9 + LEGACY_META_FIELDS.len() {
         return Err(corrupt(format!("claim reply has {} fields", f.len())));
     }
     let id = string(&f[0], "id")?;
     let meta = meta_of(&f[3], &f[9..])?;
     let made = opt_i64(&f[5], "attempts")?.unwrap_or(0);
-    let body = match &f[6] {
+    // Moved out of the reply, not copied: the body is the largest thing a claim returns.
+    let body = match std::mem::replace(&mut f[6], Value::Nil) {
+        Value::BulkString(b) => Bytes::from(b),
         Value::Nil => return Err(corrupt(format!("event {id} has no body"))),
-        v => Bytes::from(bytes_of(v).unwrap_or_default().to_vec()),
+        v => Bytes::from(bytes_of(&v).unwrap_or_default().to_vec()),
     };
     let due = int(&f[2], "due time")?;
     let event = ClaimedEvent {
         event: Event {
             id,
-            event_type: meta.event_type,
+            event_type: meta.event_type.into_owned(),
             body,
-            content_type: meta.ct,
-            trace_id: meta.trace,
-            idempotency_key: meta.ikey,
+            content_type: meta.ct.map(Cow::into_owned),
+            trace_id: meta.trace.into_owned(),
+            idempotency_key: meta.ikey.map(Cow::into_owned),
         },
         queue: string(&f[4], "queue")?,
-        target: meta.target,
+        target: meta.target.into_owned(),
         signature: SignatureScheme::parse(&meta.sig)
             .ok_or_else(|| corrupt(format!("unknown signature scheme {:?}", meta.sig)))?,
         timeout_ms: meta.timeout,
-        retry_delays_ms: meta.delays,
+        retry_delays_ms: meta.delays.into_owned(),
         jitter: meta.jitter,
         attempt: u32::try_from(made.saturating_add(1)).unwrap_or(u32::MAX),
         lease_token: string(&f[1], "lease token")?,

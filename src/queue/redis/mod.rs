@@ -160,6 +160,11 @@ impl std::fmt::Debug for RedisStore {
     }
 }
 
+/// The message for a call Redis did not answer within `op_timeout`.
+pub(super) fn no_answer_in(op_timeout: Duration) -> String {
+    format!("redis did not answer within {} ms", op_timeout.as_millis())
+}
+
 fn unavailable(e: RedisError) -> StoreError {
     StoreError::Unavailable(format!("redis: {e}"))
 }
@@ -289,15 +294,8 @@ impl RedisStore {
         let conn = self.inner.conn.clone();
         match tokio::time::timeout(self.inner.options.op_timeout, f(conn)).await {
             Ok(result) => result,
-            Err(_) => Err(timed_out(self.no_answer())),
+            Err(_) => Err(timed_out(no_answer_in(self.inner.options.op_timeout))),
         }
-    }
-
-    fn no_answer(&self) -> String {
-        format!(
-            "redis did not answer within {} ms",
-            self.inner.options.op_timeout.as_millis()
-        )
     }
 
     /// An invocation of `script` declaring `keys` (the keys it can name before it runs; see

@@ -140,10 +140,10 @@ impl RedisStore {
             .collect::<Result<Vec<_>, StoreError>>()?;
         Ok(Some(EventRecord {
             id: event_id.to_owned(),
-            event_type: meta.event_type,
+            event_type: meta.event_type.into_owned(),
             queue: string(&fields[0], "queue")?,
-            target: meta.target,
-            trace_id: meta.trace,
+            target: meta.target.into_owned(),
+            trace_id: meta.trace.into_owned(),
             state,
             received_at_ms: meta.recv,
             due_at_ms: if state == EventState::Pending {
@@ -236,7 +236,7 @@ impl RedisStore {
                     // Purged between the two reads.
                     continue;
                 };
-                let event_type = meta.event_type;
+                let event_type = meta.event_type.into_owned();
                 let queue = string(&f[0], "queue")?;
                 if filter.event_type.as_ref().is_some_and(|t| *t != event_type)
                     || filter.queue.as_ref().is_some_and(|q| *q != queue)
@@ -248,8 +248,8 @@ impl RedisStore {
                     id,
                     event_type,
                     queue,
-                    target: meta.target,
-                    trace_id: meta.trace,
+                    target: meta.target.into_owned(),
+                    trace_id: meta.trace.into_owned(),
                     reason: opt_string(&f[1])?.unwrap_or_default(),
                     attempts: u32::try_from(opt_i64(&f[2], "attempts")?.unwrap_or(0)).unwrap_or(0),
                     last_status,
@@ -323,10 +323,10 @@ impl RedisStore {
             };
             out.push(FallbackRecord {
                 event_id,
-                trace_id: meta.trace,
-                event_type: meta.event_type,
+                trace_id: meta.trace.into_owned(),
+                event_type: meta.event_type.into_owned(),
                 reason: fallback_of(meta.fb)?.ok_or_else(|| corrupt("fallback without reason"))?,
-                target: meta.target,
+                target: meta.target.into_owned(),
                 at_ms,
                 state,
                 delivered_at_ms: if state == Reconciliation::Delivered {
