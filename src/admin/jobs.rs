@@ -18,7 +18,7 @@ use crate::clock::{now_ms, rfc3339};
 use crate::context::Context;
 use crate::queue::{DlqFilter, EventState, StoreError};
 
-/// Ids per store call (one `list_dead_letters` page, one `replay`).
+/// Ids per store call (one `dead_letter_ids` page, one `replay`).
 pub const BATCH: usize = 500;
 /// Finished jobs kept for `GET /v1/jobs/{id}`.
 pub const KEEP_FINISHED: usize = 100;
@@ -299,7 +299,7 @@ impl Run<'_> {
         let mut cursor = None;
         loop {
             let page = self
-                .store_call(|| store.list_dead_letters(filter.clone(), cursor.clone(), BATCH))
+                .store_call(|| store.dead_letter_ids(filter.clone(), cursor.clone(), BATCH))
                 .await?;
             let n = page.items.len() as u64;
             self.jobs.update(self.id, |j| {
@@ -326,9 +326,9 @@ impl Run<'_> {
         let mut cursor = None;
         loop {
             let page = self
-                .store_call(|| store.list_dead_letters(filter.clone(), cursor.clone(), BATCH))
+                .store_call(|| store.dead_letter_ids(filter.clone(), cursor.clone(), BATCH))
                 .await?;
-            let ids: Vec<String> = page.items.into_iter().map(|d| d.id).collect();
+            let ids = page.items;
             if !ids.is_empty() {
                 let listed = ids.len() as u64;
                 let replayed = self

@@ -99,6 +99,14 @@ impl Ledger for PausedAfterNextDue {
     ) -> StoreFuture<'_, Page<DeadLetter>> {
         self.inner.list_dead_letters(filter, cursor, limit)
     }
+    fn dead_letter_ids(
+        &self,
+        filter: DlqFilter,
+        cursor: Option<String>,
+        limit: usize,
+    ) -> StoreFuture<'_, Page<String>> {
+        self.inner.dead_letter_ids(filter, cursor, limit)
+    }
     fn replay(&self, event_ids: Vec<String>, now_ms: UnixMillis) -> StoreFuture<'_, Vec<String>> {
         self.inner.replay(event_ids, now_ms)
     }

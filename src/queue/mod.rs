@@ -415,6 +415,24 @@ pub trait Ledger: Send + Sync + 'static {
         limit: usize,
     ) -> StoreFuture<'_, Page<DeadLetter>>;
 
+    /// The ids of the dead letters [`list_dead_letters`](Self::list_dead_letters) would page,
+    /// with the same cursors: what a bulk replay walks. The default lists whole dead letters;
+    /// a store that can page the ids alone overrides it.
+    fn dead_letter_ids(
+        &self,
+        filter: DlqFilter,
+        cursor: Option<String>,
+        limit: usize,
+    ) -> StoreFuture<'_, Page<String>> {
+        Box::pin(async move {
+            let page = self.list_dead_letters(filter, cursor, limit).await?;
+            Ok(Page {
+                items: page.items.into_iter().map(|d| d.id).collect(),
+                next_cursor: page.next_cursor,
+            })
+        })
+    }
+
     /// Moves the named dead letters back to their queue, due now, with a fresh attempt count.
     /// Returns the ids actually replayed (unknown or not-dead-lettered ids are skipped).
     fn replay(&self, event_ids: Vec<String>, now_ms: UnixMillis) -> StoreFuture<'_, Vec<String>>;
@@ -456,10 +474,8 @@ pub async fn replay_in_pages<S: Store + ?Sized>(
     let mut cursor = None;
     let mut total = 0u64;
     loop {
-        let page = store
-            .list_dead_letters(filter.clone(), cursor, chunk)
-            .await?;
-        let ids: Vec<String> = page.items.into_iter().map(|d| d.id).collect();
+        let page = store.dead_letter_ids(filter.clone(), cursor, chunk).await?;
+        let ids = page.items;
         if !ids.is_empty() {
             total += store.replay(ids, now_ms).await?.len() as u64;
         }

@@ -696,6 +696,46 @@ pub async fn dead_letter_listing_filters_and_paging(store: &dyn Store) {
         until_ms: Some(T0 + 401),
     };
     assert_eq!(list(combined.clone()).await, ["evt_d5", "evt_d4"]);
+
+    // The id pages a bulk replay walks are the listing's pages: same ids, same cursors (a
+    // cursor from one continues the other), unfiltered and filtered.
+    let filters = [
+        DlqFilter::default(),
+        DlqFilter {
+            since_ms: Some(T0 + 200),
+            until_ms: Some(T0 + 400),
+            ..Default::default()
+        },
+        combined.clone(),
+        DlqFilter {
+            event_type: Some("a.x".into()),
+            ..Default::default()
+        },
+    ];
+    for filter in filters {
+        let mut cursor = None;
+        let mut from_ids = Vec::new();
+        for page_no in 0.. {
+            assert!(page_no < 10, "id paging does not terminate");
+            let ids = store
+                .dead_letter_ids(filter.clone(), cursor.clone(), 2)
+                .await
+                .unwrap();
+            let listed = store
+                .list_dead_letters(filter.clone(), cursor, 2)
+                .await
+                .unwrap();
+            assert_eq!(ids.items, dlq_ids(&listed), "{filter:?}");
+            assert_eq!(ids.next_cursor, listed.next_cursor, "{filter:?}");
+            from_ids.extend(ids.items);
+            match ids.next_cursor {
+                Some(c) => cursor = Some(c),
+                None => break,
+            }
+        }
+        assert_eq!(from_ids, list(filter.clone()).await, "{filter:?}");
+    }
+
     let page = store.list_dead_letters(combined, None, 1).await.unwrap();
     assert_eq!(dlq_ids(&page), ["evt_d5"]);
     assert!(page.next_cursor.is_some());

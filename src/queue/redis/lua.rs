@@ -498,30 +498,43 @@ return n
 ///
 /// `KEYS`: each event's `ev:<id>`, `dlq`. Found: their queues' keys (`q:`) and held sets
 /// (`okh:`).
+///
+/// A replayed event is due now, so it goes straight into its queue's stream, as an enqueue of
+/// a due event does, rather than through the delayed set for the next claim to move. Writes
+/// the whole batch shares (the DLQ index, the depth and dead-letter counters) are made once at
+/// the end.
 const REPLAY: &str = r#"
-local out = {}
+local now = ARGV[2]
+local out, members, revived = {}, {}, {}
 for i = 3, #ARGV do
   local id = ARGV[i]
   local key = ev(id)
   local st = redis.call('HMGET', key, 'state', 'queue', 'dlm', 'okey', 'oseq')
   if st[1] == 'x' then
     local q = st[2]
-    if st[3] then redis.call('ZREM', P .. ':dlq', st[3]) end
+    if st[3] then members[#members + 1] = st[3] end
     redis.call('HDEL', key, 'dla', 'dlr', 'dlm', 'lx')
     -- A new round: the attempt count restarts; the old attempts stay as history.
-    redis.call('HSET', key, 'state', 'p', 'due', ARGV[2], 'made', 0)
     -- A keyed dead letter keeps its sequence: it goes at once if its key is free, else waits
     -- its turn behind the key's current event, ahead of the key's later held events.
     if st[4] and redis.call('HSETNX', qk(q, 'okact'), st[4], id) == 0 then
+      redis.call('HSET', key, 'due', now, 'made', 0)
       hold(id, q, st[4], st[5])
     else
-      redis.call('ZADD', qk(q, 'delayed'), ARGV[2], id)
+      local sid = redis.call('XADD', qk(q, 'ready'), '*', 'id', id)
+      redis.call('HSET', key, 'state', 'r', 'sid', sid, 'due', now, 'made', 0)
     end
-    -- Replay is an operator's decision and is not refused at max_depth.
-    redis.call('INCR', qk(q, 'depth'))
-    redis.call('DECR', qk(q, 'dead'))
+    revived[q] = (revived[q] or 0) + 1
     out[#out + 1] = id
   end
+end
+for i = 1, #members, 1000 do
+  redis.call('ZREM', P .. ':dlq', unpack(members, i, math.min(i + 999, #members)))
+end
+-- Replay is an operator's decision and is not refused at max_depth.
+for q, n in pairs(revived) do
+  redis.call('INCRBY', qk(q, 'depth'), n)
+  redis.call('DECRBY', qk(q, 'dead'), n)
 end
 return out
 "#;

@@ -514,6 +514,15 @@ impl Ledger for RedisStore {
         Box::pin(self.do_list_dead_letters(filter, cursor, limit))
     }
 
+    fn dead_letter_ids(
+        &self,
+        filter: DlqFilter,
+        cursor: Option<String>,
+        limit: usize,
+    ) -> StoreFuture<'_, Page<String>> {
+        Box::pin(self.do_dead_letter_ids(filter, cursor, limit))
+    }
+
     fn replay(&self, event_ids: Vec<String>, now_ms: UnixMillis) -> StoreFuture<'_, Vec<String>> {
         Box::pin(async move {
             let mut replayed = Vec::new();

@@ -173,25 +173,7 @@ impl RedisStore {
                 next_cursor: None,
             });
         }
-        // Newest first: a reverse lex range of `dlq`, whose members sort by (time, id). The
-        // cursor and `until` are exclusive upper bounds, `since` an inclusive lower one.
-        let mut max = "+".to_owned();
-        let mut tighten = |bound: String| {
-            if max == "+" || bound < max {
-                max = bound;
-            }
-        };
-        if let Some(c) = &cursor {
-            let (at, id) = decode_cursor(c)?;
-            tighten(format!("({}", dlq_member(at, &id)));
-        }
-        if let Some(until) = filter.until_ms {
-            tighten(format!("({:020}:", until.max(0)));
-        }
-        let min = match filter.since_ms {
-            Some(since) => format!("[{:020}:", since.max(0)),
-            None => "-".to_owned(),
-        };
+        let (mut max, min) = dlq_bounds(&filter, cursor.as_deref())?;
         let filtered = filter.event_type.is_some() || filter.queue.is_some();
         let batch = if filtered { 256 } else { limit + 1 };
         let dlq = self.key("dlq");
@@ -278,6 +260,57 @@ impl RedisStore {
         Ok(Page { items, next_cursor })
     }
 
+    /// The ids of a dead-letter page. Unfiltered, they come from the DLQ index alone, with no
+    /// read of the events: a bulk replay of a large DLQ walks it twice (a count, then the
+    /// replay), and reading every event's metadata on both walks cost more than the replay.
+    pub(super) async fn do_dead_letter_ids(
+        &self,
+        filter: DlqFilter,
+        cursor: Option<String>,
+        limit: usize,
+    ) -> Result<Page<String>, StoreError> {
+        if filter.event_type.is_some() || filter.queue.is_some() || limit == 0 {
+            let page = self.do_list_dead_letters(filter, cursor, limit).await?;
+            return Ok(Page {
+                items: page.items.into_iter().map(|d| d.id).collect(),
+                next_cursor: page.next_cursor,
+            });
+        }
+        self.check_open()?;
+        let (max, min) = dlq_bounds(&filter, cursor.as_deref())?;
+        let dlq = self.key("dlq");
+        let mut members: Vec<String> = self
+            .run(|mut conn| async move {
+                redis::cmd("ZREVRANGEBYLEX")
+                    .arg(&dlq)
+                    .arg(&max)
+                    .arg(&min)
+                    .arg("LIMIT")
+                    .arg(0)
+                    // One extra, only to learn whether another page exists.
+                    .arg(limit + 1)
+                    .query_async(&mut conn)
+                    .await
+                    .map_err(unavailable)
+            })
+            .await?;
+        let more = members.len() > limit;
+        members.truncate(limit);
+        let split = |m: &String| {
+            m.split_once(':')
+                .and_then(|(at, id)| Some((at.parse::<UnixMillis>().ok()?, id.to_owned())))
+                .ok_or_else(|| corrupt("bad dead-letter index entry"))
+        };
+        let entries = members.iter().map(split).collect::<Result<Vec<_>, _>>()?;
+        let next_cursor = more
+            .then(|| entries.last().map(|(at, id)| encode_cursor(*at, id)))
+            .flatten();
+        Ok(Page {
+            items: entries.into_iter().map(|(_, id)| id).collect(),
+            next_cursor,
+        })
+    }
+
     pub(super) async fn do_fallbacks(
         &self,
         since_ms: UnixMillis,
@@ -362,4 +395,28 @@ impl RedisStore {
             }
         }
     }
+}
+
+/// The reverse lex range of `dlq` (members sort by (time, id)) that a dead-letter page walks,
+/// newest first, as `(max, min)`: the cursor and `until` are exclusive upper bounds, `since`
+/// an inclusive lower one.
+fn dlq_bounds(filter: &DlqFilter, cursor: Option<&str>) -> Result<(String, String), StoreError> {
+    let mut max = "+".to_owned();
+    let mut tighten = |bound: String| {
+        if max == "+" || bound < max {
+            max = bound;
+        }
+    };
+    if let Some(c) = cursor {
+        let (at, id) = decode_cursor(c)?;
+        tighten(format!("({}", dlq_member(at, &id)));
+    }
+    if let Some(until) = filter.until_ms {
+        tighten(format!("({:020}:", until.max(0)));
+    }
+    let min = match filter.since_ms {
+        Some(since) => format!("[{:020}:", since.max(0)),
+        None => "-".to_owned(),
+    };
+    Ok((max, min))
 }
