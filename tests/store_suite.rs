@@ -1091,6 +1091,87 @@ mod redis {
             .unwrap());
     }
 
+    /// The scan for idle entries walks every entry in flight, so an instance runs it once per
+    /// quarter of `claim_idle_ms`, not on every claim; a survivor that claims all the time
+    /// still takes over, and a scan cut short by the claim's limit carries on at the next
+    /// claim instead of waiting out the interval.
+    #[tokio::test]
+    async fn idle_scan_is_throttled_but_takeover_still_comes() {
+        let Some(server) =
+            RedisServer::start("redis::idle_scan_is_throttled_but_takeover_still_comes")
+        else {
+            return;
+        };
+        let conn = raw(&server).await;
+        let scans = |mut conn: ::redis::aio::MultiplexedConnection| async move {
+            let info: String = ::redis::cmd("INFO")
+                .arg("commandstats")
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            info.lines()
+                .find_map(|l| l.strip_prefix("cmdstat_xautoclaim:calls="))
+                .map_or(0, |rest| {
+                    rest.split(',').next().unwrap().parse::<u64>().unwrap()
+                })
+        };
+
+        // Default claim_idle_ms (30 s): five claims in a row scan once.
+        let busy = open(&server, options("busy")).await;
+        busy.enqueue(cases::event("evt_b", "t", "q", cases::T0), None, u64::MAX)
+            .await
+            .unwrap();
+        for i in 0..5 {
+            busy.claim_due("q", cases::T0 + i, 10, 60_000).await.unwrap();
+        }
+        assert_eq!(scans(conn.clone()).await, 1);
+
+        let idle = RedisOptions {
+            claim_idle_ms: 300,
+            ..options("idle")
+        };
+        let crashed = open(&server, idle.clone()).await;
+        let survivor = open(&server, idle).await;
+        for id in ["evt_1", "evt_2", "evt_3"] {
+            crashed
+                .enqueue(cases::event(id, "t", "q", cases::T0), None, u64::MAX)
+                .await
+                .unwrap();
+        }
+        let lost = crashed
+            .claim_due("q", cases::T0, 10, 3_600_000)
+            .await
+            .unwrap();
+        assert_eq!(lost.len(), 3);
+        // The survivor claims one at a time, every 10 ms, until the first is taken over.
+        let start = std::time::Instant::now();
+        let mut taken = Vec::new();
+        while taken.is_empty() {
+            assert!(
+                start.elapsed() < Duration::from_secs(3),
+                "no takeover while claiming continuously"
+            );
+            taken = survivor
+                .claim_due("q", cases::T0 + 1, 1, 60_000)
+                .await
+                .unwrap();
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(start.elapsed() >= Duration::from_millis(300));
+        // That scan stopped at the limit: the next claims carry on at once.
+        for _ in 0..2 {
+            let more = survivor
+                .claim_due("q", cases::T0 + 2, 1, 60_000)
+                .await
+                .unwrap();
+            assert_eq!(more.len(), 1);
+            taken.extend(more);
+        }
+        let mut ids: Vec<&str> = taken.iter().map(|c| c.event.id.as_str()).collect();
+        ids.sort();
+        assert_eq!(ids, ["evt_1", "evt_2", "evt_3"]);
+    }
+
     /// A Redis that lost the consumer groups (NOGROUP) is repaired on the next claim, without
     /// handing out an event that is still leased and without losing a ready one.
     #[tokio::test]

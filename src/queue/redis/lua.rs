@@ -180,7 +180,8 @@ for q, n in pairs(added) do redis.call('INCRBY', qk(q, 'depth'), n) end
 return out
 "#;
 
-/// `ARGV`: prefix, queue, now, limit, lease_until, consumer, claim_idle_ms, token base,
+/// `ARGV`: prefix, queue, now, limit, lease_until, consumer, claim_idle_ms ('' to skip the
+/// scan for idle entries), token base,
 /// most lease expiries in a row, their dead-letter reason, the DLQ member prefix for `now`
 /// (the id is appended). Returns one claim entry (`claim_entry` above) per leased event, its
 /// due time the expired lease's end for a lease that ran out.
@@ -254,8 +255,9 @@ local function steps()
   end
 
   -- 2. Entries another consumer has held longer than claim_idle_ms on Redis's own clock: its
-  -- instance crashed, or its clock is wrong. Immune to clock skew between instances.
-  if n < limit then
+  -- instance crashed, or its clock is wrong. Immune to clock skew between instances. The scan
+  -- walks the whole pending list, so the caller asks for it only now and then (idle = '').
+  if n < limit and idle ~= '' then
     local r = redis.pcall('XAUTOCLAIM', stream, G, consumer, idle, '0-0', 'COUNT', limit - n)
     if type(r) == 'table' and not r.err and r[2] then
       for _, e in ipairs(r[2]) do
