@@ -959,6 +959,11 @@ mod redis {
             .arg(q("dead"))
             .arg(1)
             .ignore()
+            // Attempts were a list of their own then.
+            .cmd("RPUSH")
+            .arg("{old}:att:evt_dead")
+            .arg(r#"1|{"started_at_ms":1700000000001,"latency_ms":3,"status":400}"#)
+            .ignore()
             .query_async(&mut conn)
             .await
             .unwrap();
@@ -1030,6 +1035,27 @@ mod redis {
         assert_eq!(again[0].event.event_type, "user.deleted");
         assert_eq!(&again[0].event.body[..], b"gone");
         assert_eq!(again[0].attempt, 1);
+        assert!(store
+            .complete(
+                "evt_dead",
+                &again[0].lease_token,
+                Some(cases::attempt(1, t0 + 11, Some(204), None)),
+                Disposition::Delivered,
+                t0 + 11
+            )
+            .await
+            .unwrap());
+        // The history keeps the attempt from the old list, then the new one.
+        let rec = store.event("evt_dead").await.unwrap().unwrap();
+        let history: Vec<_> = rec
+            .attempts
+            .iter()
+            .map(|a| (a.attempt, a.started_at_ms, a.status))
+            .collect();
+        assert_eq!(
+            history,
+            [(1, 1_700_000_000_001, Some(400)), (1, t0 + 11, Some(204))]
+        );
         let _ = store.close().await;
     }
 

@@ -376,7 +376,6 @@ impl RedisStore {
         };
         let mut keys = vec![
             self.ev_key(event_id),
-            self.att_key(event_id),
             self.key("delivered"),
             self.key("dlq"),
         ];

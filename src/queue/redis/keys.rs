@@ -23,7 +23,7 @@ impl RedisStore {
         format!("{}:ev:{id}", self.inner.prefix)
     }
 
-    /// The attempt list `att:<id>`.
+    /// The attempt list `att:<id>` of an event stored before attempts moved into its hash.
     pub(super) fn att_key(&self, id: &str) -> String {
         format!("{}:att:{id}", self.inner.prefix)
     }

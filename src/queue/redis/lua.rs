@@ -187,7 +187,7 @@ return out
 /// due time the expired lease's end for a lease that ran out.
 ///
 /// `KEYS`: the queue's `ready`, `delayed`, `leased`, `depth`, `dead`, `okact`, `held`, and
-/// `dlq`. Found: the `ev:` and `att:` keys of the events it finds, the held sets (`okh:`) of
+/// `dlq`. Found: the `ev:` keys of the events it finds, the held sets (`okh:`) of
 /// their ordering keys.
 const CLAIM: &str = r#"
 local q, now, limit = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
@@ -205,12 +205,12 @@ local function expired(id, sid)
   if sid then drop_entry(stream, sid) end
   redis.call('ZREM', leased, id)
   redis.call('HDEL', key, 'tok', 'until', 'sid', 'due', 'lx')
-  local made = tonumber(redis.call('HGET', key, 'made') or '0')
+  local f = redis.call('HMGET', key, 'made', 'an')
+  local made, k = tonumber(f[1] or '0') + 1, tonumber(f[2] or '0') + 1
   local attempt = '{"started_at_ms":' .. ARGV[3] .. ',"latency_ms":0,"error":"' .. expired_reason .. '"}'
-  redis.call('RPUSH', P .. ':att:' .. id, (made + 1) .. '|' .. attempt)
   local member = dlm_prefix .. id
-  redis.call('HSET', key, 'last', attempt, 'state', 'x', 'dla', ARGV[3], 'dlr', expired_reason,
-    'dlm', member)
+  redis.call('HSET', key, 'an', k, 'a' .. k, made .. '|' .. attempt, 'last', attempt,
+    'state', 'x', 'dla', ARGV[3], 'dlr', expired_reason, 'dlm', member)
   redis.call('DECR', qk(q, 'depth'))
   redis.call('INCR', qk(q, 'dead'))
   redis.call('ZADD', P .. ':dlq', 0, member)
@@ -343,7 +343,7 @@ return out
 /// the key's next event (a claim entry); 0 when the token no longer holds the lease; or
 /// `{'err', message}` when a Redis command failed for that completion.
 ///
-/// `KEYS`: per completion its `ev:<id>`, `att:<id>`, `delivered`, `dlq`, and with a breaker
+/// `KEYS`: per completion its `ev:<id>`, `delivered`, `dlq`, and with a breaker
 /// `bd:<host>` and `bdhosts`. Found: the event's queue keys (`q:`; the caller knows only the
 /// event id), its ordering key's held set (`okh:`) and the next event of that key (`ev:`).
 ///
@@ -369,7 +369,7 @@ end
 local function complete_one(i)
   local id, tok, kind, now = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 4]
   local key = ev(id)
-  local st = redis.call('HMGET', key, 'state', 'tok', 'sid', 'queue', 'made', 'okey')
+  local st = redis.call('HMGET', key, 'state', 'tok', 'sid', 'queue', 'made', 'okey', 'an')
   if st[1] ~= 'f' or st[2] ~= tok then return 0 end
   local q = st[4]
   if st[3] then local l = list(acks, q); l[#l + 1] = st[3] end
@@ -392,8 +392,11 @@ local function complete_one(i)
     set[#set + 1] = 'made'; set[#set + 1] = made
     if attempt ~= '' then
       -- The store's count is authoritative: the token check proved this is the attempt it
-      -- handed out.
-      redis.call('RPUSH', P .. ':att:' .. id, made .. '|' .. attempt)
+      -- handed out. The history entry `a<k>` goes into the same HSET (`an` counts entries
+      -- across replay rounds, while `made` restarts).
+      local k = tonumber(st[7] or '0') + 1
+      set[#set + 1] = 'an'; set[#set + 1] = k
+      set[#set + 1] = 'a' .. k; set[#set + 1] = made .. '|' .. attempt
       set[#set + 1] = 'last'; set[#set + 1] = attempt
     end
   end
@@ -545,8 +548,9 @@ return out
 /// `chunk` old dead letters and `chunk` old delivered events with their history and fallback
 /// records. Returns `{dead_letters_removed, delivered_removed}`.
 ///
-/// `KEYS`: `dlq`, `delivered`, `fallbacks`. Found: the purged events' `ev:` and `att:` keys
-/// and their queues' dead-letter counters (`q:`).
+/// `KEYS`: `dlq`, `delivered`, `fallbacks`. Found: the purged events' `ev:` keys, their
+/// attempt lists from before attempts moved into the event hash (`att:`), and their queues'
+/// dead-letter counters (`q:`).
 const PURGE: &str = r#"
 local chunk = tonumber(ARGV[3])
 local function drop(id)

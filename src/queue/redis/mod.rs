@@ -8,8 +8,8 @@
 //!
 //! | key | type | holds |
 //! | --- | --- | --- |
-//! | `ev:<id>` | hash | the event: `m` (its fixed metadata as JSON: type, target, trace, signature scheme, timeout, retry delays, jitter, content type, idempotency key, fallback, receive time), `body`, `queue`, ordering key and sequence, state, due time, lease token, attempt count. Events stored before `m` existed keep the metadata in one field each; readers accept both (`decode::meta_of`) |
-//! | `att:<id>` | list | one entry per attempt (`n|json`), across replay rounds |
+//! | `ev:<id>` | hash | the event: `m` (its fixed metadata as JSON: type, target, trace, signature scheme, timeout, retry delays, jitter, content type, idempotency key, fallback, receive time), `body`, `queue`, ordering key and sequence, state, due time, lease token, attempt count, and the attempt history: `a1` … `a<an>` (`n|json`), across replay rounds. Events stored before `m` existed keep the metadata in one field each; readers accept both (`decode::meta_of`) |
+//! | `att:<id>` | list | the attempt history (`n|json`) of versions before it moved into the event hash; still read, and removed with the event |
 //! | `q:<queue>:ready` | stream + group `hookyard` | events due now; the group's pending list holds the leased ones |
 //! | `q:<queue>:delayed` | sorted set (unix ms) | events waiting for a future due time (first attempt or retry) |
 //! | `q:<queue>:leased` | sorted set (unix ms) | leased events by lease expiry |

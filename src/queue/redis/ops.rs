@@ -121,25 +121,21 @@ impl RedisStore {
     pub(super) async fn do_event(&self, event_id: &str) -> Result<Option<EventRecord>, StoreError> {
         let key = self.ev_key(event_id);
         let att = self.att_key(event_id);
-        let (fields, attempts): (Vec<Value>, Vec<Value>) = self
-            .run(|mut conn| async move {
-                redis::pipe()
-                    .atomic()
-                    .cmd("HMGET")
-                    .arg(&key)
-                    .arg(with_meta(&[
-                        "queue", "state", "due", "dlv", "dla", "dlr", "okey", "oseq",
-                    ]))
-                    .cmd("LRANGE")
-                    .arg(&att)
-                    .arg(0)
-                    .arg(-1)
-                    .query_async(&mut conn)
-                    .await
-                    .map_err(unavailable)
-            })
+        let mut read = redis::pipe();
+        read.atomic()
+            .cmd("HMGET")
+            .arg(&key)
+            .arg(with_meta(&[
+                "queue", "state", "due", "dlv", "dla", "dlr", "okey", "oseq", "an",
+            ]))
+            .cmd("LRANGE")
+            .arg(&att)
+            .arg(0)
+            .arg(-1);
+        let (fields, legacy_attempts): (Vec<Value>, Vec<Value>) = self
+            .run(|mut conn| async move { read.query_async(&mut conn).await.map_err(unavailable) })
             .await?;
-        let Some((meta, fields)) = split_meta(&fields, 8)?.filter(|(_, f)| f[1] != Value::Nil)
+        let Some((meta, fields)) = split_meta(&fields, 9)?.filter(|(_, f)| f[1] != Value::Nil)
         else {
             return Ok(None);
         };
@@ -151,8 +147,27 @@ impl RedisStore {
             "x" => EventState::DeadLettered,
             other => return Err(corrupt(format!("unknown event state {other:?}"))),
         };
-        let attempts = attempts
+        // History entries `a1` … `a<an>` in the event's hash, after any kept in the `att:` list
+        // by a version from before they moved there. Read after the fields: an attempt recorded
+        // meanwhile only adds entries past `an`, and a purge meanwhile leaves nils, skipped.
+        let recorded = opt_i64(&fields[8], "attempt entries")?.unwrap_or(0);
+        let entries: Vec<Value> = if recorded > 0 {
+            let names: Vec<String> = (1..=recorded).map(|k| format!("a{k}")).collect();
+            self.run(|mut conn| async move {
+                redis::cmd("HMGET")
+                    .arg(&key)
+                    .arg(&names)
+                    .query_async(&mut conn)
+                    .await
+                    .map_err(unavailable)
+            })
+            .await?
+        } else {
+            Vec::new()
+        };
+        let attempts = legacy_attempts
             .iter()
+            .chain(entries.iter().filter(|v| **v != Value::Nil))
             .map(|v| {
                 let s = string(v, "attempt")?;
                 let (n, json) = s
