@@ -253,6 +253,16 @@ pub struct Page<T> {
     pub next_cursor: Option<String>,
 }
 
+impl Page<DeadLetter> {
+    /// The same page as ids only (what [`Ledger::dead_letter_ids`] answers).
+    pub fn into_ids(self) -> Page<String> {
+        Page {
+            items: self.items.into_iter().map(|d| d.id).collect(),
+            next_cursor: self.next_cursor,
+        }
+    }
+}
+
 /// One dead-lettered event (without its body).
 #[derive(Debug, Clone, Serialize)]
 pub struct DeadLetter {
@@ -425,11 +435,10 @@ pub trait Ledger: Send + Sync + 'static {
         limit: usize,
     ) -> StoreFuture<'_, Page<String>> {
         Box::pin(async move {
-            let page = self.list_dead_letters(filter, cursor, limit).await?;
-            Ok(Page {
-                items: page.items.into_iter().map(|d| d.id).collect(),
-                next_cursor: page.next_cursor,
-            })
+            Ok(self
+                .list_dead_letters(filter, cursor, limit)
+                .await?
+                .into_ids())
         })
     }
 

@@ -318,11 +318,10 @@ impl RedisStore {
         limit: usize,
     ) -> Result<Page<String>, StoreError> {
         if filter.event_type.is_some() || filter.queue.is_some() || limit == 0 {
-            let page = self.do_list_dead_letters(filter, cursor, limit).await?;
-            return Ok(Page {
-                items: page.items.into_iter().map(|d| d.id).collect(),
-                next_cursor: page.next_cursor,
-            });
+            return Ok(self
+                .do_list_dead_letters(filter, cursor, limit)
+                .await?
+                .into_ids());
         }
         self.check_open()?;
         let (max, min) = dlq_bounds(&filter, cursor.as_deref())?;
