@@ -22,7 +22,9 @@ def script_of(args):
         return "enqueue"
     if first.endswith(":ready"):
         return {8: "claim", 3: "next_due", 5: "stats"}.get(n, "claim-like")
-    if any(":att:" in k for k in keys):
+    # `att:` for builds from before attempts moved into the event hash.
+    if any(":att:" in k for k in keys) or (
+            ":ev:" in first and any(k.endswith(":delivered") for k in keys)):
         return "complete"
     if any(k.endswith(":dlq") for k in keys) and any(":ev:" in k for k in keys):
         return "replay"
