@@ -1148,7 +1148,9 @@ mod redis {
             .await
             .unwrap();
         for i in 0..5 {
-            busy.claim_due("q", cases::T0 + i, 10, 60_000).await.unwrap();
+            busy.claim_due("q", cases::T0 + i, 10, 60_000)
+                .await
+                .unwrap();
         }
         assert_eq!(scans(conn.clone()).await, 1);
 
