@@ -1166,13 +1166,15 @@ mod redis {
                 .await
                 .unwrap();
         }
+        // Taken before the lease, so the takeover's time since `start` is at least the
+        // idleness Redis measured since the lease.
+        let start = std::time::Instant::now();
         let lost = crashed
             .claim_due("q", cases::T0, 10, 3_600_000)
             .await
             .unwrap();
         assert_eq!(lost.len(), 3);
         // The survivor claims one at a time, every 10 ms, until the first is taken over.
-        let start = std::time::Instant::now();
         let mut taken = Vec::new();
         while taken.is_empty() {
             assert!(

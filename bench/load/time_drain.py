@@ -14,6 +14,9 @@ import json
 import sys
 import time
 
+# A drain that stalls (a store down, a bug) fails the run instead of hanging it.
+DEADLINE_S = 600
+
 
 def main() -> None:
     admin, receiver, want = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
@@ -31,6 +34,8 @@ def main() -> None:
         delivered = json.loads(stats_conn.getresponse().read())["delivered_ok"]
         if delivered >= want:
             break
+        if time.monotonic() - start > DEADLINE_S:
+            sys.exit(f"only {delivered} of {want} delivered after {DEADLINE_S} s")
         time.sleep(0.01)
     print(f"{time.monotonic() - start:.3f}")
 
